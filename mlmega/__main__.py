@@ -1,0 +1,3 @@
+from mlmega.cli import main
+
+raise SystemExit(main())

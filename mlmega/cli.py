@@ -1,0 +1,53 @@
+"""The ``mlmega`` command line: one sub-command per user task, each a thin layer over the package.
+
+Each concern registers its own sub-commands (``register(subparsers)`` in its ``cli`` module); this
+file only assembles them and turns :class:`ConfigError` into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from mlmega.config.errors import ConfigError
+
+# Modules that contribute sub-commands, in the order they appear in --help.
+COMMAND_MODULES: list[str] = []
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    """Run the test suite (what CI runs); extra arguments go to pytest."""
+    import subprocess
+
+    code = subprocess.call([sys.executable, "-m", "pytest", *args.extra])
+    if code == 5:
+        print("mlmega test: pytest collected no tests", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlmega",
+        description="Multi-level (V-cycle) training of Megatron GPT/BERT models on SLURM.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    test = sub.add_parser("test", help="run the test suite (any further arguments go to pytest)")
+    test.set_defaults(handler=_cmd_test, takes_extra=True)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        print(f"mlmega: error: {err}", file=sys.stderr)
+        return 2

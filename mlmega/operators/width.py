@@ -1,0 +1,74 @@
+"""Width coalescing / de-coalescing of single tensors (pure functions of tensors and the table).
+
+Per tensor dim with a width side (see :mod:`mlmega.models.params`), the dim is viewed as
+[lead, units, chunk] and a unit-level matrix M acts on the units axis:
+
+  coalesce:    out-side M = F (average the group)      in-side M = T^T (sum the group)
+  decoalesce:  out-side M = T (duplicate)              in-side M = F^T (split evenly)
+
+so W_small = F_out W S_in and W_large = T_out W_small F_in, with S = T. Since F T = I, coalescing
+undoes de-coalescing exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mlmega.config.errors import ConfigError
+from mlmega.config.model import ModelConfig
+from mlmega.models.params import IN, OUT, WIDTH_SPACES, ParamSpec, space_layout
+from mlmega.operators.schemes import Grouping
+
+COALESCE, DECOALESCE = "coalesce", "decoalesce"
+
+
+def unit_matrices(grouping: Grouping, direction: str) -> dict[str, torch.Tensor]:
+    """The unit-level matrix for each width side in ``direction`` (new units x old units)."""
+    f, t = grouping.average_matrix(), grouping.copy_matrix()
+    if direction == COALESCE:
+        return {OUT: f, IN: t.T}
+    if direction == DECOALESCE:
+        return {OUT: t, IN: f.T}
+    raise ValueError(f"direction must be {COALESCE!r} or {DECOALESCE!r}, got {direction!r}")
+
+
+def map_width(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
+              matrices: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Apply the width map to one full tensor of the model ``cfg`` (the source model)."""
+    units = cfg.num_query_groups
+    compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    out = tensor.to(compute)
+    for dim, (space, side) in enumerate(zip(spec.dims, spec.sides)):
+        if side is None or space not in WIDTH_SPACES:
+            continue
+        lead, length = space_layout(cfg, space)
+        m = matrices[side].to(compute)
+        shape = out.shape
+        view = out.reshape(*shape[:dim], lead, units, length // units, *shape[dim + 1:])
+        mapped = torch.movedim(torch.tensordot(m, view, dims=([1], [dim + 1])), 0, dim + 1)
+        out = mapped.reshape(*shape[:dim], lead * m.shape[0] * (length // units), *shape[dim + 1:])
+    return out.to(tensor.dtype)
+
+
+def width_config(cfg: ModelConfig, grouping: Grouping, direction: str) -> ModelConfig:
+    """The config of the model on the other side of the width map (heads and widths scaled)."""
+    units = cfg.num_query_groups
+    expected = grouping.size if direction == COALESCE else grouping.num_groups
+    if units != expected:
+        what = "query groups" if cfg.num_query_groups != cfg.num_attention_heads else "heads"
+        raise ConfigError(f"width scheme ({grouping.num_groups} groups of {grouping.size} units) "
+                          f"does not fit a model with {units} {what} ({cfg.source}); expected "
+                          f"{'a scheme over' if direction == COALESCE else 'a scheme with'} "
+                          f"{units} {'units' if direction == COALESCE else 'groups'}")
+    if cfg.ffn_hidden_size % units:
+        raise ConfigError(f"{cfg.source}: ffn_hidden_size={cfg.ffn_hidden_size} is not divisible "
+                          f"by the {units} width units (query groups)")
+    new_units = grouping.num_groups if direction == COALESCE else grouping.size
+
+    def scale(value: int) -> int:
+        return value // units * new_units
+
+    return cfg.replace(hidden_size=scale(cfg.hidden_size),
+                       num_attention_heads=scale(cfg.num_attention_heads),
+                       num_query_groups=new_units,
+                       ffn_hidden_size=scale(cfg.ffn_hidden_size))

@@ -1,0 +1,60 @@
+"""Set up torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's TP x PP x DP groups."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from mlmega.models import cpu_shims
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_process_group(rank: int | None = None, world_size: int | None = None,
+                       master_addr: str | None = None, master_port: int | None = None) -> None:
+    """Join the default process group; unspecified values come from RANK/WORLD_SIZE/MASTER_* env."""
+    if dist.is_initialized():
+        return
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = master_port or int(os.environ.get("MASTER_PORT") or free_port())
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        cpu_shims.install()
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}",
+                            rank=rank, world_size=world_size)
+
+
+def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """Initialise megatron-core parallel state and its RNG tracker (process group must exist)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        init_process_group()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             pipeline_model_parallel_size=pp)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():  # the tracker holds CUDA generator states only
+        model_parallel_cuda_manual_seed(seed)
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
