@@ -1,9 +1,9 @@
 """Let megatron-core run on machines without CUDA (CPU + gloo). Inert where CUDA exists.
 
 megatron-core 0.16 allocates TP/PP communication buffers with ``torch.cuda.current_device()``,
-calls ``torch.cuda.synchronize()`` around collectives and builds some schedule tensors with a
-hard-coded ``device="cuda"``. On a CPU-only machine :func:`install` makes those calls resolve to the
-CPU. It patches only the ``torch.cuda`` entry points megatron uses and only when CUDA is absent.
+calls ``torch.cuda.synchronize()`` around collectives, moves the tied-embedding copy with
+``Tensor.cuda()`` and builds some schedule tensors with a hard-coded ``device="cuda"``. On a CPU-only
+machine :func:`install` makes those calls resolve to the CPU. It patches only the ``torch.cuda`` entry points megatron uses and only when CUDA is absent.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def install() -> bool:
         return True
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     _redirect_cuda_device_kwarg()
     _installed = True
     return True

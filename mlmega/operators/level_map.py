@@ -9,7 +9,7 @@ Width is applied first, then depth, in both directions (the two commute: they ac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -19,6 +19,8 @@ from mlmega.models.params import ParamSpec, iter_params
 from mlmega.models.state import StateDict, check_state_dict
 from mlmega.operators.schemes import Grouping, LevelSchemes
 from mlmega.operators.width import COALESCE, DECOALESCE, map_width, unit_matrices, width_config
+
+Reader = Callable[[str], torch.Tensor]  # global parameter name -> full tensor
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,23 @@ class LevelMap:
         """The small layer that large layer ``large_layer`` copies (G = rownorm(R^T))."""
         return self.depth.group_of(large_layer) if self.depth else large_layer
 
+    def coalesced_param(self, spec: ParamSpec, layer: Optional[int], read: Reader) -> torch.Tensor:
+        """Small-model tensor ``spec`` (at small ``layer``) from large tensors fetched by ``read``."""
+        if layer is None:
+            return self.coalesce_tensor(spec, read(spec.name()))
+        total, dtype = None, None
+        for source, weight in self.coalesce_sources(layer):
+            large = read(spec.name(source))
+            dtype = large.dtype
+            term = self.coalesce_tensor(spec, large).to(torch.float64) * weight
+            total = term if total is None else total + term
+        return total.to(dtype)
+
+    def decoalesced_param(self, spec: ParamSpec, layer: Optional[int], read: Reader) -> torch.Tensor:
+        """Large-model tensor ``spec`` (at large ``layer``) from small tensors fetched by ``read``."""
+        source = spec.name() if layer is None else spec.name(self.decoalesce_source(layer))
+        return self.decoalesce_tensor(spec, read(source))
+
 
 def _unit_name(cfg: ModelConfig) -> str:
     return "num_query_groups" if cfg.num_query_groups != cfg.num_attention_heads \
@@ -83,16 +102,8 @@ def coalesce(state: StateDict, cfg: ModelConfig, schemes: LevelSchemes) -> tuple
     """Coalesce a full state dict of model ``cfg``; returns the small state dict and config."""
     level = LevelMap.from_large(cfg, schemes)
     check_state_dict(state, cfg, "coalesce input")
-    out: StateDict = {}
-    for name, spec, layer in iter_params(level.small):
-        if layer is None:
-            out[name] = level.coalesce_tensor(spec, state[name])
-            continue
-        total = None
-        for source, weight in level.coalesce_sources(layer):
-            term = level.coalesce_tensor(spec, state[spec.name(source)]).to(torch.float64) * weight
-            total = term if total is None else total + term
-        out[name] = total.to(state[spec.name(0)].dtype)
+    out = {name: level.coalesced_param(spec, layer, state.__getitem__)
+           for name, spec, layer in iter_params(level.small)}
     return out, level.small
 
 
@@ -100,10 +111,8 @@ def decoalesce(state: StateDict, cfg: ModelConfig, schemes: LevelSchemes) -> tup
     """De-coalesce a full state dict of the small model ``cfg``; returns the large one and config."""
     level = LevelMap.from_small(cfg, schemes)
     check_state_dict(state, cfg, "de-coalesce input")
-    out: StateDict = {}
-    for name, spec, layer in iter_params(level.large):
-        source = name if layer is None else spec.name(level.decoalesce_source(layer))
-        out[name] = level.decoalesce_tensor(spec, state[source])
+    out = {name: level.decoalesced_param(spec, layer, state.__getitem__)
+           for name, spec, layer in iter_params(level.large)}
     return out, level.large
 
 

@@ -1,0 +1,157 @@
+"""How tensor and pipeline parallelism shard a model: :class:`ShardLayout`.
+
+Reads the parameter table (:mod:`mlmega.models.params`) only. TP splits a tensor on the dim the
+table names, along that dim's unit-major axis (fused QKV: whole query groups; SwiGLU fc1: the F axis
+of [gate; up], so each rank holds [gate_r; up_r]). The vocab dim is padded per TP size: gathering
+keeps the rows of the TP=1 padded vocabulary (the canonical full tensor, what a TP=1 model holds);
+splitting pads with zero rows to the target's padded size. PP gives each stage a contiguous block of
+layers numbered locally, the embeddings to the first stage, the final norm and heads to the last
+and, with tied embeddings and PP > 1, the last stage its own ``output_layer.weight`` copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from mlmega.config.errors import ConfigError
+from mlmega.config.model import ModelConfig
+from mlmega.models.params import FIRST, LAST, ParamSpec, parameter_table, space_layout
+
+# The shared-embedding copy held by the last stage when tied embeddings meet PP > 1.
+TIED_OUTPUT = "output_layer.weight"
+WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+
+
+@dataclass(frozen=True)
+class LocalParam:
+    """One tensor as a rank holds it: its local name, the global name it is a shard of, its spec."""
+
+    local_name: str
+    global_name: str
+    spec: ParamSpec
+    layer: Optional[int]  # global layer index for per-layer parameters
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """A model config at tensor-parallel size ``tp`` and pipeline-parallel size ``pp``."""
+
+    cfg: ModelConfig
+    tp: int = 1
+    pp: int = 1
+    layers_per_stage: Optional[tuple[int, ...]] = None  # None: an even split
+
+    def __post_init__(self) -> None:
+        cfg, tp, pp = self.cfg, self.tp, self.pp
+        if tp < 1 or pp < 1:
+            raise ConfigError(f"TP={tp}, PP={pp}: expected positive sizes")
+        for what, value in (("num_attention_heads", cfg.num_attention_heads),
+                            ("num_query_groups", cfg.num_query_groups),
+                            ("ffn_hidden_size", cfg.ffn_hidden_size)):
+            if value % tp:
+                raise ConfigError(f"{cfg.source}: {what}={value} is not divisible by TP={tp}")
+        stages = self.layers_per_stage
+        if stages is None:
+            if cfg.num_layers % pp:
+                raise ConfigError(f"{cfg.source}: num_layers={cfg.num_layers} is not divisible by "
+                                  f"PP={pp}; give layers_per_stage for an uneven split")
+            object.__setattr__(self, "layers_per_stage", (cfg.num_layers // pp,) * pp)
+        elif len(stages) != pp or sum(stages) != cfg.num_layers or min(stages) < 1:
+            raise ConfigError(f"layers_per_stage={list(stages)}: expected {pp} positive counts "
+                              f"summing to num_layers={cfg.num_layers}")
+
+    # -- pipeline placement -------------------------------------------------------------------
+    @property
+    def ranks(self) -> list[tuple[int, int]]:
+        """All (tp_rank, pp_rank) pairs, pipeline stage major."""
+        return [(t, p) for p in range(self.pp) for t in range(self.tp)]
+
+    def stage_layers(self, pp_rank: int) -> range:
+        start = sum(self.layers_per_stage[:pp_rank])
+        return range(start, start + self.layers_per_stage[pp_rank])
+
+    def stage_params(self, pp_rank: int) -> Iterator[LocalParam]:
+        """The parameters pipeline stage ``pp_rank`` holds, with local layer numbering."""
+        first, last = pp_rank == 0, pp_rank == self.pp - 1
+        table = parameter_table(self.cfg)
+        for spec in table:
+            if spec.per_layer:
+                for local, layer in enumerate(self.stage_layers(pp_rank)):
+                    yield LocalParam(spec.template.format(local), spec.name(layer), spec, layer)
+            elif (spec.stage == FIRST and first) or (spec.stage == LAST and last):
+                yield LocalParam(spec.template, spec.template, spec, None)
+        if self.cfg.tie_embeddings and last and not first:
+            embedding = next(s for s in table if s.template == WORD_EMBEDDINGS)
+            yield LocalParam(TIED_OUTPUT, WORD_EMBEDDINGS, embedding, None)
+
+    def stage_of_layer(self, layer: int) -> int:
+        for pp_rank in range(self.pp):
+            if layer in self.stage_layers(pp_rank):
+                return pp_rank
+        raise IndexError(f"layer {layer} is outside the model's {self.cfg.num_layers} layers")
+
+    # -- tensor parallel split / gather -------------------------------------------------------
+    def _tp_view(self, spec: ParamSpec, tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """View ``tensor`` so that TP splits axis ``k`` of the result contiguously."""
+        dim = spec.tp_dim
+        lead, _ = space_layout(self.cfg, spec.dims[dim])
+        shape = tensor.shape
+        return tensor.reshape(*shape[:dim], lead, shape[dim] // lead, *shape[dim + 1:]), dim + 1
+
+    def split(self, spec: ParamSpec, full: torch.Tensor, tp_rank: int) -> torch.Tensor:
+        """The shard of canonical full tensor ``full`` that TP rank ``tp_rank`` holds."""
+        if spec.tp_dim is None:
+            return full.clone()
+        if spec.dims[spec.tp_dim] == "vocab":
+            full = _pad_rows(full, spec.tp_dim, self.cfg.padded_vocab_size(self.tp))
+        view, axis = self._tp_view(spec, full)
+        shard = view.chunk(self.tp, dim=axis)[tp_rank]
+        shape = list(full.shape)
+        shape[spec.tp_dim] //= self.tp
+        return shard.reshape(shape).clone()
+
+    def gather(self, spec: ParamSpec, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The canonical full tensor (TP=1 layout and padded vocab) from all TP ranks' shards."""
+        if len(shards) != self.tp:
+            raise ValueError(f"expected {self.tp} shards, got {len(shards)}")
+        if spec.tp_dim is None:
+            return shards[0]
+        views = [self._tp_view(spec, s) for s in shards]
+        axis = views[0][1]
+        full = torch.cat([v for v, _ in views], dim=axis)
+        shape = list(shards[0].shape)
+        shape[spec.tp_dim] *= self.tp
+        full = full.reshape(shape)
+        if spec.dims[spec.tp_dim] == "vocab":
+            full = full.narrow(spec.tp_dim, 0, self.cfg.padded_vocab_size(1))
+        return full
+
+    def local_shape(self, spec: ParamSpec) -> tuple[int, ...]:
+        shape = [space_layout(self.cfg, s, self.tp)[0] * space_layout(self.cfg, s, self.tp)[1]
+                 for s in spec.dims]
+        if spec.tp_dim is not None:
+            shape[spec.tp_dim] //= self.tp
+        return tuple(shape)
+
+    def megatron_args(self) -> dict:
+        """Megatron-LM arguments for this layout (model args plus parallel sizes)."""
+        args = self.cfg.to_megatron_args()
+        args.update(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+                    padded_vocab_size=self.cfg.padded_vocab_size(self.tp))
+        if len(set(self.layers_per_stage)) > 1:
+            args.update(decoder_first_pipeline_num_layers=self.layers_per_stage[0],
+                        decoder_last_pipeline_num_layers=self.layers_per_stage[-1])
+        return args
+
+
+def _pad_rows(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Trim or zero-pad ``tensor`` along ``dim`` to ``size`` rows."""
+    have = tensor.shape[dim]
+    if have >= size:
+        return tensor.narrow(dim, 0, size)
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = size - have
+    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)

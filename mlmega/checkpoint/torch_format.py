@@ -1,0 +1,241 @@
+"""Megatron-LM's torch checkpoint format: one ``model_optim_rng.pt`` per (TP, PP) rank.
+
+    ROOT/latest_checkpointed_iteration.txt        "1000" (or "release" -> ROOT/release/)
+    ROOT/iter_0001000/mp_rank_TT[_PPP]/model_optim_rng.pt
+        {"args": Namespace, "checkpoint_version": 3.0, "iteration": int, "model": state dict,
+         "optimizer"?, "opt_param_scheduler"?, "rng_state"?, ...}
+
+This module knows files and keys, not math. Files are loaded with ``weights_only=True`` and
+megatron-core's allow-list of classes (argparse.Namespace, its enums); ``mmap=True`` keeps reading
+lazy, so a converter touches only the tensors it asks for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mlmega.checkpoint.layout import ShardLayout
+from mlmega.config.errors import ConfigError
+from mlmega.config.model import ModelConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+SHARD_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+# Modules whose state dict carries an ``_extra_state`` entry (megatron's parallel linears).
+_EXTRA_STATE_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer")
+
+
+def safe_globals() -> list:
+    """Classes Megatron checkpoints pickle besides tensors (megatron-core's own allow-list)."""
+    from megatron.core.safe_globals import SAFE_GLOBALS
+
+    return list(SAFE_GLOBALS)
+
+
+def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
+    """``torch.load`` one shard file safely; corrupt or truncated files raise ConfigError."""
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file is missing") from None
+    except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
+        raise ConfigError(f"{path}: cannot load checkpoint shard ({type(err).__name__}: {err})") \
+            from None
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def iteration_dir_name(iteration: int, release: bool = False) -> str:
+    return "release" if release else f"iter_{iteration:07d}"
+
+
+def read_tracker(root: Path) -> tuple[int, bool]:
+    """(iteration, release) from ROOT/latest_checkpointed_iteration.txt."""
+    tracker = root / TRACKER
+    try:
+        text = tracker.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{root}: not a Megatron torch checkpoint (no {TRACKER})") from None
+    if text == "release":
+        return 0, True
+    if not text.isdigit():
+        raise ConfigError(f"{tracker}: expected an iteration number or 'release', got {text!r}")
+    return int(text), False
+
+
+@dataclass
+class TorchCheckpoint:
+    """An opened, validated torch-format checkpoint: its layout, args and shard files."""
+
+    root: Path
+    iteration: int
+    release: bool
+    layout: ShardLayout
+    args: argparse.Namespace
+    _shards: dict[tuple[int, int], dict] = field(default_factory=dict, repr=False)
+
+    @property
+    def directory(self) -> Path:
+        return self.root / iteration_dir_name(self.iteration, self.release)
+
+    def shard_path(self, tp_rank: int, pp_rank: int) -> Path:
+        return self.directory / rank_dir_name(tp_rank, pp_rank, self.layout.pp) / SHARD_FILE
+
+    @classmethod
+    def open(cls, root: str | Path, arch: Optional[str] = None,
+             cfg: Optional[ModelConfig] = None) -> "TorchCheckpoint":
+        """Validate the directory structure and ``args`` before any tensor is read."""
+        root = Path(root)
+        iteration, release = read_tracker(root)
+        directory = root / iteration_dir_name(iteration, release)
+        if not directory.is_dir():
+            raise ConfigError(f"{root / TRACKER} names iteration {iteration} but {directory} "
+                              f"does not exist")
+        ranks = {}
+        for child in sorted(directory.iterdir()):
+            match = _RANK_DIR.match(child.name)
+            if child.is_dir() and match:
+                ranks[(int(match[1]), int(match[2] or 0))] = child
+        if not ranks:
+            raise ConfigError(f"{directory}: no mp_rank_* shard directories")
+        first = min(ranks)
+        shard0 = load_file(ranks[first] / SHARD_FILE)
+        args = shard0.get("args")
+        if args is None:
+            raise ConfigError(f"{ranks[first] / SHARD_FILE}: no 'args' key; cannot tell the "
+                              f"model configuration")
+        source = str(ranks[first] / SHARD_FILE)
+        found = ModelConfig.from_megatron_args(args, arch=arch or _arch_from_keys(shard0),
+                                               source=source)
+        if cfg is not None and cfg.replace(source=found.source) != found:
+            raise ConfigError(f"{source}: checkpoint args describe {found.to_dict()}, which does "
+                              f"not match the given model config {cfg.to_dict()}")
+        tp = getattr(args, "tensor_model_parallel_size", 1)
+        pp = getattr(args, "pipeline_model_parallel_size", 1)
+        layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp))
+        expected = {(t, p) for t, p in layout.ranks}
+        if set(ranks) != expected:
+            missing = sorted(expected - set(ranks))
+            extra = sorted(set(ranks) - expected)
+            raise ConfigError(f"{directory}: args say TP={tp}, PP={pp} but shard directories "
+                              f"differ: missing {[rank_dir_name(t, p, pp) for t, p in missing]}, "
+                              f"unexpected {[ranks[r].name for r in extra]}")
+        for rank, path in ranks.items():
+            if not (path / SHARD_FILE).is_file():
+                raise ConfigError(f"{path}: {SHARD_FILE} is missing")
+        ckpt = cls(root, iteration, release, layout, args)
+        ckpt._shards[first] = shard0
+        return ckpt
+
+    def shard(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+        """The whole (lazily mmapped) content of one rank's file."""
+        key = (tp_rank, pp_rank)
+        if key not in self._shards:
+            self._shards[key] = load_file(self.shard_path(tp_rank, pp_rank))
+        return self._shards[key]
+
+    def model_state(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+        shard = self.shard(tp_rank, pp_rank)
+        model = shard.get("model")
+        if not isinstance(model, dict):
+            keys = sorted(k for k in shard if k.startswith("model"))
+            hint = " (virtual pipeline checkpoints are not supported)" if keys else ""
+            raise ConfigError(f"{self.shard_path(tp_rank, pp_rank)}: no 'model' state dict{hint}")
+        return model
+
+    def validate_tensors(self) -> None:
+        """Every rank holds exactly the tensors its layout expects, with the expected shapes."""
+        for tp_rank, pp_rank in self.layout.ranks:
+            state = self.model_state(tp_rank, pp_rank)
+            path = self.shard_path(tp_rank, pp_rank)
+            expected = {p.local_name: p for p in self.layout.stage_params(pp_rank)}
+            have = {k for k, v in state.items() if not k.endswith("_extra_state")}
+            if set(expected) != have:
+                raise ConfigError(f"{path}: tensors do not match the args' model: missing "
+                                  f"{sorted(set(expected) - have)[:5]}, unexpected "
+                                  f"{sorted(have - set(expected))[:5]}")
+            for name, param in expected.items():
+                shape = self.layout.local_shape(param.spec)
+                if tuple(state[name].shape) != shape:
+                    raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
+                                      f"expected {shape} for TP={self.layout.tp}")
+
+    def read(self, global_name: str) -> torch.Tensor:
+        """The canonical full tensor of ``global_name``, gathered over TP from its stage."""
+        spec, layer = _lookup(self.layout.cfg, global_name)
+        pp_rank = 0 if layer is None and spec.stage == "first" else \
+            self.layout.pp - 1 if layer is None else self.layout.stage_of_layer(layer)
+        local = global_name if layer is None else \
+            spec.template.format(layer - self.layout.stage_layers(pp_rank).start)
+        shards = [self.model_state(t, pp_rank)[local] for t in range(self.layout.tp)]
+        return self.layout.gather(spec, shards)
+
+
+def _lookup(cfg: ModelConfig, global_name: str):
+    from mlmega.models.params import iter_params
+
+    for name, spec, layer in iter_params(cfg):
+        if name == global_name:
+            return spec, layer
+    raise KeyError(global_name)
+
+
+def _arch_from_keys(shard: dict) -> Optional[str]:
+    keys = shard.get("model", {}).keys() if isinstance(shard.get("model"), dict) else ()
+    if any(k.startswith("encoder.") or k.startswith("lm_head.") for k in keys):
+        return "bert"
+    if any(k.startswith("decoder.") for k in keys):
+        return "gpt"
+    return None
+
+
+def _layers_per_stage(args: argparse.Namespace, cfg: ModelConfig, pp: int) -> Optional[tuple]:
+    first = getattr(args, "decoder_first_pipeline_num_layers", None)
+    last = getattr(args, "decoder_last_pipeline_num_layers", None)
+    if pp == 1 or (first is None and last is None):
+        return None
+    middle_stages = pp - (first is not None) - (last is not None)
+    rest = cfg.num_layers - (first or 0) - (last or 0)
+    if middle_stages <= 0 or rest % middle_stages:
+        raise ConfigError(f"args: decoder_first/last_pipeline_num_layers={first}/{last} do not "
+                          f"split {cfg.num_layers} layers over PP={pp}")
+    middle = rest // middle_stages
+    return tuple(([first] if first is not None else []) + [middle] * middle_stages
+                 + ([last] if last is not None else []))
+
+
+def shard_content(layout: ShardLayout, pp_rank: int, model: dict[str, torch.Tensor],
+                  iteration: int, extra_args: Optional[dict] = None, **extra: Any) -> dict[str, Any]:
+    """The dict Megatron-LM keeps in one rank's ``model_optim_rng.pt`` (loads strictly into a model)."""
+    model = dict(model)
+    for name in list(model):
+        module = name.rsplit(".", 1)[0]
+        if module.rsplit(".", 1)[-1] in _EXTRA_STATE_MODULES:
+            model.setdefault(f"{module}._extra_state", None)
+    if pp_rank == layout.pp - 1:  # the output layer module exists even when its weight is tied
+        model.setdefault("output_layer._extra_state", None)
+    args = argparse.Namespace(**{**layout.megatron_args(), **(extra_args or {}),
+                                 "iteration": iteration})
+    return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+            "model": model, **extra}
+
+
+def write_rank_file(root: Path, layout: ShardLayout, tp_rank: int, pp_rank: int,
+                    model: dict[str, torch.Tensor], iteration: int,
+                    extra_args: Optional[dict] = None, **extra: Any) -> Path:
+    """Write one rank's ``model_optim_rng.pt`` under checkpoint root ``root``; returns its path."""
+    path = root / iteration_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, layout.pp)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(shard_content(layout, pp_rank, model, iteration, extra_args, **extra),
+               path / SHARD_FILE)
+    return path / SHARD_FILE
