@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from mlmega.config.errors import ConfigError
 
 # Modules that contribute sub-commands, in the order they appear in --help.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["mlmega.checkpoint.cli"]
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # megatron-core warns on import that the optional fused kernels are absent; the torch
+    # fallbacks are what mlmega uses on CPU, so the warning is noise for every command.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", message="Apex is not installed")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):

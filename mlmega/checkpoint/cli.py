@@ -1,0 +1,84 @@
+"""``mlmega convert`` and ``mlmega inspect``: sharded checkpoint conversion and inspection."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mlmega.checkpoint.convert import FORMATS, OPS, plan_conversion, run_conversion
+from mlmega.operators import LevelSchemes
+
+
+def register(sub) -> None:
+    convert = sub.add_parser(
+        "convert", help="reshard a checkpoint or map it between V-cycle levels",
+        description="Convert a sharded Megatron checkpoint: reshard to another TP/PP layout, "
+                    "coalesce to the smaller level, de-coalesce to the larger one, or "
+                    "de-coalesce and interpolate with the large level's checkpoint.")
+    convert.add_argument("op", choices=OPS)
+    convert.add_argument("--src", required=True, help="source checkpoint root")
+    convert.add_argument("--dst", required=True, help="output checkpoint root (must not exist)")
+    convert.add_argument("--target-tp", type=int, help="tensor-parallel size of the output")
+    convert.add_argument("--target-pp", type=int, help="pipeline-parallel size of the output")
+    convert.add_argument("--scheme", help="scheme file: mlmega YAML or the reference's JSON")
+    convert.add_argument("--width-factor", type=int, help="merge K heads/query groups into one")
+    convert.add_argument("--depth-factor", type=int, help="merge K layers into one")
+    convert.add_argument("--width-kind", default="stacked", choices=("stacked", "adjacent"))
+    convert.add_argument("--depth-kind", default="adjacent", choices=("stacked", "adjacent"))
+    convert.add_argument("--large", help="interpolate: the large level's pre-coalescing checkpoint")
+    convert.add_argument("--alpha", type=float, help="interpolate: weight of the de-coalesced model")
+    convert.add_argument("--format", default="torch", choices=FORMATS, help="output format")
+    convert.add_argument("--workers", type=int, default=1, help="target ranks converted in parallel")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    convert.set_defaults(handler=_convert)
+
+    inspect = sub.add_parser("inspect", help="describe a Megatron checkpoint")
+    inspect.add_argument("path", help="checkpoint root")
+    inspect.add_argument("--tensors", action="store_true", help="also list every tensor")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    inspect.set_defaults(handler=_inspect)
+
+
+def _schemes(args: argparse.Namespace):
+    if args.scheme:
+        return LevelSchemes.load(args.scheme)
+    if args.width_factor or args.depth_factor:
+        return LevelSchemes.from_factors(args.width_factor, args.depth_factor,
+                                         args.width_kind, args.depth_kind)
+    return None
+
+
+def _convert(args: argparse.Namespace) -> int:
+    plan = plan_conversion(args.op, args.src, args.dst, target_tp=args.target_tp,
+                           target_pp=args.target_pp, schemes=_schemes(args), large=args.large,
+                           alpha=args.alpha, fmt=args.format, overwrite=args.overwrite)
+    run_conversion(plan, workers=args.workers, overwrite=args.overwrite)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlmega.checkpoint.inspect import describe
+
+    info = describe(args.path, tensors=args.tensors)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    console = Console()
+    summary = Table(title=str(args.path), show_header=False)
+    for key in ("format", "arch", "iteration", "tp", "pp", "layers_per_stage", "parameters"):
+        summary.add_row(key, f"{info[key]:,}" if key == "parameters" else str(info[key]))
+    for key, value in info["model"].items():
+        summary.add_row(f"model.{key}", str(value))
+    console.print(summary)
+    if args.tensors:
+        table = Table(title="tensors (global shapes)")
+        for column in ("name", "shape", "TP dim", "stage", "dtype"):
+            table.add_column(column)
+        for row in info["tensors"]:
+            table.add_row(row["name"], str(row["shape"]), str(row["tp_dim"]), row["stage"],
+                          row["dtype"])
+        console.print(table)
+    return 0

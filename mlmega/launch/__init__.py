@@ -1,0 +1,1 @@
+"""Launching mlmega stages as SLURM jobs (submitit), and the local test cluster."""

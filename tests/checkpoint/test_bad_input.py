@@ -1,0 +1,146 @@
+"""Bad checkpoints and conversion requests fail before any work, naming the problem, and leave the
+destination untouched; a conversion killed midway leaves nothing that looks like a checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlmega.checkpoint.convert import plan_conversion, run_conversion, save_full_state
+from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.torch_format import TRACKER, TorchCheckpoint
+from mlmega.config.errors import ConfigError
+from mlmega.config.model import ModelConfig
+from mlmega.operators import LevelSchemes
+from tests.helpers import make_model_state
+
+CFG = ModelConfig(arch="gpt", num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=100,
+                  max_sequence_length=16)
+WIDTH = LevelSchemes.from_factors(width_factor=2)
+
+
+@pytest.fixture
+def ckpt(tmp_path, model_parallel) -> Path:
+    root = tmp_path / "src"
+    save_full_state(make_model_state(CFG, seed=0), ShardLayout(CFG, 2, 2), root, iteration=3)
+    return root
+
+
+def refused(match: str, **kwargs):
+    dst = kwargs.pop("dst")
+    with pytest.raises(ConfigError, match=match):
+        plan_conversion(kwargs.pop("op", "reshard"), kwargs.pop("src"), dst, **kwargs)
+    assert not dst.exists(), "a refused conversion must not create its destination"
+
+
+def test_missing_shard_directory(ckpt, tmp_path):
+    shutil.rmtree(ckpt / "iter_0000003" / "mp_rank_01_001")
+    refused(r"missing \['mp_rank_01_001'\]", src=ckpt, dst=tmp_path / "out")
+
+
+def test_extra_shard_directory(ckpt, tmp_path):
+    shutil.copytree(ckpt / "iter_0000003" / "mp_rank_01_001", ckpt / "iter_0000003" / "mp_rank_02_001")
+    refused(r"unexpected \['mp_rank_02_001'\]", src=ckpt, dst=tmp_path / "out")
+
+
+def test_missing_shard_file(ckpt, tmp_path):
+    (ckpt / "iter_0000003" / "mp_rank_00_001" / "model_optim_rng.pt").unlink()
+    refused(r"mp_rank_00_001.*model_optim_rng.pt is missing", src=ckpt, dst=tmp_path / "out")
+
+
+def test_truncated_shard_file(ckpt, tmp_path):
+    path = ckpt / "iter_0000003" / "mp_rank_01_000" / "model_optim_rng.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    refused(r"mp_rank_01_000/model_optim_rng.pt: cannot load", src=ckpt, dst=tmp_path / "out")
+
+
+def test_args_disagree_with_shards(ckpt, tmp_path):
+    # a TP=2 checkpoint whose directories were renamed as if it were TP=1 x PP=4
+    iteration = ckpt / "iter_0000003"
+    for t, p in [(0, 0), (1, 0), (0, 1), (1, 1)]:
+        os.rename(iteration / f"mp_rank_{t:02d}_{p:03d}", iteration / f"tmp_{t}_{p}")
+    for i, (t, p) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
+        os.rename(iteration / f"tmp_{t}_{p}", iteration / f"mp_rank_00_{i:03d}")
+    refused(r"args say TP=2, PP=2", src=ckpt, dst=tmp_path / "out")
+
+
+def test_tracker_names_missing_iteration(ckpt, tmp_path):
+    (ckpt / TRACKER).write_text("9")
+    refused(r"names iteration 9 but .*iter_0000009 does not exist", src=ckpt, dst=tmp_path / "out")
+    (ckpt / TRACKER).write_text("latest")
+    refused(r"expected an iteration number or 'release'", src=ckpt, dst=tmp_path / "out")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    refused("not a Megatron torch checkpoint", src=tmp_path / "empty", dst=tmp_path / "out")
+
+
+def test_tensor_shapes_disagree_with_args(ckpt, tmp_path):
+    path = ckpt / "iter_0000003" / "mp_rank_00_000" / "model_optim_rng.pt"
+    content = torch.load(path, weights_only=False)
+    content["model"]["decoder.layers.0.mlp.linear_fc1.weight"] = torch.zeros(3, 32)
+    torch.save(content, path)
+    refused(r"linear_fc1.weight has shape \(3, 32\), expected \(64, 32\)", src=ckpt,
+            dst=tmp_path / "out")
+
+
+def test_target_layout_must_divide_the_model(ckpt, tmp_path):
+    refused(r"num_attention_heads=4 is not divisible by TP=3", src=ckpt, dst=tmp_path / "o",
+            target_tp=3)
+    refused(r"num_layers=4 is not divisible by PP=3", src=ckpt, dst=tmp_path / "o", target_pp=3)
+    refused(r"num_attention_heads=2 is not divisible by TP=4", op="coalesce", src=ckpt,
+            dst=tmp_path / "o", schemes=WIDTH, target_tp=4)
+
+
+def test_existing_destination_is_refused_unless_overwrite(ckpt, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("precious")
+    with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
+        plan_conversion("reshard", ckpt, dst, target_tp=1)
+    assert (dst / "keep.txt").read_text() == "precious"
+    run_conversion(plan_conversion("reshard", ckpt, dst, target_tp=1, overwrite=True),
+                   overwrite=True)
+    assert TorchCheckpoint.open(dst).layout.tp == 1 and not (dst / "keep.txt").exists()
+
+
+def test_operator_requests_are_validated(ckpt, tmp_path):
+    refused("needs a scheme", op="coalesce", src=ckpt, dst=tmp_path / "o")
+    refused("needs --large", op="interpolate", src=ckpt, dst=tmp_path / "o", schemes=WIDTH)
+    refused(r"--alpha=1.5: expected a number in \[0, 1\]", op="interpolate", src=ckpt,
+            dst=tmp_path / "o", schemes=WIDTH, large=ckpt, alpha=1.5)
+    # the de-coalesced model of ckpt is twice as wide: ckpt itself is not its large level
+    refused("is not the de-coalesced model", op="interpolate", src=ckpt, dst=tmp_path / "o",
+            schemes=WIDTH, large=ckpt, alpha=0.5)
+
+
+@pytest.mark.slow
+def test_killed_conversion_leaves_no_valid_output(tmp_path, model_parallel):
+    big = ModelConfig(arch="gpt", num_layers=8, hidden_size=512, num_attention_heads=8,
+                      vocab_size=1000, max_sequence_length=64)
+    save_full_state(make_model_state(big, seed=0), ShardLayout(big, 2, 2), tmp_path / "src")
+    dst = tmp_path / "dst"
+    proc = subprocess.Popen([sys.executable, "-m", "mlmega", "convert", "decoalesce", "--src",
+                             str(tmp_path / "src"), "--dst", str(dst), "--width-factor", "2",
+                             "--depth-factor", "2", "--target-tp", "1", "--target-pp", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".dst.tmp-*/iter_*")) and time.monotonic() < deadline:
+        time.sleep(0.01)  # wait until the staging directory has started to fill
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not dst.exists(), "killed before publishing: the destination must not exist"
+    for staging in tmp_path.glob(".dst.tmp-*"):
+        assert not (staging / TRACKER).exists()
+        with pytest.raises(ConfigError):
+            TorchCheckpoint.open(staging)
