@@ -23,6 +23,7 @@ import torch
 
 from mlmega.checkpoint.atomic import check_destination, publish, staging_dir, write_text_atomic
 from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.streaming import LazyTensor
 from mlmega.checkpoint.torch_format import TRACKER, TorchCheckpoint, write_rank_file
 from mlmega.config.errors import ConfigError
 from mlmega.operators import LevelMap, LevelSchemes, interpolate_tensor
@@ -38,7 +39,7 @@ class ConversionPlan:
 
     op: str
     src: Path
-    dst: Path
+    dst: Optional[Path]
     target: ShardLayout
     iteration: int
     level: Optional[LevelMap] = None
@@ -60,7 +61,7 @@ class RankResult:
     seconds: float
 
 
-def plan_conversion(op: str, src: str | Path, dst: str | Path, *, target_tp: Optional[int] = None,
+def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, target_tp: Optional[int] = None,
                     target_pp: Optional[int] = None, schemes: Optional[LevelSchemes] = None,
                     large: Optional[str | Path] = None, alpha: Optional[float] = None,
                     fmt: str = "torch", overwrite: bool = False) -> ConversionPlan:
@@ -69,8 +70,10 @@ def plan_conversion(op: str, src: str | Path, dst: str | Path, *, target_tp: Opt
         raise ConfigError(f"unknown conversion {op!r}; expected one of {OPS}")
     if fmt not in FORMATS:
         raise ConfigError(f"--format={fmt!r}: expected one of {FORMATS}")
-    src, dst = Path(src), Path(dst)
-    check_destination(dst, overwrite)
+    src = Path(src)
+    if dst is not None:  # None: the tensors are consumed in memory (training's initial load)
+        dst = Path(dst)
+        check_destination(dst, overwrite)
     source = TorchCheckpoint.open(src)
     source.validate_tensors()
     layout = source.layout
@@ -122,25 +125,58 @@ class _Producer:
             return decoalesced
         return interpolate_tensor(self.large.read(global_name), decoalesced, self.plan.alpha)
 
+    def release_pages(self) -> None:
+        """Drop the resident mmapped source pages read so far (see TorchCheckpoint.release_pages)."""
+        self.source.release_pages()
+        if self.large is not None:
+            self.large.release_pages()
+
+
+def rank_tensors(plan: ConversionPlan, tp_rank: int, pp_rank: int):
+    """Yield (local name, tensor) for every tensor target rank (tp_rank, pp_rank) holds, one at a
+    time: what conversion writes and what training loads when it starts from another level.
+
+    Each yielded tensor is fresh memory that the generator does not keep: once the consumer drops
+    it, it is freed. Asking for the next one also releases the source pages read for the previous.
+    """
+    producer = _Producer(plan)
+    for param in plan.target.stage_params(pp_rank):
+        full = producer.tensor(param.spec, param.layer, param.global_name)
+        out = [plan.target.split(param.spec, full, tp_rank)]
+        del full  # hold no tensor while suspended at the yield
+        yield param.local_name, out.pop()
+        producer.release_pages()  # the consumer is done with the previous tensor
+
 
 def convert_rank(plan: ConversionPlan, tp_rank: int, pp_rank: int, staging: Path) -> RankResult:
-    """Write target rank (tp_rank, pp_rank)'s shard file into ``staging``."""
+    """Write target rank (tp_rank, pp_rank)'s shard file into ``staging``, tensor by tensor.
+
+    The file is streamed (torch_format.write_rank_file with lazy tensors): each tensor is produced
+    when the writer reaches it, written and freed, so memory stays at a few tensors, not the shard.
+    """
     start = time.monotonic()
-    producer = _Producer(plan)
     target = plan.target
-    params = list(target.stage_params(pp_rank))
-    progress = Progress(f"rank tp{tp_rank} pp{pp_rank}", total=len(params), unit="tensors",
+    names = [p.local_name for p in target.stage_params(pp_rank)]
+    progress = Progress(f"rank tp{tp_rank} pp{pp_rank}", total=len(names), unit="tensors",
                         scale=1.0, every=5.0)
-    model, nbytes = {}, 0
-    for param in params:
-        full = producer.tensor(param.spec, param.layer, param.global_name)
-        shard = target.split(param.spec, full, tp_rank)
-        model[param.local_name] = shard
-        nbytes += shard.numel() * shard.element_size()
-        progress.update(1)
+    tensors = rank_tensors(plan, tp_rank, pp_rank)
+    nbytes = 0
+
+    def produce(expected: str):
+        def next_tensor() -> torch.Tensor:
+            nonlocal nbytes
+            name, shard = next(tensors)
+            assert name == expected, (name, expected)  # the writer walks the model in order
+            nbytes += shard.numel() * shard.element_size()
+            progress.update(1)
+            return shard
+        return next_tensor
+
+    model = {name: LazyTensor(produce(name)) for name in names}
     write_rank_file(staging, target, tp_rank, pp_rank, model, plan.iteration,
                     extra_args={"mlmega_converted_by": plan.op})
-    return RankResult(tp_rank, pp_rank, len(params), nbytes, time.monotonic() - start)
+    next(tensors, None)  # finish the generator (releases the last source pages)
+    return RankResult(tp_rank, pp_rank, len(names), nbytes, time.monotonic() - start)
 
 
 def _convert_rank_task(args) -> RankResult:

@@ -2,8 +2,12 @@
 
 megatron-core 0.16 allocates TP/PP communication buffers with ``torch.cuda.current_device()``,
 calls ``torch.cuda.synchronize()`` around collectives, moves the tied-embedding copy with
-``Tensor.cuda()`` and builds some schedule tensors with a hard-coded ``device="cuda"``. On a CPU-only
-machine :func:`install` makes those calls resolve to the CPU. It patches only the ``torch.cuda`` entry points megatron uses and only when CUDA is absent.
+``Tensor.cuda()`` and builds schedule, optimizer and gradient-buffer tensors with a hard-coded
+``device="cuda"``. On a CPU-only machine every one of those would raise; :func:`install` makes them
+resolve to the CPU instead. It changes nothing that could have worked: only requests for a CUDA
+device, on a machine that has none, are redirected. One function is replaced: megatron's
+``clip_grad_by_total_norm_fp32`` asserts that gradients are ``torch.cuda.FloatTensor``; the
+replacement scales the same gradients by the same coefficient without that assertion.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import functools
 
 import torch
 
+_FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn",
+              "randint", "zeros_like", "ones_like", "empty_like", "full_like")
 _installed = False
 
 
@@ -25,28 +31,35 @@ def install() -> bool:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    _redirect_cuda_device_kwarg()
+    for name in _FACTORIES:
+        setattr(torch, name, _cpu_instead_of_cuda(getattr(torch, name)))
+    _replace_grad_clipping()
     _installed = True
     return True
 
 
-def _redirect_cuda_device_kwarg() -> None:
-    """Send ``device="cuda"`` tensor factories in megatron's schedules to the CPU."""
-    from megatron.core.pipeline_parallel import schedules
+def _cpu_instead_of_cuda(factory):
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+        device = kwargs.get("device")
+        if device is not None and str(device).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
 
-    class _TorchWithCpuDefault:
-        """Proxy for the ``torch`` module inside megatron's schedules module."""
-
-        def __getattr__(self, name):
-            attr = getattr(torch, name)
-            if name in {"zeros", "ones", "empty", "tensor", "full"}:
-                return functools.partial(_cpu_factory, attr)
-            return attr
-
-    schedules.torch = _TorchWithCpuDefault()
+    return wrapper
 
 
-def _cpu_factory(factory, *args, **kwargs):
-    if str(kwargs.get("device", "")).startswith("cuda"):
-        kwargs["device"] = "cpu"
-    return factory(*args, **kwargs)
+def _replace_grad_clipping() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32

@@ -1,0 +1,54 @@
+"""Run an ``mlmega`` command as N local ranks (one process each), as srun would on a node."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+from mlmega.parallel.setup import free_port
+
+
+def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = None,
+                      log_dir: Optional[str] = None) -> int:
+    """Start ``python -m mlmega ARGV`` on ``nprocs`` ranks; rank 0 prints here, the others to
+    ``log_dir/rank_N.log`` (or nowhere). If a rank fails, the rest are stopped; returns the first
+    non-zero exit code (or 0)."""
+    port = free_port()
+    procs = []
+    for rank in range(nprocs):
+        rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(nprocs),
+                    "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        out = None
+        if rank > 0:
+            out = open(os.path.join(log_dir, f"rank_{rank}.log"), "w") if log_dir \
+                else subprocess.DEVNULL
+        procs.append(subprocess.Popen([sys.executable, "-m", "mlmega", *argv], env=rank_env,
+                                      stdout=out, stderr=subprocess.STDOUT if out else None))
+    codes: dict[int, int] = {}
+    try:
+        while len(codes) < nprocs:
+            for rank, proc in enumerate(procs):
+                if rank not in codes and proc.poll() is not None:
+                    codes[rank] = proc.returncode
+                    if proc.returncode != 0:
+                        _stop(procs)
+            time.sleep(0.1)
+    except BaseException:
+        _stop(procs)
+        raise
+    return next((codes[r] for r in sorted(codes) if codes[r] != 0), 0)
+
+
+def _stop(procs) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,93 @@
+"""Training checkpoints in Megatron-LM's torch format, saved atomically and resumed exactly.
+
+Each (TP, PP) rank of DP replica 0 writes ``model_optim_rng.pt`` (model shard, optimizer, LR
+scheduler, RNG states, consumed samples) into a hidden staging directory; after a barrier rank 0
+renames the iteration directory into place and then rewrites the ``latest`` marker, so a crash at any
+point leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mlmega.checkpoint.atomic import write_text_atomic
+from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.torch_format import (TRACKER, TorchCheckpoint, iteration_dir_name,
+                                            write_rank_file)
+from mlmega.config.errors import ConfigError
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(_tuplify(state["python"]))
+    if torch.cuda.is_available() and "cuda" in state:
+        from megatron.core import tensor_parallel
+
+        torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _tuplify(value):
+    return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save(save_dir: Path, layout: ShardLayout, iteration: int, model_state: dict,
+         optimizer_state: Any, scheduler_state: dict, consumed_samples: int,
+         tp_rank: int, pp_rank: int, dp_rank: int, extra_args: dict) -> None:
+    """Collective: every rank calls it; DP replica 0 writes; rank 0 publishes."""
+    staging = save_dir / f".staging-{iteration_dir_name(iteration)}"
+    final = save_dir / iteration_dir_name(iteration)
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    if dp_rank == 0:
+        write_rank_file(staging, layout, tp_rank, pp_rank, model_state, iteration,
+                        extra_args={**extra_args, "consumed_train_samples": consumed_samples},
+                        optimizer=optimizer_state, opt_param_scheduler=scheduler_state,
+                        rng_state=rng_state(), num_floating_point_operations_so_far=0)
+    dist.barrier()
+    if rank == 0:
+        if final.exists():  # re-saving an iteration (a resumed run that stopped again)
+            shutil.rmtree(final)
+        os.replace(staging / iteration_dir_name(iteration), final)
+        shutil.rmtree(staging, ignore_errors=True)
+        write_text_atomic(save_dir / TRACKER, str(iteration))  # the marker, last
+    dist.barrier()
+
+
+def latest(save_dir: Path) -> Optional[TorchCheckpoint]:
+    """The checkpoint to resume from, or None when ``save_dir`` holds none yet."""
+    if not (save_dir / TRACKER).exists():
+        return None
+    return TorchCheckpoint.open(save_dir)
+
+
+def check_resumable(ckpt: TorchCheckpoint, layout: ShardLayout) -> None:
+    have = ckpt.layout
+    if (have.tp, have.pp) != (layout.tp, layout.pp) or \
+            have.cfg.replace(source="") != layout.cfg.replace(source=""):
+        raise ConfigError(f"{ckpt.root}: cannot resume: it holds {have.cfg.to_dict()} at TP="
+                          f"{have.tp}, PP={have.pp} but this stage trains {layout.cfg.to_dict()} at "
+                          f"TP={layout.tp}, PP={layout.pp} (use a fresh save_dir, or convert it)")

@@ -1,0 +1,75 @@
+"""Deterministic batches for training and validation: sample indices depend only on the step.
+
+Global batch ``step`` holds samples [step * G, (step + 1) * G); DP rank r takes the r-th contiguous
+slice and cuts it into micro-batches. Resuming at step k therefore continues with exactly the samples
+an uninterrupted run would have seen, at any DP size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlmega.config.errors import ConfigError
+
+
+def open_datasets(arch: str, data_dir: str, seq_length: int, seed: int, train_samples: int,
+                  val_samples: int) -> tuple[Any, Any]:
+    """(train, validation) datasets over a directory written by ``mlmega data prepare``."""
+    if arch == "gpt":
+        from mlmega.data.gpt import build_gpt_datasets
+
+        return build_gpt_datasets(data_dir, seq_length, seed, train_samples, val_samples,
+                                  create_attention_mask=False)
+    from mlmega.data.bert import BertMLMDataset
+
+    return (BertMLMDataset.from_prepared(data_dir, "train", seq_length, seed, train_samples),
+            BertMLMDataset.from_prepared(data_dir, "val", seq_length, seed, val_samples))
+
+
+def check_vocabulary(data_dir: str, vocab_size: int, source: str) -> None:
+    """The model's vocabulary must hold every token id of the prepared data."""
+    from mlmega.data.gpt import load_tokenizer
+
+    data_vocab = load_tokenizer(data_dir).vocab_size
+    if data_vocab > vocab_size:
+        raise ConfigError(f"{source}: model.vocab_size={vocab_size} is smaller than the tokenizer "
+                          f"of {data_dir} ({data_vocab} tokens)")
+
+
+class Batches:
+    """The micro-batches of one DP rank, by step."""
+
+    def __init__(self, dataset, global_batch: int, micro_batch: int, dp: int, dp_rank: int):
+        if global_batch % (micro_batch * dp):
+            raise ConfigError(f"global_batch_size={global_batch} is not divisible by "
+                              f"micro_batch_size x DP = {micro_batch} x {dp}")
+        self.dataset, self.global_batch, self.micro_batch = dataset, global_batch, micro_batch
+        self.per_rank = global_batch // dp
+        self.dp_rank = dp_rank
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.per_rank // self.micro_batch
+
+    def microbatches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        first = step * self.global_batch + self.dp_rank * self.per_rank
+        out = []
+        for m in range(self.num_microbatches):
+            start = first + m * self.micro_batch
+            samples = [self.dataset[i] for i in range(start, start + self.micro_batch)]
+            out.append(_collate(samples))
+        return out
+
+
+def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    batch = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = torch.as_tensor(np.stack([np.asarray(v) for v in values]))
+    return batch

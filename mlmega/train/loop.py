@@ -1,0 +1,276 @@
+"""One rank of a training stage: megatron-core model, DDP, optimizer, schedules, checkpoints.
+
+Every rank of the stage's job runs :func:`train`. torch.distributed comes up from the environment
+(RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or SLURM's variables); megatron-core's parallel state
+splits the world into TP x PP x DP. Pipeline stages run megatron-core's 1F1B schedule; gradients are
+reduced over DP by megatron-core's DistributedDataParallel; megatron-core's optimizer (AdamW, grad
+clipping) and LR scheduler (warm-up, linear/cosine decay) step the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from mlmega.checkpoint.layout import ShardLayout
+from mlmega.config.errors import ConfigError
+from mlmega.models.build import build_model
+from mlmega.models.flops import training_flops_per_token
+from mlmega.parallel.setup import init_model_parallel, init_process_group
+from mlmega.train import checkpointing
+from mlmega.train.config import TrainConfig
+from mlmega.train.data import Batches, check_vocabulary, open_datasets
+from mlmega.train.metrics import MetricsLog, StepTimer
+from mlmega.train.signals import StopFlag
+
+EXIT_INTERRUPTED = 3  # exit code after a signal-triggered save (the job is meant to be requeued)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train this rank's part of the model; returns a summary (identical on every rank)."""
+    world = _init_distributed(cfg)
+    from megatron.core import parallel_state as ps
+
+    layout = ShardLayout(cfg.model, cfg.tp, cfg.pp)
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    is_logger = dist.get_rank() == 0
+    dtype = _dtype(cfg)
+
+    model = build_model(cfg.model, cfg.tp, cfg.pp, pre_process=ps.is_pipeline_first_stage(),
+                        post_process=ps.is_pipeline_last_stage(), dtype=dtype)
+    if torch.cuda.is_available():
+        model.cuda()
+    ddp, optimizer, scheduler = _optimizer(model, cfg, dtype)
+
+    save_dir = Path(cfg.save_dir)
+    start_step, consumed = 0, 0
+    resume = checkpointing.latest(save_dir)
+    if resume is not None:
+        checkpointing.check_resumable(resume, layout)
+        shard = resume.shard(tp_rank, pp_rank)
+        _load_model(model, shard["model"], f"{resume.shard_path(tp_rank, pp_rank)}")
+        optimizer.load_state_dict(shard["optimizer"])
+        scheduler.load_state_dict(shard["opt_param_scheduler"])
+        checkpointing.set_rng_state(shard["rng_state"])
+        start_step, consumed = resume.iteration, shard["args"].consumed_train_samples
+        _log(is_logger, f"resumed from {resume.directory} at step {start_step}")
+    elif cfg.init is not None:
+        _load_init(model, cfg, layout, tp_rank, pp_rank)
+        _log(is_logger, f"initialised from {cfg.init.checkpoint} ({cfg.init.op})")
+
+    train_set, val_set = open_datasets(cfg.model.arch, cfg.data_dir, cfg.seq_length, cfg.seed,
+                                       cfg.steps * cfg.global_batch_size,
+                                       max(cfg.eval_iters, 1) * cfg.global_batch_size)
+    train_batches = Batches(train_set, cfg.global_batch_size, cfg.micro_batch_size, dp, dp_rank)
+    val_batches = Batches(val_set, cfg.global_batch_size, cfg.micro_batch_size, dp, dp_rank)
+
+    flops_per_step = training_flops_per_token(cfg.model, cfg.seq_length) * \
+        cfg.seq_length * cfg.global_batch_size
+    tokens_per_step = cfg.seq_length * cfg.global_batch_size
+    metrics = MetricsLog(cfg.metrics_path, is_logger)
+    stop, timer = StopFlag(), StepTimer(start_step, cfg.steps)
+    step_fn = partial(_run_step, ddp=ddp, cfg=cfg)
+    _log(is_logger, f"training {cfg.model.arch} {cfg.model.num_layers}L-{cfg.model.hidden_size} "
+                    f"TP={cfg.tp} PP={cfg.pp} DP={dp} steps {start_step}->{cfg.steps} "
+                    f"({world} ranks, {str(dtype).replace('torch.', '')})")
+
+    def save(step: int) -> None:
+        checkpointing.save(save_dir, layout, step, model.state_dict(), optimizer.state_dict(),
+                           scheduler.state_dict(), step * cfg.global_batch_size, tp_rank, pp_rank,
+                           dp_rank, extra_args={"mlmega_train": cfg.to_dict()})
+
+    def evaluate(step: int) -> float:
+        ddp.eval()
+        losses = [step_fn(val_batches.microbatches(i), forward_only=True)
+                  for i in range(cfg.eval_iters)]
+        ddp.train()
+        val = sum(losses) / len(losses)
+        metrics.write(step=step, val_loss=val, flops=cfg.flops_offset + step * flops_per_step,
+                      tokens=step * tokens_per_step)
+        _log(is_logger, f"step {step:6d} | validation loss {val:.4f}")
+        return val
+
+    val_loss, interrupted, step = None, False, start_step
+    for step in range(start_step + 1, cfg.steps + 1):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = step_fn(train_batches.microbatches(step - 1), forward_only=False)
+        update_ok, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        seconds = timer.lap()
+        lr = optimizer.param_groups[0]["lr"]
+        if is_logger:
+            metrics.write(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
+                          tokens_per_s=tokens_per_step / seconds,
+                          tokens=step * tokens_per_step,
+                          flops=cfg.flops_offset + step * flops_per_step,
+                          flops_per_s=flops_per_step / seconds, seconds=seconds)
+            if step % cfg.log_interval == 0 or step == cfg.steps:
+                print(f"step {step:6d}/{cfg.steps} | loss {loss:.4f} | lr {lr:.3g} | grad norm "
+                      f"{grad_norm:.3f} | {tokens_per_step / seconds:,.0f} tok/s | "
+                      f"{flops_per_step / seconds / 1e9:.2f} GFLOP/s | ETA {timer.eta(step)}",
+                      flush=True)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step}")
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.steps:
+            val_loss = evaluate(step)
+        if stop.agreed():
+            save(step)
+            interrupted = True
+            _log(is_logger, f"signal {stop.received}: saved step {step}, exiting for requeue")
+            break
+        if cfg.exit_interval and step % cfg.exit_interval == 0 and step != cfg.steps:
+            save(step)
+            interrupted = True
+            _log(is_logger, f"exit_interval: saved step {step}, exiting")
+            break
+        if cfg.save_interval and step % cfg.save_interval == 0 and step != cfg.steps:
+            save(step)
+    if not interrupted:
+        if start_step < cfg.steps or resume is None:
+            val_loss = evaluate(cfg.steps)
+            save(cfg.steps)
+        step = cfg.steps
+    return dict(step=step, interrupted=interrupted, val_loss=val_loss, save_dir=str(save_dir))
+
+
+def _init_distributed(cfg: TrainConfig) -> int:
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:  # srun without an exporting launcher
+        env.setdefault("RANK", env["SLURM_PROCID"])
+        env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    world = int(env.get("WORLD_SIZE", 1))
+    if world % (cfg.tp * cfg.pp) or (cfg.dp and world != cfg.tp * cfg.pp * cfg.dp):
+        raise ConfigError(f"{cfg.source}: world size {world} is not TP x PP x DP = {cfg.tp} x "
+                          f"{cfg.pp} x {cfg.dp or '?'}")
+    dp = world // (cfg.tp * cfg.pp)
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        raise ConfigError(f"{cfg.source}: global_batch_size={cfg.global_batch_size} is not "
+                          f"divisible by micro_batch_size x DP = {cfg.micro_batch_size} x {dp}")
+    ShardLayout(cfg.model, cfg.tp, cfg.pp)  # heads/layers divisible by TP/PP
+    check_vocabulary(cfg.data_dir, cfg.model.vocab_size, cfg.source)
+    init_process_group()
+    init_model_parallel(cfg.tp, cfg.pp, seed=cfg.seed)
+    return world
+
+
+def _dtype(cfg: TrainConfig) -> torch.dtype:
+    if cfg.precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+
+def _optimizer(model, cfg: TrainConfig, dtype: torch.dtype):
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    bf16 = dtype == torch.bfloat16
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False),
+        model)
+    opt = cfg.optimizer
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+        adam_beta1=opt.beta1, adam_beta2=opt.beta2, adam_eps=opt.eps, clip_grad=opt.clip_grad,
+        bf16=bf16, params_dtype=dtype), [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if opt.warmup_steps else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
+        lr_warmup_steps=opt.warmup_steps, lr_decay_steps=cfg.steps,
+        lr_decay_style=opt.decay_style, start_wd=opt.weight_decay, end_wd=opt.weight_decay,
+        wd_incr_steps=cfg.steps, wd_incr_style="constant")
+    config = model.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    return ddp, optimizer, scheduler
+
+
+def _run_step(microbatches: list[dict], forward_only: bool, ddp, cfg: TrainConfig) -> float:
+    """Forward (and backward) over this rank's micro-batches; the mean loss on every rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+    def forward_step(data_iterator, model):
+        batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+        mask = batch["loss_mask"].float()
+        if cfg.model.arch == "gpt":
+            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        else:
+            labels = batch["labels"].clamp(min=0)  # unmasked positions: ignored via loss_mask
+            output = model(batch["text"], batch["padding_mask"], tokentype_ids=batch["types"],
+                           lm_labels=labels)
+            output = output[0] if isinstance(output, tuple) else output
+
+        def loss_func(per_token):
+            loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+            # clone: the schedule divides the returned loss in place by the micro-batch count
+            return loss, {"loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    results = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[ddp],
+        num_microbatches=len(microbatches), seq_length=cfg.seq_length,
+        micro_batch_size=cfg.micro_batch_size, forward_only=forward_only)
+    # The last stage holds the losses: average them over micro-batches and DP, then share.
+    loss = torch.zeros(1, dtype=torch.float64, device=device)
+    if ps.is_pipeline_last_stage():
+        loss += sum(r["loss"].double() for r in results) / len(results)
+        dist.all_reduce(loss, group=ps.get_data_parallel_group())
+        loss /= ps.get_data_parallel_world_size()
+    dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # others hold zeros
+    return loss.item()
+
+
+def _load_model(model, state: dict, source: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ConfigError(f"{source}: does not fit this rank's model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+
+
+def _load_init(model, cfg: TrainConfig, layout: ShardLayout, tp_rank: int, pp_rank: int) -> None:
+    """Load the previous level's checkpoint, transformed for this rank, into the model."""
+    from mlmega.checkpoint.convert import plan_conversion, rank_tensors
+
+    init = cfg.init
+    plan = plan_conversion(init.op, init.checkpoint, None, target_tp=cfg.tp, target_pp=cfg.pp,
+                           schemes=init.schemes, large=init.large, alpha=init.alpha)
+    if plan.target.cfg.replace(source="") != cfg.model.replace(source=""):
+        raise ConfigError(f"{cfg.source}: init {init.op} of {init.checkpoint} gives the model "
+                          f"{plan.target.cfg.to_dict()}, but this stage trains "
+                          f"{cfg.model.to_dict()}")
+    dtype = next(model.parameters()).dtype
+    state = {name: tensor.to(dtype) for name, tensor in rank_tensors(plan, tp_rank, pp_rank)}
+    _load_model(model, state, f"init from {init.checkpoint}")
+
+
+def _log(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, flush=True)
+
+
+def main(config_path: str, overrides: Optional[list[str]] = None) -> int:
+    """``mlmega train CONFIG``: the entry every rank runs."""
+    from mlmega.parallel.setup import teardown
+
+    cfg = TrainConfig.from_yaml(config_path)
+    try:
+        result = train(cfg)
+    finally:
+        teardown()
+    return EXIT_INTERRUPTED if result["interrupted"] and result["step"] < cfg.steps else 0
