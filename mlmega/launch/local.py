@@ -14,8 +14,8 @@ from mlmega.parallel.setup import free_port
 def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = None,
                       log_dir: Optional[str] = None) -> int:
     """Start ``python -m mlmega ARGV`` on ``nprocs`` ranks; rank 0 prints here, the others to
-    ``log_dir/rank_N.log`` (or nowhere). If a rank fails, the rest are stopped; returns the first
-    non-zero exit code (or 0)."""
+    ``log_dir/rank_N.log`` (or nowhere). If a rank fails, the rest are stopped; returns the exit
+    code of the rank that failed first (or 0)."""
     port = free_port()
     procs = []
     for rank in range(nprocs):
@@ -28,7 +28,7 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
                 else subprocess.DEVNULL
         procs.append(subprocess.Popen([sys.executable, "-m", "mlmega", *argv], env=rank_env,
                                       stdout=out, stderr=subprocess.STDOUT if out else None))
-    codes: dict[int, int] = {}
+    codes: dict[int, int] = {}  # in the order the ranks ended
     try:
         while len(codes) < nprocs:
             for rank, proc in enumerate(procs):
@@ -40,7 +40,7 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
     except BaseException:
         _stop(procs)
         raise
-    return next((codes[r] for r in sorted(codes) if codes[r] != 0), 0)
+    return next((code for code in codes.values() if code != 0), 0)  # the first failure's code
 
 
 def _stop(procs) -> None:

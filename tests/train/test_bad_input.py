@@ -1,0 +1,44 @@
+"""Bad stage configs fail before training starts, with a message naming the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.train.conftest import model_section, stage_config
+
+
+def fails(config, nproc: int = 1) -> str:
+    proc = subprocess.run([sys.executable, "-m", "mlmega", "train", str(config), "--nproc",
+                           str(nproc)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert not (config.parent / config.stem / "latest_checkpointed_iteration.txt").exists()
+    return proc.stderr
+
+
+def test_missing_data_directory(tmp_path):
+    msg = fails(stage_config(tmp_path, "run", tmp_path / "nowhere"))
+    assert "nowhere" in msg
+
+
+def test_vocabulary_smaller_than_the_tokenizer(tmp_path, prepared):
+    config = stage_config(tmp_path, "run", prepared["gpt"], model=model_section("gpt", vocab_size=100))
+    assert "model.vocab_size=100 is smaller than the tokenizer" in fails(config)
+
+
+def test_sequence_longer_than_max_positions(tmp_path, prepared):
+    config = stage_config(tmp_path, "run", prepared["gpt"], seq_length=64)
+    assert "seq_length=64: expected at most the model's max_sequence_length=32" in fails(config)
+
+
+@pytest.mark.multiprocess
+def test_world_size_not_tp_pp_dp(tmp_path, prepared):
+    config = stage_config(tmp_path, "run", prepared["gpt"], tp=2, dp=2)
+    assert "world size 2 is not TP x PP x DP = 2 x 1 x 2" in fails(config, nproc=2)
+
+
+def test_unknown_option(tmp_path, prepared):
+    config = stage_config(tmp_path, "run", prepared["gpt"], learning_rate=0.1)
+    assert "unknown training option(s) ['learning_rate']" in fails(config)
