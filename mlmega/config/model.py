@@ -178,6 +178,11 @@ class ModelConfig:
             attention_dropout=get("attention_dropout", 0.0),
             init_method_std=get("init_method_std", 0.02),
         )
+        tokentypes = get("mlmega_num_tokentypes")  # recorded by mlmega's own checkpoints
+        if tokentypes is None and arch == "bert":  # Megatron-LM's pretrain_bert.py rule
+            tokentypes = 2 if data["bert_binary_head"] else 0
+        if tokentypes is not None:
+            data["num_tokentypes"] = tokentypes
         return cls.from_dict(data, source=source)
 
     def to_megatron_args(self) -> dict[str, Any]:
@@ -203,6 +208,7 @@ class ModelConfig:
             untie_embeddings_and_output_weights=not self.tie_embeddings,
             add_bias_linear=self.add_bias_linear,
             bert_binary_head=self.bert_binary_head,
+            mlmega_num_tokentypes=self.num_tokentypes,
             hidden_dropout=self.hidden_dropout,
             attention_dropout=self.attention_dropout,
             init_method_std=self.init_method_std,
