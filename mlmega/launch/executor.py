@@ -1,0 +1,111 @@
+"""Executors run a V-cycle's stages as jobs: locally (one stage after another) or on SLURM.
+
+An executor knows jobs, not tensors: it starts ``mlmega train STAGE.yaml`` on the stage's ranks,
+records job ids and statuses in the run state, and cancels them.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import signal
+import time
+from pathlib import Path
+
+from mlmega.launch.local import run_ranks_locally
+from mlmega.vcycle.plan import Plan, Stage
+from mlmega.vcycle.run import (CANCELLED, COMPLETED, FAILED, FINAL_STATES, RUNNING, RunState,
+                               stage_config_path, stage_finished)
+
+
+class Executor(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def launch(self, state: RunState, plan: Plan, log=print) -> None:
+        """Start every stage that is not completed (in order; later ones after earlier ones)."""
+
+    @abc.abstractmethod
+    def describe(self, plan: Plan, run_dir: Path) -> str:
+        """What ``launch`` would start, for --dry-run (sbatch scripts, or commands)."""
+
+    @abc.abstractmethod
+    def refresh(self, state: RunState, plan: Plan) -> None:
+        """Update stage statuses from what the jobs did."""
+
+    @abc.abstractmethod
+    def cancel(self, state: RunState) -> None:
+        """Stop every unfinished stage."""
+
+
+class LocalExecutor(Executor):
+    """Runs the stages here, one after another, each as ``world`` local processes (gloo)."""
+
+    name = "local"
+
+    def describe(self, plan: Plan, run_dir: Path) -> str:
+        return "\n".join(f"{s.name}: mlmega train {stage_config_path(run_dir, s.name)} --nproc "
+                         f"{s.resources.world}" for s in plan.stages)
+
+    def launch(self, state: RunState, plan: Plan, log=print) -> None:
+        run_dir = Path(state.run_dir)
+        for stage in plan.stages:
+            entry = state.stage(stage.name)
+            if entry.status == COMPLETED:
+                continue
+            if stage_finished(run_dir, stage):
+                entry.status = COMPLETED
+                state.save()
+                continue
+            entry.status, entry.job_id = RUNNING, f"local:{os.getpid()}"
+            entry.attempts += 1
+            entry.started, entry.ended = time.time(), None
+            state.save()
+            log(f"[{stage.name}] level {stage.level}: {stage.model.num_layers}L-"
+                f"{stage.model.hidden_size}, {stage.steps} steps on {stage.resources.world} "
+                f"rank(s)")
+            log_dir = run_dir / "logs" / stage.name
+            log_dir.mkdir(parents=True, exist_ok=True)
+            code = run_ranks_locally(["train", str(stage_config_path(run_dir, stage.name))],
+                                     stage.resources.world, log_dir=str(log_dir))
+            entry.exit_code, entry.ended = code, time.time()
+            entry.status = COMPLETED if code == 0 and stage_finished(run_dir, stage) else \
+                CANCELLED if code in (3, -signal.SIGTERM) else FAILED
+            state.save()
+            if entry.status != COMPLETED:
+                log(f"[{stage.name}] {entry.status} (exit code {code}); `mlmega resume "
+                    f"{run_dir}` continues from its latest checkpoint")
+                return
+
+    def refresh(self, state: RunState, plan: Plan) -> None:
+        for stage in plan.stages:
+            entry = state.stage(stage.name)
+            if entry.status == RUNNING and entry.job_id and not _alive(entry.job_id):
+                entry.status = COMPLETED if stage_finished(Path(state.run_dir), stage) else FAILED
+        state.save()
+
+    def cancel(self, state: RunState) -> None:
+        for entry in state.stages:
+            if entry.status not in FINAL_STATES:
+                if entry.status == RUNNING and entry.job_id and _alive(entry.job_id):
+                    os.kill(int(entry.job_id.split(":")[1]), signal.SIGTERM)
+                entry.status = CANCELLED
+        state.save()
+
+
+def _alive(job_id: str) -> bool:
+    try:
+        os.kill(int(job_id.split(":")[1]), 0)
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def make_executor(name: str) -> Executor:
+    if name == "local":
+        return LocalExecutor()
+    if name == "slurm":
+        from mlmega.launch.slurm import SlurmExecutor
+
+        return SlurmExecutor()
+    raise ValueError(f"unknown executor {name!r}")

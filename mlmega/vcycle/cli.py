@@ -1,0 +1,144 @@
+"""``mlmega plan | run | status | cancel | resume``: the V-cycle from a login node."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from mlmega.config.errors import ConfigError
+
+DEFAULT_RECIPE = "configs/tiny-gpt.yaml"
+
+
+def register(sub) -> None:
+    plan = sub.add_parser("plan", help="show the stages, their jobs and the predicted saving")
+    plan.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE)
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a recipe value, e.g. --set schedule.alpha=0.5")
+    plan.set_defaults(handler=_plan)
+
+    run = sub.add_parser("run", help="run (or submit) every stage of a V-cycle")
+    run.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE)
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--executor", choices=("local", "slurm"), help="default: the recipe's")
+    run.add_argument("--run-dir", help="default: runs/NAME-TIMESTAMP")
+    run.add_argument("--dry-run", action="store_true", help="print the jobs, submit nothing")
+    run.set_defaults(handler=_run)
+
+    for name, text, handler in (("status", "show a run's stages, jobs and losses", _status),
+                                ("cancel", "cancel a run's unfinished stages", _cancel),
+                                ("resume", "continue a run: skip completed stages, restart the "
+                                           "others from their latest checkpoints", _resume)):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("run_dir")
+        cmd.set_defaults(handler=handler)
+
+
+def _load(recipe: str, overrides):
+    from mlmega.vcycle.plan import plan_vcycle
+    from mlmega.vcycle.recipe import load_recipe
+
+    return plan_vcycle(load_recipe(recipe, overrides))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from mlmega.vcycle.tables import print_plan
+
+    print_plan(_load(args.recipe, args.set))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mlmega.launch.executor import make_executor
+    from mlmega.vcycle.run import create_run
+    from mlmega.vcycle.tables import print_plan
+
+    plan = _load(args.recipe, args.set)
+    recipe = plan.recipe
+    executor = make_executor(args.executor or recipe.cluster.executor)
+    run_dir = Path(args.run_dir or f"runs/{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = run_dir.resolve()
+    print_plan(plan)
+    if args.dry_run:
+        print(executor.describe(plan, run_dir))
+        return 0
+    data_dir = _ensure_data(recipe)
+    state = create_run(plan, run_dir, data_dir, executor.name)
+    print(f"run directory: {run_dir}")
+    executor.launch(state, plan)
+    return _report(state, plan)
+
+
+def _ensure_data(recipe) -> Path:
+    from mlmega.data.prepare import PrepareOptions, prepare
+
+    data_dir = Path(recipe.data.dir.format(arch=recipe.model.arch)).resolve()
+    if not (data_dir / "meta.json").exists():
+        if not recipe.data.prepare:
+            raise ConfigError(f"{recipe.source}: data.dir={data_dir} holds no prepared data "
+                              f"(run `mlmega data prepare --out {data_dir}` or set "
+                              f"data.prepare: true)")
+        print(f"preparing data in {data_dir}")
+        prepare(PrepareOptions(out=data_dir, inputs=recipe.data.inputs,
+                               vocab_size=recipe.data.vocab_size, arch=recipe.model.arch))
+    return data_dir
+
+
+def _report(state, plan) -> int:
+    from mlmega.vcycle.report import plot_run
+    from mlmega.vcycle.run import COMPLETED, stage_dir
+
+    run_dir = Path(state.run_dir)
+    png = plot_run(run_dir, [s.name for s in plan.stages], run_dir / "loss.png",
+                   title=plan.recipe.name)
+    done = [s for s in state.stages if s.status == COMPLETED]
+    print(f"loss plot: {png}")
+    if len(done) == len(state.stages):
+        print(f"final checkpoint: {stage_dir(run_dir, state.stages[-1].name)}")
+        return 0
+    pending = [s.name for s in state.stages if s.status != COMPLETED]
+    print(f"not finished: {', '.join(pending)} (`mlmega status {run_dir}`)")
+    return 0 if state.executor == "slurm" else 1
+
+
+def _reload(run_dir: str):
+    from mlmega.launch.executor import make_executor
+    from mlmega.vcycle.run import RunState
+
+    state = RunState.load(run_dir)
+    plan = _load(str(Path(run_dir) / "recipe.yaml"), [])
+    return state, plan, make_executor(state.executor)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from mlmega.vcycle.report import plot_run
+    from mlmega.vcycle.tables import print_status
+
+    state, plan, executor = _reload(args.run_dir)
+    executor.refresh(state, plan)
+    print_status(state, plan)
+    png = plot_run(Path(args.run_dir), [s.name for s in plan.stages],
+                   Path(args.run_dir) / "loss.png", title=plan.recipe.name)
+    print(f"loss plot: {png}")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    state, plan, executor = _reload(args.run_dir)
+    executor.cancel(state)
+    print(f"cancelled the unfinished stages of {args.run_dir}")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from mlmega.vcycle.run import COMPLETED, PENDING
+
+    state, plan, executor = _reload(args.run_dir)
+    executor.refresh(state, plan)
+    for entry in state.stages:
+        if entry.status != COMPLETED:
+            entry.status = PENDING
+    state.save()
+    executor.launch(state, plan)
+    return _report(state, plan)

@@ -1,0 +1,226 @@
+"""A V-cycle recipe: the base model, its coarser levels, the step schedule, data and cluster.
+
+Loaded from YAML into typed dataclasses, with ``--set key.sub=value`` overrides from the CLI.
+Everything is validated here, before anything is planned or submitted.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import yaml
+
+from mlmega.config.errors import ConfigError
+from mlmega.config.model import ModelConfig
+from mlmega.operators import LevelMap, LevelSchemes
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Prepared data (``mlmega data prepare``); prepared on first use when ``prepare`` is set."""
+
+    dir: str = "data/{arch}"
+    prepare: bool = True  # prepare the embedded corpus into ``dir`` if it is missing
+    vocab_size: int = 2048
+    inputs: tuple[str, ...] = ()  # empty: the embedded Shakespeare corpus
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Settings shared by every stage (the batch is kept across levels)."""
+
+    seq_length: int = 128
+    micro_batch_size: int = 8
+    global_batch_size: int = 32
+    seed: int = 1234
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    beta2: float = 0.95
+    eval_interval: int = 50
+    eval_iters: int = 4
+    save_interval: int = 0
+    log_interval: int = 10
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Steps and learning rates of the V-cycle (the paper's E_a, E_small and final stages).
+
+    ``coalesce_steps[k]``: steps at level k before coalescing to level k+1 (ends at peak LR).
+    ``bottom_steps``: steps at the smallest level (no warm-up, linear decay).
+    ``decoalesce_steps[k]``: steps at level k after de-coalescing + interpolation (linear decay).
+    ``lr[k]``: peak learning rate of level k (smaller levels use higher LRs).
+    ``baseline_steps``: the full model trained alone for the comparison (default: the V-cycle's
+    steps at level 0).
+    """
+
+    coalesce_steps: tuple[int, ...]
+    bottom_steps: int
+    decoalesce_steps: tuple[int, ...]
+    lr: tuple[float, ...]
+    alpha: float = 0.5
+    min_lr_ratio: float = 0.0
+    baseline_steps: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where stages run: the local executor or a SLURM cluster profile (sbatch settings)."""
+
+    executor: str = "local"  # local | slurm
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    gpus_per_node: int = 0  # 0: CPU nodes (gloo)
+    cpus_per_task: int = 1
+    tasks_per_node: Optional[int] = None  # CPU clusters: ranks per node (default: 1)
+    mem_gb: Optional[float] = None
+    time_limit_min: int = 60
+    max_nodes: int = 1
+    extra_sbatch: tuple[str, ...] = ()  # extra "--key=value" sbatch options
+    setup: tuple[str, ...] = ()  # shell lines run before the job (module load, venv activate)
+    env: Mapping[str, str] = field(default_factory=dict)  # exported to the job, quoted
+
+
+@dataclass(frozen=True)
+class SizingConfig:
+    """How the plan sizes each stage's job (see :mod:`mlmega.vcycle.sizing`)."""
+
+    gpu_memory_gb: float = 80.0
+    memory_headroom: float = 0.85  # use at most this fraction of GPU memory
+    gpu_peak_tflops: float = 989.0  # H100 bf16 dense; used for GPU-hour estimates
+    mfu: float = 0.40  # assumed model FLOPs utilisation for those estimates
+    min_gpus: int = 1  # never size a stage below this many GPUs (throughput floor)
+    tp: Optional[int] = None  # force a TP size (CPU runs, tests)
+    pp: Optional[int] = None  # force a PP size
+    dp: Optional[int] = None  # force a DP size
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: ModelConfig
+    levels: tuple[LevelSchemes, ...]  # levels[k] maps level k to level k+1
+    schedule: ScheduleConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sizing: SizingConfig = field(default_factory=SizingConfig)
+    source: str = field(default="<recipe>", compare=False)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels) + 1
+
+    def level_models(self) -> list[ModelConfig]:
+        """The model of every level, largest first (validates every scheme against its level)."""
+        models = [self.model]
+        for k, schemes in enumerate(self.levels):
+            try:
+                models.append(LevelMap.from_large(models[-1], schemes).small)
+            except ConfigError as err:
+                raise ConfigError(f"{self.source}: levels[{k}]: {err}") from None
+        return models
+
+    def validate(self) -> None:
+        s, k = self.schedule, len(self.levels)
+        if k < 1:
+            raise ConfigError(f"{self.source}: levels: expected at least one coarser level")
+        for key, want in (("coalesce_steps", k), ("decoalesce_steps", k), ("lr", k + 1)):
+            if len(getattr(s, key)) != want:
+                raise ConfigError(f"{self.source}: schedule.{key} has {len(getattr(s, key))} "
+                                  f"entries; expected {want} for {k + 1} levels")
+        if min(s.coalesce_steps + s.decoalesce_steps + (s.bottom_steps,)) < 1:
+            raise ConfigError(f"{self.source}: schedule: every stage needs at least one step")
+        if not 0.0 <= s.alpha <= 1.0:
+            raise ConfigError(f"{self.source}: schedule.alpha={s.alpha}: expected [0, 1]")
+        if self.cluster.executor not in ("local", "slurm"):
+            raise ConfigError(f"{self.source}: cluster.executor={self.cluster.executor!r}: "
+                              f"expected 'local' or 'slurm'")
+        t = self.training
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(f"{self.source}: training.global_batch_size={t.global_batch_size} "
+                              f"is not a multiple of micro_batch_size={t.micro_batch_size}")
+        if t.seq_length > self.model.max_sequence_length:
+            raise ConfigError(f"{self.source}: training.seq_length={t.seq_length} exceeds "
+                              f"model.max_sequence_length={self.model.max_sequence_length}")
+        self.level_models()
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe YAML, apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read recipe: {err}") from err
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = copy.deepcopy(dict(data))
+    for item in overrides:
+        _apply_override(data, item, str(path))
+    recipe = recipe_from_dict(data, str(path))
+    recipe.validate()
+    return recipe
+
+
+def _apply_override(data: dict, item: str, source: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. schedule.alpha=0.25)")
+    key, value = item.split("=", 1)
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section of {source}")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def recipe_from_dict(data: Mapping[str, Any], source: str) -> Recipe:
+    known = {f.name for f in dataclasses.fields(Recipe)} - {"source"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown recipe section(s) {unknown}; known: {sorted(known)}")
+    for required in ("name", "model", "levels", "schedule"):
+        if required not in data:
+            raise ConfigError(f"{source}: the recipe needs a '{required}' section")
+    levels = data["levels"]
+    if not isinstance(levels, list):
+        raise ConfigError(f"{source}: levels: expected a list of {{width, depth}} schemes")
+    return Recipe(
+        name=str(data["name"]),
+        model=ModelConfig.from_dict(data["model"], f"{source}: model"),
+        levels=tuple(LevelSchemes.from_dict(lv, f"{source}: levels[{i}]")
+                     for i, lv in enumerate(levels)),
+        schedule=_section(ScheduleConfig, data["schedule"], f"{source}: schedule"),
+        data=_section(DataConfig, data.get("data", {}), f"{source}: data"),
+        training=_section(TrainingConfig, data.get("training", {}), f"{source}: training"),
+        cluster=_section(ClusterConfig, data.get("cluster", {}), f"{source}: cluster"),
+        sizing=_section(SizingConfig, data.get("sizing", {}), f"{source}: sizing"),
+        source=source,
+    )
+
+
+def _section(cls, data: Any, source: str):
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    values = {}
+    for key, value in data.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"{source}: {err}") from None
