@@ -47,6 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # fallbacks are what mlmega uses on CPU, so the warning is noise for every command.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     warnings.filterwarnings("ignore", message="Apex is not installed")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")  # megatron's own default
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):

@@ -5,7 +5,10 @@ mmapped shard files), one parameter at a time: gather over the source's TP ranks
 (identity, coalesce, de-coalesce, de-coalesce + interpolate), split for the target TP rank. Target
 ranks run in parallel worker processes (or as the tasks of one SLURM job), each writing its own file
 into a staging directory; the coordinator writes the ``latest`` marker last and renames the
-staging directory into place.
+staging directory into place. Sources in either format (torch: ``mp_rank_*`` files; torch_dist:
+megatron-core's distributed checkpoint) are detected; ``format="torch_dist"`` writes torch_dist
+output: each target rank writes its own ``.distcp`` file and index part, and the coordinator
+merges the parts into ``.metadata`` (plus ``common.pt``, ``metadata.json``) before the marker.
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ from typing import Optional
 import torch
 
 from mlmega.checkpoint.atomic import check_destination, publish, staging_dir, write_text_atomic
+from mlmega.checkpoint.dist_format import (finalize_dist, open_checkpoint, save_dist_full_state,
+                                           write_dist_rank)
 from mlmega.checkpoint.layout import ShardLayout
-from mlmega.checkpoint.streaming import LazyTensor
-from mlmega.checkpoint.torch_format import TRACKER, TorchCheckpoint, write_rank_file
+from mlmega.checkpoint.streaming import LazyTensor, return_freed_memory
+from mlmega.checkpoint.torch_format import TRACKER, iteration_dir_name, write_rank_file
 from mlmega.config.errors import ConfigError
 from mlmega.operators import LevelMap, LevelSchemes, interpolate_tensor
 from mlmega.progress import Progress, format_seconds
 
 OPS = ("reshard", "coalesce", "decoalesce", "interpolate")
-FORMATS = ("torch",)
+FORMATS = ("torch", "torch_dist")
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
     if dst is not None:  # None: the tensors are consumed in memory (training's initial load)
         dst = Path(dst)
         check_destination(dst, overwrite)
-    source = TorchCheckpoint.open(src)
+    source = open_checkpoint(src)
     source.validate_tensors()
     layout = source.layout
     level = None
@@ -95,7 +100,7 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
                               "from before coalescing)")
         if alpha is None or not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"--alpha={alpha!r}: expected a number in [0, 1]")
-        large_ckpt = TorchCheckpoint.open(large)
+        large_ckpt = open_checkpoint(large)
         if large_ckpt.layout.cfg.replace(source="") != cfg.replace(source=""):
             raise ConfigError(f"{large}: its model {large_ckpt.layout.cfg.to_dict()} is not the "
                               f"de-coalesced model {cfg.to_dict()} of {src}")
@@ -111,8 +116,8 @@ class _Producer:
 
     def __init__(self, plan: ConversionPlan):
         self.plan = plan
-        self.source = TorchCheckpoint.open(plan.src)
-        self.large = TorchCheckpoint.open(plan.large) if plan.large else None
+        self.source = open_checkpoint(plan.src)
+        self.large = open_checkpoint(plan.large) if plan.large else None
 
     def tensor(self, spec, layer, global_name) -> torch.Tensor:
         op, level = self.plan.op, self.plan.level
@@ -173,14 +178,19 @@ def convert_rank(plan: ConversionPlan, tp_rank: int, pp_rank: int, staging: Path
         return next_tensor
 
     model = {name: LazyTensor(produce(name)) for name in names}
-    write_rank_file(staging, target, tp_rank, pp_rank, model, plan.iteration,
-                    extra_args={"mlmega_converted_by": plan.op})
+    if plan.format == "torch_dist":
+        write_dist_rank(staging / iteration_dir_name(plan.iteration), target, tp_rank, pp_rank,
+                        model)
+    else:
+        write_rank_file(staging, target, tp_rank, pp_rank, model, plan.iteration,
+                        extra_args={"mlmega_converted_by": plan.op})
     next(tensors, None)  # finish the generator (releases the last source pages)
     return RankResult(tp_rank, pp_rank, len(names), nbytes, time.monotonic() - start)
 
 
 def _convert_rank_task(args) -> RankResult:
     torch.set_num_threads(1)
+    return_freed_memory()  # freed tensors leave RSS at once (streaming keeps few alive)
     return convert_rank(*args)
 
 
@@ -202,6 +212,9 @@ def run_conversion(plan: ConversionPlan, workers: int = 1, overwrite: bool = Fal
                     elapsed = time.monotonic() - start
                     log(f"convert: {done}/{len(tasks)} ranks, "
                         f"ETA {format_seconds(elapsed / done * (len(tasks) - done))}")
+        if plan.format == "torch_dist":  # merge the ranks' index parts; common.pt, metadata.json
+            finalize_dist(staging / iteration_dir_name(plan.iteration), plan.target,
+                          plan.iteration, extra_args={"mlmega_converted_by": plan.op})
         write_text_atomic(staging / TRACKER, str(plan.iteration))  # the marker, last
         publish(staging, plan.dst, overwrite)
     except BaseException:
@@ -219,9 +232,14 @@ def run_conversion(plan: ConversionPlan, workers: int = 1, overwrite: bool = Fal
 
 
 def save_full_state(state: dict[str, torch.Tensor], layout: ShardLayout, dst: str | Path,
-                    iteration: int = 0, overwrite: bool = False) -> None:
-    """Write a full (TP=1 canonical) state dict as a torch-format checkpoint at ``layout``."""
+                    iteration: int = 0, overwrite: bool = False, fmt: str = "torch") -> None:
+    """Write a full (TP=1 canonical) state dict as a checkpoint (``fmt``) saved at ``layout``."""
     from mlmega.checkpoint.atomic import atomic_directory
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r}: expected one of {FORMATS}")
+    if fmt == "torch_dist":
+        return save_dist_full_state(state, layout, dst, iteration, overwrite)
 
     with atomic_directory(dst, overwrite) as staging:
         for tp_rank, pp_rank in layout.ranks:
@@ -232,10 +250,10 @@ def save_full_state(state: dict[str, torch.Tensor], layout: ShardLayout, dst: st
 
 
 def load_full_state(src: str | Path) -> tuple[dict[str, torch.Tensor], ShardLayout]:
-    """Read a whole torch-format checkpoint into a full (TP=1 canonical) state dict."""
+    """Read a whole checkpoint (either format) into a full (TP=1 canonical) state dict."""
     from mlmega.models.params import iter_params
 
-    ckpt = TorchCheckpoint.open(src)
+    ckpt = open_checkpoint(src)
     ckpt.validate_tensors()
     state = {name: ckpt.read(name).clone() for name, _, _ in iter_params(ckpt.layout.cfg)}
     return state, ckpt.layout

@@ -13,6 +13,7 @@ lazy, so a converter touches only the tensors it asks for.
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.streaming import MappedPages, save_streaming
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 
@@ -39,10 +41,28 @@ def safe_globals() -> list:
     return list(SAFE_GLOBALS)
 
 
+def _stdlib_safe_globals() -> list:
+    """The standard-library part of megatron-core's allow-list (all that args of mlmega's own and
+    most Megatron-LM checkpoints need): loading with it avoids importing megatron-core (seconds)."""
+    import io
+    import pathlib
+    import signal
+    import types
+
+    return [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, io.BytesIO,
+            signal.Signals]
+
+
 def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
     """``torch.load`` one shard file safely; corrupt or truncated files raise ConfigError."""
     try:
-        with torch.serialization.safe_globals(safe_globals()):
+        try:
+            with torch.serialization.safe_globals(_stdlib_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as err:
+            if "Unsupported global" not in str(err):
+                raise
+        with torch.serialization.safe_globals(safe_globals()):  # megatron enums, numpy, ...
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file is missing") from None
@@ -83,6 +103,8 @@ class TorchCheckpoint:
     layout: ShardLayout
     args: argparse.Namespace
     _shards: dict[tuple[int, int], dict] = field(default_factory=dict, repr=False)
+    _read: list[torch.Tensor] = field(default_factory=list, repr=False)  # since release_pages()
+    _pages: MappedPages = field(default_factory=MappedPages, repr=False)
 
     @property
     def directory(self) -> Path:
@@ -135,6 +157,7 @@ class TorchCheckpoint:
                 raise ConfigError(f"{path}: {SHARD_FILE} is missing")
         ckpt = cls(root, iteration, release, layout, args)
         ckpt._shards[first] = shard0
+        ckpt._pages.add(ranks[first] / SHARD_FILE, shard0.get("model"))
         return ckpt
 
     def shard(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
@@ -142,6 +165,7 @@ class TorchCheckpoint:
         key = (tp_rank, pp_rank)
         if key not in self._shards:
             self._shards[key] = load_file(self.shard_path(tp_rank, pp_rank))
+            self._pages.add(self.shard_path(tp_rank, pp_rank), self._shards[key].get("model"))
         return self._shards[key]
 
     def model_state(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
@@ -178,7 +202,18 @@ class TorchCheckpoint:
         local = global_name if layer is None else \
             spec.template.format(layer - self.layout.stage_layers(pp_rank).start)
         shards = [self.model_state(t, pp_rank)[local] for t in range(self.layout.tp)]
+        self._read.extend(shards)
         return self.layout.gather(spec, shards)
+
+    def release_pages(self) -> int:
+        """Let the OS drop the resident mmapped pages of the tensors :meth:`read` returned so far.
+
+        Call it once what was read is consumed (written out): those tensors stay valid (touching
+        them again re-reads the file, normally from the page cache), but a process streaming a
+        whole checkpoint through mmap keeps only what it currently works on resident.
+        """
+        done, self._read = self._read, []
+        return self._pages.drop(done)
 
 
 def _lookup(cfg: ModelConfig, global_name: str):
@@ -233,9 +268,14 @@ def shard_content(layout: ShardLayout, pp_rank: int, model: dict[str, torch.Tens
 def write_rank_file(root: Path, layout: ShardLayout, tp_rank: int, pp_rank: int,
                     model: dict[str, torch.Tensor], iteration: int,
                     extra_args: Optional[dict] = None, **extra: Any) -> Path:
-    """Write one rank's ``model_optim_rng.pt`` under checkpoint root ``root``; returns its path."""
+    """Write one rank's ``model_optim_rng.pt`` under checkpoint root ``root``; returns its path.
+
+    ``model`` values may be :class:`~mlmega.checkpoint.streaming.LazyTensor` producers: the file is
+    written tensor by tensor (:func:`~mlmega.checkpoint.streaming.save_streaming`), so only the
+    tensor being written needs to be in memory.
+    """
     path = root / iteration_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, layout.pp)
     path.mkdir(parents=True, exist_ok=True)
-    torch.save(shard_content(layout, pp_rank, model, iteration, extra_args, **extra),
-               path / SHARD_FILE)
+    save_streaming(shard_content(layout, pp_rank, model, iteration, extra_args, **extra),
+                   path / SHARD_FILE)
     return path / SHARD_FILE

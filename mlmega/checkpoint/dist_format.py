@@ -1,0 +1,591 @@
+"""megatron-core's distributed checkpoint format (``torch_dist``): lazy reading, per-rank writing.
+
+    ROOT/latest_checkpointed_iteration.txt       "1000" (or "release" -> ROOT/release/)
+    ROOT/iter_0001000/
+        metadata.json     {"sharded_backend": "torch_dist", ...}       (megatron-core's marker)
+        common.pt         {"args": Namespace, "checkpoint_version": 3.0, "iteration": int, ...}
+        .metadata         torch.distributed.checkpoint Metadata: every key's global shape, dtype and
+                          chunks, and where (file, byte offset, length) each chunk is stored
+        __R_N.distcp      the chunks rank R wrote (each chunk one ``torch.save`` blob)
+
+The layout on disk is global: a key holds one global tensor, however many ranks wrote its chunks.
+megatron-core 0.16 stores (local layer spec and TransformerEngine spec alike):
+
+  * uniform layer stacks under one key per module with a prepended layer axis, e.g.
+    ``decoder.layers.mlp.linear_fc1.weight`` of shape [num_layers, 2F, D] (offset = global layer);
+  * the layer norms under TE's fused names: ``input_layernorm.{weight,bias}`` ->
+    ``self_attention.linear_qkv.layer_norm_{weight,bias}``, ``pre_mlp_layernorm.*`` ->
+    ``mlp.linear_fc1.layer_norm_*``;
+  * SwiGLU fc1 as the global [G; U] (each TP rank writes its gate and up halves as two chunks),
+    fused QKV as the global group-major rows, i.e. exactly mlmega's canonical TP=1 layouts;
+  * the word embeddings (and an untied / BERT ``output_layer``) with the vocabulary padded for
+    the saving TP size (megatron loads them with ``allow_shape_mismatch``); a tied embedding's
+    last-stage copy is a non-main replica of ``embedding.word_embeddings.weight`` (not stored);
+  * ``_extra_state`` of the parallel linears as byte objects ``<key>/shard_<offset>_<shape>``.
+
+Checkpoints saved with ``singleton_local_shards`` (per-layer keys ``decoder.layers.<i>.<module>``
+and SwiGLU halves ``..._w`` / ``..._v``) are read too.
+
+Reading never loads the checkpoint: ``DistCheckpoint.read`` plans the chunks overlapping one
+parameter (one layer of a stack) from ``.metadata`` and reads just those from the ``.distcp`` files.
+Writing needs no process group: :func:`write_dist_rank` writes one target rank's chunks to its own
+``__R_0.distcp`` plus a small index part; :func:`finalize_dist`, run once after every rank, merges
+the parts into ``.metadata`` and writes ``common.pt`` and ``metadata.json``. Any megatron-core model
+of the same architecture, at any TP/PP, loads the result with
+``dist_checkpointing.load(model.sharded_state_dict(), directory)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+
+from mlmega.checkpoint.atomic import atomic_directory, write_text_atomic
+from mlmega.checkpoint.layout import ShardLayout, _pad_rows
+from mlmega.checkpoint.torch_format import (CHECKPOINT_VERSION, TRACKER, TorchCheckpoint,
+                                            _layers_per_stage, iteration_dir_name, load_file,
+                                            read_tracker)
+from mlmega.config.errors import ConfigError
+from mlmega.config.model import ModelConfig
+from mlmega.models.params import ParamSpec, global_shape, iter_params, space_layout
+
+BACKEND = "torch_dist"
+CONFIG_FILE = "metadata.json"  # megatron-core's marker of a distributed checkpoint
+COMMON_FILE = "common.pt"
+METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's index of keys, chunks and files
+DATA_SUFFIX = ".distcp"
+_INDEX_PART = ".mlmega-index-{rank}.json"  # a writer rank's part of .metadata (finalize removes)
+# megatron-core's local spec maps the separate norms to TE's fused-norm keys
+# (its sharded_state_dict_keys_map).
+_NORM_KEYS = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+              ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+# Per-layer modules that carry an ``_extra_state`` object (megatron's parallel linears).
+_EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv",
+                        "mlp.linear_fc1", "mlp.linear_fc2")
+_MODEL_PREFIXES = ("embedding.", "decoder.", "encoder.", "output_layer.", "lm_head.", "pooler.",
+                   "binary_head.")
+# What Megatron-LM (0.16) records as the content metadata of the sharded state dict it saves.
+CONTENT_METADATA = {"singleton_local_shards": False,
+                    "distrib_optim_sharding_type": "dp_reshardable",
+                    "chained_optim_avoid_prefix": True}
+
+
+# -- keys ------------------------------------------------------------------------------------------
+def block_name(cfg: ModelConfig) -> str:
+    return "decoder" if cfg.arch == "gpt" else "encoder"
+
+
+def _layer_module(cfg: ModelConfig, spec: ParamSpec, fused_norm_names: bool = True) -> str:
+    """The part of a per-layer template after ``<block>.layers.{}.``, in torch_dist naming."""
+    prefix = f"{block_name(cfg)}.layers.{{}}."
+    rest = spec.template[len(prefix):]
+    if fused_norm_names:
+        for old, new in _NORM_KEYS:
+            if rest.startswith(old):
+                return new + rest[len(old):]
+    return rest
+
+
+def dist_key(cfg: ModelConfig, spec: ParamSpec) -> str:
+    """The key megatron-core stores ``spec`` under (per-layer: the stacked key for all layers)."""
+    if not spec.per_layer:
+        return spec.template
+    return f"{block_name(cfg)}.layers.{_layer_module(cfg, spec)}"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a canonical parameter lives in a torch_dist checkpoint."""
+
+    key: str  # the torch_dist key (of the first part, when ``parts``)
+    layer: Optional[int] = None  # index on the key's prepended layer axis; None: no layer axis
+    parts: tuple[str, ...] = ()  # singleton SwiGLU: the [gate, up] keys, concatenated on tp_dim
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def is_dist_directory(directory: Path) -> bool:
+    """Whether an iteration directory holds a distributed (rather than mp_rank_*) checkpoint."""
+    return any((directory / name).exists() for name in (CONFIG_FILE, METADATA_FILE, COMMON_FILE)) \
+        or any(directory.glob(f"*{DATA_SUFFIX}"))
+
+
+def open_checkpoint(root: str | Path, arch: Optional[str] = None,
+                    cfg: Optional[ModelConfig] = None) -> "TorchCheckpoint | DistCheckpoint":
+    """Open a Megatron checkpoint in either format (told apart by its iteration directory)."""
+    root = Path(root)
+    iteration, release = read_tracker(root)
+    directory = root / iteration_dir_name(iteration, release)
+    if directory.is_dir() and is_dist_directory(directory):
+        return DistCheckpoint.open(root, arch=arch, cfg=cfg)
+    return TorchCheckpoint.open(root, arch=arch, cfg=cfg)
+
+
+class _RegionPlanner:
+    """The part of a torch.distributed.checkpoint LoadPlanner that ``read_data`` calls: copy every
+    read chunk into its place in ``out`` (which covers the requested region only)."""
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        view = self.out
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            view = view.narrow(dim, start, length)
+        return view
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass
+
+    def load_bytes(self, read_item, value) -> None:  # only tensors are read
+        raise AssertionError(f"unexpected byte item {read_item.storage_index.fqn}")
+
+
+@dataclass
+class DistCheckpoint:
+    """An opened torch_dist checkpoint: its layout (from ``args``), index and files, read lazily."""
+
+    root: Path
+    iteration: int
+    release: bool
+    layout: ShardLayout
+    args: Optional[argparse.Namespace]
+    metadata: Any = field(repr=False)  # torch.distributed.checkpoint Metadata
+    common: dict = field(default_factory=dict, repr=False)
+    _reader: Any = field(default=None, repr=False)
+    _params: dict = field(default_factory=dict, repr=False)  # global name -> (spec, layer)
+
+    @property
+    def directory(self) -> Path:
+        return self.root / iteration_dir_name(self.iteration, self.release)
+
+    @property
+    def tensor_keys(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor key in the checkpoint and its global shape (optimizer state included)."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        return {k: tuple(v.size) for k, v in self.metadata.state_dict_metadata.items()
+                if isinstance(v, TensorStorageMetadata)}
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str | Path, arch: Optional[str] = None,
+             cfg: Optional[ModelConfig] = None) -> "DistCheckpoint":
+        """Validate the marker, index, files and ``args`` before any tensor is read."""
+        from torch.distributed.checkpoint import FileSystemReader
+
+        root = Path(root)
+        iteration, release = read_tracker(root)
+        directory = root / iteration_dir_name(iteration, release)
+        if not directory.is_dir():
+            raise ConfigError(f"{root / TRACKER} names iteration {iteration} but {directory} "
+                              f"does not exist")
+        _check_backend(directory / CONFIG_FILE)
+        metadata_path = directory / METADATA_FILE
+        if not metadata_path.is_file():
+            raise ConfigError(f"{metadata_path}: file is missing (the torch_dist index of keys "
+                              f"and chunks)")
+        reader = FileSystemReader(str(directory))
+        try:
+            metadata = reader.read_metadata()
+            reader.set_up_storage_reader(metadata, True)
+        except Exception as err:  # pickle/EOF/attribute errors for a bad index
+            raise ConfigError(f"{metadata_path}: cannot read the checkpoint index "
+                              f"({type(err).__name__}: {err})") from None
+        _check_data_files(directory, metadata)
+        common_path = directory / COMMON_FILE
+        common = load_file(common_path, mmap=False)
+        if not isinstance(common, dict):
+            raise ConfigError(f"{common_path}: expected a dict, got {type(common).__name__}")
+        args = common.get("args")
+        source = str(common_path)
+        if args is None:
+            if cfg is None:
+                raise ConfigError(f"{common_path}: no 'args' key; cannot tell the model "
+                                  f"configuration (pass the model config)")
+            layout = ShardLayout(cfg)
+        else:
+            found = ModelConfig.from_megatron_args(
+                args, arch=arch or _arch_from_keys(metadata.state_dict_metadata), source=source)
+            if cfg is not None and cfg.replace(source=found.source) != found:
+                raise ConfigError(f"{source}: checkpoint args describe {found.to_dict()}, which "
+                                  f"does not match the given model config {cfg.to_dict()}")
+            tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+            pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+            layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp))
+        stored = common.get("iteration")
+        if not release and isinstance(stored, int) and stored != iteration:
+            raise ConfigError(f"{common_path}: iteration {stored} differs from {iteration} "
+                              f"named by {root / TRACKER}")
+        return cls(root, iteration, release, layout, args, metadata, common, reader)
+
+    # -- locating and reading -----------------------------------------------------------------
+    def locate(self, global_name: str) -> Location:
+        """The key (and layer index) holding ``global_name``; ConfigError if it is not stored."""
+        spec, layer = self._lookup(global_name)
+        keys = self.metadata.state_dict_metadata
+        block = block_name(self.layout.cfg)
+        candidates: list[tuple[str, Optional[int]]] = []
+        if spec.per_layer:
+            for fused in (True, False):
+                module = _layer_module(self.layout.cfg, spec, fused)
+                candidates += [(f"{block}.layers.{module}", layer),  # uniform stack
+                               (f"{block}.layers.{layer}.{module}", None)]  # per-layer keys
+        else:
+            candidates.append((spec.template, None))
+        gated = spec.tp_dim is not None and spec.dims[spec.tp_dim] == "ffn_gated"
+        for key, index in candidates:
+            if key in keys:
+                return Location(key, index)
+            if gated and f"{key}_w" in keys and f"{key}_v" in keys:
+                return Location(f"{key}_w", index, (f"{key}_w", f"{key}_v"))
+        raise ConfigError(f"{self.directory / METADATA_FILE}: no tensor for {global_name} "
+                          f"(looked for {[k for k, _ in dict.fromkeys(candidates)]})")
+
+    def read(self, global_name: str) -> torch.Tensor:
+        """The canonical full tensor of ``global_name`` (TP=1 layout, vocab padded for TP=1)."""
+        spec, _ = self._lookup(global_name)
+        where = self.locate(global_name)
+        parts = [self._read_key(key, where.layer) for key in (where.parts or (where.key,))]
+        full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.tp_dim)
+        if spec.tp_dim is not None and spec.dims[spec.tp_dim] == "vocab":
+            full = _pad_rows(full, spec.tp_dim, self.layout.cfg.padded_vocab_size(1))
+        return full
+
+    def _lookup(self, global_name: str) -> tuple[ParamSpec, Optional[int]]:
+        if not self._params:
+            self._params = {name: (spec, layer)
+                            for name, spec, layer in iter_params(self.layout.cfg)}
+        try:
+            return self._params[global_name]
+        except KeyError:
+            raise KeyError(global_name) from None
+
+    def _read_key(self, key: str, layer: Optional[int]) -> torch.Tensor:
+        size = tuple(self.metadata.state_dict_metadata[key].size)
+        if layer is None:
+            return self.read_region(key, (0,) * len(size), size)
+        region = self.read_region(key, (layer,) + (0,) * (len(size) - 1), (1,) + size[1:])
+        return region[0]
+
+    def read_region(self, key: str, offsets: tuple[int, ...],
+                    sizes: tuple[int, ...]) -> torch.Tensor:
+        """Block [offsets, offsets + sizes) of global tensor ``key``, reading only its chunks."""
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        md = self.metadata.state_dict_metadata[key]
+        out = torch.empty(sizes, dtype=md.properties.dtype)
+        items = create_read_items_for_chunk_list(
+            key, md, [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))])
+        covered = sum(math.prod(item.lengths) for item in items)
+        if covered != out.numel():
+            raise ConfigError(f"{self.directory / METADATA_FILE}: the stored chunks of {key} cover "
+                              f"{covered} of the {out.numel()} elements at offset {list(offsets)}; "
+                              f"the checkpoint is incomplete")
+        by_file: dict[str, list] = {}
+        for item in items:
+            by_file.setdefault(self.metadata.storage_data[item.storage_index].relative_path,
+                               []).append(item)
+        planner = _RegionPlanner(out)
+        for name, file_items in by_file.items():
+            try:
+                self._reader.read_data(LoadPlan(file_items), planner).wait()
+            except ConfigError:
+                raise
+            except Exception as err:
+                raise ConfigError(f"{self.directory / name}: cannot read {key} "
+                                  f"({type(err).__name__}: {err})") from None
+        return out
+
+    def release_pages(self) -> int:
+        """Nothing to drop: reads are copied out of the files, not mmapped (for the converter's
+        interface, see TorchCheckpoint.release_pages)."""
+        return 0
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate_tensors(self) -> None:
+        """Every parameter of the args' model is stored, with the expected global shape, and no
+        model tensor is left over (optimizer state and byte objects are ignored)."""
+        cfg = self.layout.cfg
+        index = self.directory / METADATA_FILE
+        shapes = self.tensor_keys
+        used: set[str] = set()
+        for name, spec, layer in iter_params(cfg):
+            where = self.locate(name)
+            expected = list(global_shape(cfg, spec))
+            for key in where.parts or (where.key,):
+                used.add(key)
+                shape = list(shapes[key])
+                if where.layer is not None:
+                    if not shape or shape[0] != cfg.num_layers:
+                        raise ConfigError(f"{index}: {key} has shape {tuple(shape)}; expected a "
+                                          f"leading layer axis of num_layers={cfg.num_layers}")
+                    shape = shape[1:]
+                want = list(expected)
+                if where.parts:
+                    want[spec.tp_dim] //= len(where.parts)
+                vocab_dim = spec.dims.index("vocab") if "vocab" in spec.dims else None
+                if vocab_dim is not None and len(shape) == len(want) \
+                        and shape[vocab_dim] >= cfg.vocab_size:
+                    want[vocab_dim] = shape[vocab_dim]  # any TP's vocab padding
+                if shape != want:
+                    raise ConfigError(f"{index}: {key} (for {name}) has shape {tuple(shape)}, "
+                                      f"expected {tuple(want)} for the args' model")
+        extra = sorted(k for k in shapes if k.startswith(_MODEL_PREFIXES) and k not in used)
+        if extra:
+            raise ConfigError(f"{index}: model tensors that the args' model does not have: "
+                              f"{extra[:5]}{'...' if len(extra) > 5 else ''}")
+
+
+def _check_backend(path: Path) -> None:
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file is missing; not a megatron-core distributed checkpoint "
+                          f"(or its save did not finish)") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
+    backend = config.get("sharded_backend") if isinstance(config, dict) else None
+    if backend != BACKEND:
+        raise ConfigError(f"{path}: sharded_backend={backend!r}; only {BACKEND!r} is supported")
+
+
+def _check_data_files(directory: Path, metadata) -> None:
+    """Every data file the index names exists and is long enough for the chunks it holds."""
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        path = directory / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file is missing (named by {directory / METADATA_FILE})") \
+                from None
+        if size < end:
+            raise ConfigError(f"{path}: truncated: {size} bytes, but {directory / METADATA_FILE} "
+                              f"places data up to byte {end}")
+
+
+def _arch_from_keys(keys: Mapping[str, Any]) -> Optional[str]:
+    if any(k.startswith(("encoder.", "lm_head.")) for k in keys):
+        return "bert"
+    if any(k.startswith("decoder.") for k in keys):
+        return "gpt"
+    return None
+
+
+# -- writing ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a global tensor (or one byte object) that a writer rank stores."""
+
+    key: str  # tensor key, or a byte object's unique key "<key>/shard_<offset>_<shape>"
+    data: Any  # torch.Tensor (its own storage), or bytes for an object
+    global_shape: tuple[int, ...] = ()
+    offsets: tuple[int, ...] = ()
+
+    @property
+    def is_tensor(self) -> bool:
+        return isinstance(self.data, torch.Tensor)
+
+
+def writer_rank(layout: ShardLayout, tp_rank: int, pp_rank: int) -> int:
+    """The rank number in data file names (megatron's order: TP fastest, then PP)."""
+    return pp_rank * layout.tp + tp_rank
+
+
+def rank_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int,
+                model: Mapping[str, Any]) -> Iterator[Chunk]:
+    """The chunks target rank (tp_rank, pp_rank) of ``layout`` saves, as megatron-core would: main
+    replicas only (replicated tensors from TP rank 0; a tied embedding's last-stage copy never),
+    SwiGLU fc1 [gate_r; up_r] as two chunks of the global [G; U], layer stacks with the layer axis.
+
+    ``model`` maps the rank's local names (``layout.stage_params``) to its TP shards.
+    """
+    cfg = layout.cfg
+    for param in layout.stage_params(pp_rank):
+        spec = param.spec
+        try:
+            value = model[param.local_name]
+        except KeyError:
+            raise ConfigError(f"rank tp{tp_rank} pp{pp_rank}: no tensor for {param.local_name}") \
+                from None
+        # Lazy producers are produced in stage order even when not stored (they may be one
+        # sequential stream): the tied output copy (a replica of embedding.word_embeddings.weight)
+        # and, on TP ranks > 0, replicated tensors are main replicas elsewhere.
+        shard = value.produce() if hasattr(value, "produce") else value
+        if (not spec.per_layer and param.local_name != param.global_name) \
+                or (spec.tp_dim is None and tp_rank != 0):
+            del shard
+            if getattr(value, "release", None) is not None:
+                value.release()
+            continue
+        expected = layout.local_shape(spec)
+        if tuple(shard.shape) != expected:
+            raise ConfigError(f"rank tp{tp_rank} pp{pp_rank}: {param.local_name} has shape "
+                              f"{tuple(shard.shape)}, expected {expected} for TP={layout.tp}")
+        shape = global_shape(cfg, spec, layout.tp)
+        pieces = [((0,) * shard.dim(), shard)]
+        if spec.tp_dim is not None:
+            dim = spec.tp_dim
+            lead, length = space_layout(cfg, spec.dims[dim], layout.tp)
+            local = length // layout.tp
+            pieces = []
+            for j, part in enumerate(shard.chunk(lead, dim=dim)):
+                offsets = [0] * shard.dim()
+                offsets[dim] = j * length + tp_rank * local
+                pieces.append((tuple(offsets), part))
+        key = dist_key(cfg, spec)
+        for offsets, part in pieces:
+            data = part.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+            if spec.per_layer:
+                yield Chunk(key, data.unsqueeze(0), (cfg.num_layers,) + tuple(shape),
+                            (param.layer,) + offsets)
+            else:
+                yield Chunk(key, data, tuple(shape), offsets)
+        del shard, pieces
+        if getattr(value, "release", None) is not None:
+            value.release()
+    if tp_rank != 0:
+        return
+    no_state = io.BytesIO()
+    torch.save([None], no_state)  # what megatron stores for a module without extra state
+    block = block_name(cfg)
+    for layer in layout.stage_layers(pp_rank):
+        for module in _EXTRA_STATE_MODULES:
+            yield Chunk(f"{block}.layers.{module}._extra_state/shard_{layer}_{cfg.num_layers}",
+                        no_state.getvalue())
+    if cfg.arch == "bert" and pp_rank == layout.pp - 1:  # GPTModel drops its output layer's
+        yield Chunk("output_layer._extra_state/shard_0_1", no_state.getvalue())
+
+
+def write_dist_rank(directory: str | Path, layout: ShardLayout, tp_rank: int, pp_rank: int,
+                    model: Mapping[str, Any]) -> Path:
+    """Write target rank (tp_rank, pp_rank)'s chunks into iteration directory ``directory``.
+
+    Creates ``__R_0.distcp`` (R = :func:`writer_rank`; each chunk a ``torch.save`` blob, as
+    torch.distributed.checkpoint's FileSystemWriter stores them) and this rank's index part, which
+    :func:`finalize_dist` merges into ``.metadata``. Ranks are independent (no process group), so
+    they may run in any order, in parallel processes or as separate jobs. ``model`` values may be
+    lazy producers (objects with ``produce()`` and optional ``release()``, e.g.
+    :class:`mlmega.checkpoint.streaming.LazyTensor`): each is produced when it is written, so only
+    one parameter's shard is in memory at a time. Returns the data file.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rank = writer_rank(layout, tp_rank, pp_rank)
+    name = f"__{rank}_0{DATA_SUFFIX}"
+    records = []
+    with open(directory / name, "wb") as stream:
+        for chunk in rank_chunks(layout, tp_rank, pp_rank, model):
+            offset = stream.tell()
+            if chunk.is_tensor:
+                torch.save(chunk.data, stream)
+                records.append(dict(kind="tensor", key=chunk.key,
+                                    global_shape=list(chunk.global_shape),
+                                    offsets=list(chunk.offsets), sizes=list(chunk.data.shape),
+                                    dtype=str(chunk.data.dtype).removeprefix("torch.")))
+            else:
+                stream.write(chunk.data)
+                records.append(dict(kind="bytes", key=chunk.key))
+            records[-1].update(file=name, offset=offset, length=stream.tell() - offset)
+        stream.flush()
+        os.fsync(stream.fileno())
+    write_text_atomic(directory / _INDEX_PART.format(rank=rank),
+                      json.dumps({"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank,
+                                  "chunks": records}))
+    return directory / name
+
+
+def common_state(layout: ShardLayout, iteration: int, extra_args: Optional[dict] = None,
+                 **extra: Any) -> dict[str, Any]:
+    """What ``common.pt`` holds, as Megatron-LM saves it (args first: readers need the model)."""
+    args = argparse.Namespace(**{**layout.megatron_args(), "ckpt_format": BACKEND,
+                                 **(extra_args or {}), "iteration": iteration})
+    return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+            "content_metadata": dict(CONTENT_METADATA), **extra}
+
+
+def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
+                  extra_args: Optional[dict] = None, **extra: Any) -> None:
+    """After every rank's :func:`write_dist_rank`: check that the chunks tile every key, merge the
+    index parts into ``.metadata``, then write ``common.pt`` and (last) ``metadata.json``."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
+                                                       Metadata, MetadataIndex, TensorProperties,
+                                                       TensorStorageMetadata)
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    directory = Path(directory)
+    parts = {}
+    for tp_rank, pp_rank in layout.ranks:
+        rank = writer_rank(layout, tp_rank, pp_rank)
+        path = directory / _INDEX_PART.format(rank=rank)
+        try:
+            parts[path] = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: missing: rank tp{tp_rank} pp{pp_rank} did not finish "
+                              f"writing") from None
+    tensors: dict[str, TensorStorageMetadata] = {}
+    objects: dict[str, BytesStorageMetadata] = {}
+    results = []
+    for path, part in parts.items():
+        for record in part["chunks"]:
+            key = record["key"]
+            info = _StorageInfo(record["file"], record["offset"], record["length"])
+            if record["kind"] == "bytes":
+                objects[key] = BytesStorageMetadata()
+                index = MetadataIndex(key)
+            else:
+                dtype = getattr(torch, record["dtype"])
+                md = tensors.setdefault(key, TensorStorageMetadata(
+                    TensorProperties(dtype=dtype), torch.Size(record["global_shape"]), []))
+                if list(md.size) != record["global_shape"] or md.properties.dtype != dtype:
+                    raise ConfigError(f"{path}: {key} is {record['dtype']} "
+                                      f"{record['global_shape']} here but {md.properties.dtype} "
+                                      f"{list(md.size)} in another rank's part")
+                md.chunks.append(ChunkStorageMetadata(torch.Size(record["offsets"]),
+                                                      torch.Size(record["sizes"])))
+                index = MetadataIndex(key, record["offsets"])
+            results.append(WriteResult(index=index, size_in_bytes=record["length"],
+                                       storage_data=info))
+    for key, md in tensors.items():  # chunks are disjoint by construction: check they tile the key
+        covered = sum(math.prod(c.sizes) for c in md.chunks)
+        if covered != math.prod(md.size):
+            raise ConfigError(f"{directory}: the ranks' chunks of {key} cover {covered} of its "
+                              f"{math.prod(md.size)} elements")
+    FileSystemWriter(str(directory)).finish(Metadata({**tensors, **objects}), [results])
+    torch.save(common_state(layout, iteration, extra_args, **extra), directory / COMMON_FILE)
+    for path in parts:
+        path.unlink()
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(
+        {"sharded_backend": BACKEND, "sharded_backend_version": 1, "common_backend": "torch",
+         "common_backend_version": 1}))
+
+
+def save_dist_full_state(state: Mapping[str, torch.Tensor], layout: ShardLayout, dst: str | Path,
+                         iteration: int = 0, overwrite: bool = False,
+                         extra_args: Optional[dict] = None) -> None:
+    """Write a full (TP=1 canonical) state dict as a torch_dist checkpoint saved at ``layout``
+    (atomically: staged, the tracker written last, then renamed into place)."""
+    with atomic_directory(dst, overwrite) as staging:
+        directory = staging / iteration_dir_name(iteration)
+        for tp_rank, pp_rank in layout.ranks:
+            model = {p.local_name: layout.split(p.spec, state[p.global_name], tp_rank)
+                     for p in layout.stage_params(pp_rank)}
+            write_dist_rank(directory, layout, tp_rank, pp_rank, model)
+        finalize_dist(directory, layout, iteration, extra_args)
+        write_text_atomic(staging / TRACKER, str(iteration))
+

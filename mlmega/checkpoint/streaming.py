@@ -1,0 +1,341 @@
+"""Bounded-memory ``torch.save``: write a checkpoint file tensor by tensor.
+
+``torch.save`` pickles the whole object first and writes the storages after, so everything it saves
+is in memory at once. :func:`save_streaming` writes the same zip archive (torch 2.x format, through
+torch's own ``PyTorchFileWriter``: 64-byte aligned records, CRC32 as ``torch.save`` is configured)
+in the other order: each tensor's storage record ``data/<key>`` is written as soon as the tensor
+exists, and the tensor is dropped; ``data.pkl`` (the pickle, whose persistent ids reference the
+written storages) and the small ``.format_version`` / ``.storage_alignment`` / ``byteorder`` /
+``version`` / ``.data/serialization_id`` records come last. The pickle is byte for byte the one
+``torch.save`` writes for the same object (tests check this); readers find records by name, so
+plain ``torch.load(path, weights_only=True, mmap=...)`` and Megatron's loaders read the file
+unchanged.
+
+Tensors in the object's dicts, lists and tuples may be :class:`LazyTensor` producers: each is
+called when the writer reaches it, so at most one produced tensor is alive at a time. Each tensor is
+written compactly (its own elements in contiguous order; a view does not drag its base's storage
+along, unlike ``torch.save``). Tensors elsewhere (inside other objects) and tensor subclasses such as
+``nn.Parameter`` are handled as ``torch.save`` handles them: pickled by torch's own reducers and
+their storages written after the pickle.
+
+:class:`MappedPages` lets the kernel drop the resident pages of tensors read from a file with
+``torch.load(mmap=True)`` once they are consumed, so reading a whole checkpoint through mmap does
+not grow the process's resident set to the checkpoint's size; :func:`return_freed_memory` keeps
+glibc from holding on to freed tensors.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import io
+import mmap
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+__all__ = ["LazyTensor", "StreamingWriter", "save_streaming", "MappedPages",
+           "return_freed_memory"]
+
+
+class LazyTensor:
+    """A tensor the writer computes when it reaches it; ``release`` runs after it is written."""
+
+    __slots__ = ("produce", "release")
+
+    def __init__(self, produce: Callable[[], torch.Tensor],
+                 release: Optional[Callable[[], None]] = None):
+        self.produce, self.release = produce, release
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.produce!r})"
+
+
+class _StorageRef:
+    """A storage already written as record ``data/<key>`` (pickled as torch's persistent id)."""
+
+    __slots__ = ("pid",)
+
+    def __init__(self, storage_type, key: str, numel: int):
+        self.pid = ("storage", storage_type, key, "cpu", numel)
+
+
+class _WrittenTensor:
+    """Stand-in for a written tensor: pickles exactly as ``Tensor.__reduce_ex__`` would."""
+
+    __slots__ = ("reduced", "nbytes")
+
+    def __init__(self, reduced: tuple, nbytes: int):
+        self.reduced, self.nbytes = reduced, nbytes
+
+    def __reduce_ex__(self, protocol):
+        return self.reduced
+
+
+class StreamingWriter:
+    """Write one torch-format file incrementally: :meth:`write_tensor` ..., then :meth:`finish`.
+
+    Use as a context manager; on an exception the partial file is removed.
+    """
+
+    def __init__(self, path: str | Path, pickle_protocol: int = 2):
+        self.path = Path(path)
+        self.protocol = pickle_protocol
+        self._stream = None
+        name = os.fspath(self.path)
+        crc32 = torch.serialization.get_crc32_options()
+        alignment = torch.serialization._get_storage_alignment()
+        try:
+            name.encode("ascii")
+        except UnicodeEncodeError:  # PyTorchFileWriter takes ASCII paths only (as torch.save)
+            self._stream = open(name, "wb")  # noqa: SIM115
+            self._zip = torch._C.PyTorchFileWriter(self._stream, crc32, alignment)
+        else:
+            self._zip = torch._C.PyTorchFileWriter(name, crc32, alignment)
+        self._keys = 0
+        self._written: dict[int, tuple[torch.Tensor, _WrittenTensor]] = {}  # id -> same object
+        self.bytes_written = 0
+        self.finished = False
+
+    # -- context manager ---------------------------------------------------------------------
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self.finished:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close and delete the partial file."""
+        self._zip = None  # the writer's destructor closes the file
+        if self._stream is not None:
+            self._stream.close()
+        self.path.unlink(missing_ok=True)
+
+    # -- records -----------------------------------------------------------------------------
+    def _next_key(self) -> str:
+        key = str(self._keys)
+        self._keys += 1
+        return key
+
+    def write_tensor(self, tensor: torch.Tensor) -> Any:
+        """Write ``tensor``'s data now; returns what to put in the object in its place."""
+        if type(tensor) is not torch.Tensor:  # subclasses (nn.Parameter...): torch's reducers
+            return tensor
+        seen = self._written.get(id(tensor))
+        if seen is not None and seen[0] is tensor:  # the same object twice: one record, as torch
+            return seen[1]
+        original = tensor
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        nbytes = tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        if not (tensor.is_contiguous() and tensor.storage_offset() == 0
+                and storage.nbytes() == nbytes):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+            storage = tensor.untyped_storage()
+        key = self._next_key()
+        self._zip.write_record(f"data/{key}", storage, nbytes)
+        self.bytes_written += nbytes
+        hooks = collections.OrderedDict()
+        shape, stride = tuple(tensor.size()), tensor.stride()
+        if tensor.dtype in torch.storage._new_dtypes():
+            ref = _StorageRef(torch.UntypedStorage, key, nbytes)
+            reduced = (torch._utils._rebuild_tensor_v3,
+                       (ref, 0, shape, stride, tensor.requires_grad, hooks, tensor.dtype))
+        else:
+            storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[tensor.dtype])
+            ref = _StorageRef(storage_type, key, tensor.numel())
+            reduced = (torch._utils._rebuild_tensor_v2,
+                       (ref, 0, shape, stride, tensor.requires_grad, hooks))
+        written = _WrittenTensor(reduced, nbytes)
+        self._written[id(original)] = (original, written)  # keeps ``original`` alive: see below
+        return written
+
+    def _write_value(self, value: Any) -> Any:
+        """``value`` with its tensors (and lazy tensors) written and replaced by stand-ins."""
+        if isinstance(value, LazyTensor):
+            tensor = value.produce()
+            written = self.write_tensor(tensor)
+            self._written.pop(id(tensor), None)  # a produced tensor is never seen again: free it
+            del tensor
+            if value.release is not None:
+                value.release()
+            return written
+        if isinstance(value, torch.Tensor):
+            return self.write_tensor(value)
+        if type(value) in (dict, collections.OrderedDict):
+            return type(value)((k, self._write_value(v)) for k, v in value.items())
+        if type(value) is list:
+            return [self._write_value(v) for v in value]
+        if type(value) is tuple:
+            return tuple(self._write_value(v) for v in value)
+        return value
+
+    def finish(self, obj: Any) -> int:
+        """Write ``obj``'s remaining tensors, its pickle and the trailing records; returns bytes."""
+        obj = self._write_value(obj)
+        self._written.clear()
+        late: dict[str, torch.UntypedStorage] = {}  # storages met only while pickling
+        late_ids: dict[int, str] = {}
+        dtypes: dict[int, torch.dtype] = {}
+
+        def persistent_id(item):
+            if isinstance(item, _StorageRef):
+                return item.pid
+            if isinstance(item, torch.storage.TypedStorage) or torch.is_storage(item):
+                # exactly torch.serialization._save's handling
+                if isinstance(item, torch.storage.TypedStorage):
+                    storage, dtype = item._untyped_storage, item.dtype
+                    storage_type = getattr(torch, item._pickle_storage_type())
+                    numel = item._size()
+                else:
+                    storage, dtype = item, torch.uint8
+                    storage_type = torch.serialization.normalize_storage_type(type(item))
+                    numel = storage.nbytes()
+                if storage.data_ptr() != 0:
+                    if dtypes.setdefault(storage.data_ptr(), dtype) != dtype:
+                        raise RuntimeError("Cannot save multiple tensors or storages that view "
+                                           "the same data as different types")
+                key = late_ids.get(storage._cdata)
+                if key is None:
+                    key = late_ids[storage._cdata] = self._next_key()
+                    late[key] = storage
+                return ("storage", storage_type, key, torch.serialization.location_tag(storage),
+                        numel)
+            return None
+
+        class Pickler(pickle.Pickler):
+            def persistent_id(self, item):
+                return persistent_id(item)
+
+        buffer = io.BytesIO()
+        Pickler(buffer, protocol=self.protocol).dump(obj)
+        data = buffer.getvalue()
+        zf = self._zip
+        zf.write_record("data.pkl", data, len(data))
+        zf.write_record(".format_version", "1", len("1"))
+        alignment = str(torch.serialization._get_storage_alignment())
+        zf.write_record(".storage_alignment", alignment, len(alignment))
+        zf.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        for key, storage in late.items():
+            if storage.device.type != "cpu":
+                storage = storage.cpu()
+            zf.write_record(f"data/{key}", storage, storage.nbytes())
+            self.bytes_written += storage.nbytes()
+        zf.write_end_of_file()
+        if self._stream is not None:
+            self._stream.close()
+        self.finished = True
+        return self.bytes_written
+
+
+def save_streaming(obj: Any, path: str | Path) -> int:
+    """``torch.save(obj, path)`` in bounded memory (see the module doc); returns tensor bytes."""
+    with StreamingWriter(path) as writer:
+        return writer.finish(obj)
+
+
+# -- dropping the pages of consumed mmapped tensors --------------------------------------------
+_MADV_DONTNEED = 4
+_M_MMAP_THRESHOLD = -3
+_PAGE = mmap.PAGESIZE
+_libc = None
+
+
+def _c():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return _libc
+
+
+def _file_mappings(path: str | Path) -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of file ``path`` (from /proc/self/maps)."""
+    name, out = os.path.realpath(path), []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.rstrip("\n").split(maxsplit=5)
+            if len(parts) == 6 and parts[5] == name:
+                start, end = parts[0].split("-")
+                out.append((int(start, 16), int(end, 16)))
+    return out
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    first = tensor.data_ptr()
+    return first, first + tensor.numel() * tensor.element_size()
+
+
+class MappedPages:
+    """Where the tensors of files loaded with ``torch.load(mmap=True)`` live, to drop their pages.
+
+    :meth:`add` records the address span of one loaded file's tensors, after checking that it lies
+    inside a mapping of that file; the caller keeps that file's tensors alive (which keeps the
+    mapping). :meth:`drop` then lets the kernel drop the resident pages of consumed tensors inside
+    a recorded span: the tensors stay valid (touching them again re-reads the file, normally from
+    the page cache), but a process streaming a checkpoint through mmap does not keep every page it
+    ever read resident. Only whole pages inside a tensor's own bytes are dropped, and a mapping
+    that was written to must not be given (torch.load never writes to it). Off Linux: no-op.
+    """
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[int, int]] = []
+
+    def add(self, path: str | Path, content: Any) -> bool:
+        """Record the span of ``content``'s tensors, mmapped from ``path``; False if they are not."""
+        if not sys.platform.startswith("linux"):
+            return False
+        spans = [_span(t) for t in _tensors(content) if t.numel()]
+        if not spans:
+            return False
+        lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
+        if not any(start <= lo and hi <= end for start, end in _file_mappings(path)):
+            return False
+        self.spans.append((lo, hi))
+        return True
+
+    def drop(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Drop the resident pages of ``tensors`` (those inside a recorded span); returns bytes."""
+        released = 0
+        for tensor in tensors:
+            if not tensor.numel():
+                continue
+            first, last = _span(tensor)
+            if any(lo <= first and last <= hi for lo, hi in self.spans):
+                start = -(-first // _PAGE) * _PAGE  # whole pages inside the tensor's bytes only
+                end = last // _PAGE * _PAGE
+                if end > start and _c().madvise(start, end - start, _MADV_DONTNEED) == 0:
+                    released += end - start
+        return released
+
+
+def _tensors(value: Any) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the OS at once (process-wide).
+
+    glibc raises its mmap threshold each time a large mmapped block is freed, after which blocks
+    of that size come from the heap, where freed ones can stay resident: streaming a model tensor
+    by tensor could keep hundreds of MB of dead tensors in RSS. A fixed threshold stops that.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            _c().mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        except (OSError, AttributeError):  # not glibc
+            pass
