@@ -37,6 +37,10 @@ class Executor(abc.ABC):
     def cancel(self, state: RunState) -> None:
         """Stop every unfinished stage."""
 
+    def check(self, plan: Plan, run_dir: Path) -> None:
+        """Raise ConfigError for what this executor cannot start (called before the run directory
+        is written or anything is submitted)."""
+
 
 class LocalExecutor(Executor):
     """Runs the stages here, one after another, each as ``world`` local processes (gloo)."""
@@ -71,6 +75,10 @@ class LocalExecutor(Executor):
             entry.exit_code, entry.ended = code, time.time()
             entry.status = COMPLETED if code == 0 and stage_finished(run_dir, stage) else \
                 CANCELLED if code in (3, -signal.SIGTERM) else FAILED
+            if entry.status == CANCELLED:  # `mlmega cancel` stops the whole run
+                for later in state.stages:
+                    if later.status not in FINAL_STATES:
+                        later.status = CANCELLED
             state.save()
             if entry.status != COMPLETED:
                 log(f"[{stage.name}] {entry.status} (exit code {code}); `mlmega resume "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
                       log_dir: Optional[str] = None) -> int:
     """Start ``python -m mlmega ARGV`` on ``nprocs`` ranks; rank 0 prints here, the others to
     ``log_dir/rank_N.log`` (or nowhere). If a rank fails, the rest are stopped; returns the exit
-    code of the rank that failed first (or 0)."""
+    code of the rank that failed first (or 0). SIGTERM/SIGUSR1/SIGUSR2 sent to this process are
+    passed on to every rank (which save a checkpoint and exit)."""
     port = free_port()
     procs = []
     for rank in range(nprocs):
@@ -29,6 +31,14 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
         procs.append(subprocess.Popen([sys.executable, "-m", "mlmega", *argv], env=rank_env,
                                       stdout=out, stderr=subprocess.STDOUT if out else None))
     codes: dict[int, int] = {}  # in the order the ranks ended
+
+    def forward(signum, frame):  # cancel/preempt: every rank saves and exits (code 3)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1,
+                                                             signal.SIGUSR2)}
     try:
         while len(codes) < nprocs:
             for rank, proc in enumerate(procs):
@@ -40,6 +50,9 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
     except BaseException:
         _stop(procs)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return next((code for code in codes.values() if code != 0), 0)  # the first failure's code
 
 

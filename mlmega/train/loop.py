@@ -99,6 +99,8 @@ def train(cfg: TrainConfig) -> dict:
         return val
 
     val_loss, interrupted, step = None, False, start_step
+    if start_step == 0 and cfg.init is not None:
+        val_loss = evaluate(0)  # where the transformed weights start: the jump between levels
     for step in range(start_step + 1, cfg.steps + 1):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()

