@@ -16,7 +16,7 @@ from mlmega.config.errors import ConfigError
 
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES: list[str] = ["mlmega.vcycle.cli", "mlmega.data.cli", "mlmega.train.cli",
-                               "mlmega.checkpoint.cli"]
+                               "mlmega.checkpoint.cli", "mlmega.bench.cli"]
 
 
 def _cmd_test(args: argparse.Namespace) -> int:

@@ -53,8 +53,8 @@ class LocalExecutor(Executor):
 
     def launch(self, state: RunState, plan: Plan, log=print) -> None:
         run_dir = Path(state.run_dir)
-        for stage in plan.stages:
-            entry = state.stage(stage.name)
+        for entry in state.stages:
+            stage = plan.stage(entry.name)
             if entry.status == COMPLETED:
                 continue
             if stage_finished(run_dir, stage):
@@ -86,8 +86,8 @@ class LocalExecutor(Executor):
                 return
 
     def refresh(self, state: RunState, plan: Plan) -> None:
-        for stage in plan.stages:
-            entry = state.stage(stage.name)
+        for entry in state.stages:
+            stage = plan.stage(entry.name)
             if entry.status == RUNNING and entry.job_id and not _alive(entry.job_id):
                 entry.status = COMPLETED if stage_finished(Path(state.run_dir), stage) else FAILED
         state.save()

@@ -80,6 +80,9 @@ class TrainConfig:
                                f"{self.model.max_sequence_length}")
         if self.global_batch_size % self.micro_batch_size:
             fail("global_batch_size", f"a multiple of micro_batch_size={self.micro_batch_size}")
+        if self.optimizer.warmup_steps >= self.steps:
+            raise ConfigError(f"{self.source}: optimizer.warmup_steps={self.optimizer.warmup_steps}"
+                              f": expected fewer than steps={self.steps}")
         if self.optimizer.decay_style not in DECAY_STYLES:
             raise ConfigError(f"{self.source}: optimizer.decay_style="
                               f"{self.optimizer.decay_style!r}: expected one of {DECAY_STYLES}")

@@ -18,9 +18,10 @@ class MetricsLog:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, **record) -> None:
+        """Append ``record`` with the wall-clock time it was written (unix seconds)."""
         if self.enabled:
             with self.path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps({**record, "time": time.time()}) + "\n")
 
 
 class StepTimer:

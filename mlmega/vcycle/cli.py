@@ -60,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = run_dir.resolve()
     print_plan(plan)
+    executor.check(plan, run_dir)
     if args.dry_run:
         print(executor.describe(plan, run_dir))
         return 0

@@ -71,7 +71,8 @@ class Plan:
         return 100.0 * (1.0 - self.flops / self.baseline.flops)
 
     def stage(self, name: str) -> Stage:
-        return next(s for s in self.stages if s.name == name)
+        """A stage of the V-cycle, or the baseline, by name."""
+        return next(s for s in (*self.stages, self.baseline) if s.name == name)
 
 
 def plan_vcycle(recipe: Recipe) -> Plan:

@@ -144,6 +144,10 @@ class Recipe:
             raise ConfigError(f"{self.source}: cluster.executor={self.cluster.executor!r}: "
                               f"expected 'local' or 'slurm'")
         t = self.training
+        if t.warmup_steps >= s.coalesce_steps[0]:
+            raise ConfigError(f"{self.source}: training.warmup_steps={t.warmup_steps} must end "
+                              f"within the first stage (schedule.coalesce_steps[0]="
+                              f"{s.coalesce_steps[0]})")
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"{self.source}: training.global_batch_size={t.global_batch_size} "
                               f"is not a multiple of micro_batch_size={t.micro_batch_size}")
