@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlmega.checkpoint.torch_format import TorchCheckpoint
+from mlmega.checkpoint.dist_format import DistCheckpoint, open_checkpoint
 from mlmega.models.params import global_shape, iter_params, num_parameters
 
 
 def describe(path: str | Path, tensors: bool = False) -> dict:
     """A JSON-ready description; validates every shard's tensors (names and shapes) on the way."""
-    ckpt = TorchCheckpoint.open(path)
+    ckpt = open_checkpoint(path)
     ckpt.validate_tensors()
     layout, cfg = ckpt.layout, ckpt.layout.cfg
-    info = dict(format="torch", arch=cfg.arch, iteration=ckpt.iteration, tp=layout.tp,
+    info = dict(format="torch_dist" if isinstance(ckpt, DistCheckpoint) else "torch", arch=cfg.arch, iteration=ckpt.iteration, tp=layout.tp,
                 pp=layout.pp, layers_per_stage=list(layout.layers_per_stage),
                 parameters=num_parameters(cfg), model=cfg.to_dict())
     if tensors:
@@ -21,9 +21,7 @@ def describe(path: str | Path, tensors: bool = False) -> dict:
         for name, spec, layer in iter_params(cfg):
             pp_rank = layout.stage_of_layer(layer) if layer is not None else \
                 (0 if spec.stage == "first" else layout.pp - 1)
-            local = name if layer is None else \
-                spec.template.format(layer - layout.stage_layers(pp_rank).start)
-            dtype = str(ckpt.model_state(0, pp_rank)[local].dtype).replace("torch.", "")
+            dtype = str(ckpt.read(name).dtype).replace("torch.", "")
             rows.append(dict(name=name, shape=list(global_shape(cfg, spec, layout.tp)),
                              tp_dim=spec.tp_dim, stage=pp_rank, dtype=dtype))
         info["tensors"] = rows
