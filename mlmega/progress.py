@@ -1,7 +1,8 @@
-"""Periodic progress lines with rate and ETA for long work (conversion, training)."""
+"""What users watch: periodic progress lines with rate and ETA, and a console for tables."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import Callable, Optional, TextIO
@@ -49,3 +50,10 @@ def format_seconds(seconds: float) -> str:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def console():
+    """A rich console wide enough for mlmega's tables, also when output goes to a file or pipe."""
+    from rich.console import Console
+
+    return Console(width=max(shutil.get_terminal_size((160, 24)).columns, 150))

@@ -57,16 +57,16 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from mlmega.checkpoint.inspect import describe
+    from mlmega.progress import console as wide_console
 
     info = describe(args.path, tensors=args.tensors)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    console = Console()
+    console = wide_console()
     summary = Table(title=str(args.path), show_header=False)
     for key in ("format", "arch", "iteration", "tp", "pp", "layers_per_stage", "parameters"):
         summary.add_row(key, f"{info[key]:,}" if key == "parameters" else str(info[key]))
@@ -78,7 +78,7 @@ def _inspect(args: argparse.Namespace) -> int:
         for column in ("name", "shape", "TP dim", "stage", "dtype"):
             table.add_column(column)
         for row in info["tensors"]:
-            table.add_row(row["name"], str(row["shape"]), str(row["tp_dim"]), row["stage"],
+            table.add_row(row["name"], str(row["shape"]), str(row["tp_dim"]), str(row["stage"]),
                           row["dtype"])
         console.print(table)
     return 0

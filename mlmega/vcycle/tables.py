@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from mlmega.progress import console as wide_console
 from mlmega.vcycle.plan import Plan, Stage
-
-
-def _console() -> Console:
-    """Wide enough for the plan's columns even when output goes to a file or pipe."""
-    return Console(width=max(shutil.get_terminal_size((160, 24)).columns, 150))
 
 
 def _si(value: float) -> str:
@@ -24,7 +19,7 @@ def _si(value: float) -> str:
 
 
 def print_plan(plan: Plan, console: Console | None = None) -> None:
-    console = console or _console()
+    console = console or wide_console()
     sizing = plan.recipe.sizing
     gpu = plan.recipe.cluster.gpus_per_node > 0
     table = Table(title=f"V-cycle plan: {plan.recipe.name} ({plan.recipe.num_levels} levels)")
@@ -60,7 +55,7 @@ def print_status(state, plan: Plan, console: Console | None = None) -> None:
     from mlmega.vcycle.report import read_metrics
     from mlmega.vcycle.run import stage_dir
 
-    console = console or _console()
+    console = console or wide_console()
     table = Table(title=f"run {state.run_dir} ({state.executor})")
     for col in ("stage", "status", "job", "step", "loss", "val loss", "wall"):
         table.add_column(col)
