@@ -60,6 +60,10 @@ def width_config(cfg: ModelConfig, grouping: Grouping, direction: str) -> ModelC
                           f"does not fit a model with {units} {what} ({cfg.source}); expected "
                           f"{'a scheme over' if direction == COALESCE else 'a scheme with'} "
                           f"{units} {'units' if direction == COALESCE else 'groups'}")
+    sizes = sorted({len(group) for group in grouping.groups})
+    if len(sizes) > 1:  # unequal groups would weight LayerNorm statistics by group size
+        raise ConfigError(f"width scheme groups have sizes {sizes}; every width group must merge "
+                          f"the same number of heads/query groups")
     if cfg.ffn_hidden_size % units:
         raise ConfigError(f"{cfg.source}: ffn_hidden_size={cfg.ffn_hidden_size} is not divisible "
                           f"by the {units} width units (query groups)")

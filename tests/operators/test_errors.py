@@ -115,3 +115,16 @@ def test_scheme_errors_name_their_source():
         LevelSchemes.from_dict({"width": {"kind": "nope"}}, "level2.yaml")
     with pytest.raises(ConfigError, match=r"^--depth-factor: factor=0"):
         SchemeSpec.parse({"kind": "adjacent", "factor": 0}, "--depth-factor")
+
+
+def test_unequal_width_groups_are_refused():
+    """Width groups must be of one size (unequal ones would weight LayerNorm statistics)."""
+    from mlmega.config.errors import ConfigError
+    from mlmega.config.model import ModelConfig
+    from mlmega.operators import LevelMap, LevelSchemes
+
+    cfg = ModelConfig(arch="gpt", num_layers=2, hidden_size=32, num_attention_heads=4,
+                      vocab_size=100, max_sequence_length=16)
+    schemes = LevelSchemes.from_dict({"width": [[0, 1, 2], [3]]}, "test")
+    with pytest.raises(ConfigError, match=r"width scheme groups have sizes \[1, 3\]"):
+        LevelMap.from_large(cfg, schemes)
