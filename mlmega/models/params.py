@@ -38,6 +38,7 @@ class ParamSpec:
     sides: tuple[Optional[str], ...]  # width side per dim: OUT, IN or None (not width-scaled)
     tp_dim: Optional[int] = None  # tensor dim split across TP ranks; None = replicated
     stage: str = LAYER  # FIRST / LAST pipeline stage, or LAYER (per transformer layer)
+    residual: bool = False  # adds into the residual stream (attention proj, FFN fc2)
 
     @property
     def per_layer(self) -> bool:
@@ -79,9 +80,9 @@ def parameter_table(cfg: ModelConfig) -> list[ParamSpec]:
     fc1_space = "ffn_gated" if cfg.gated else "ffn"
     rows: list[ParamSpec] = []
 
-    def add(template, dims, sides, tp_dim=None, stage=LAYER, when=True):
+    def add(template, dims, sides, tp_dim=None, stage=LAYER, when=True, residual=False):
         if when:
-            rows.append(ParamSpec(template, tuple(dims), tuple(sides), tp_dim, stage))
+            rows.append(ParamSpec(template, tuple(dims), tuple(sides), tp_dim, stage, residual))
 
     def norm(prefix, stage):
         add(prefix + ".weight", ["embed"], [OUT], stage=stage)
@@ -96,13 +97,14 @@ def parameter_table(cfg: ModelConfig) -> list[ParamSpec]:
     norm(layer + "input_layernorm", LAYER)
     add(layer + "self_attention.linear_qkv.weight", ["qkv", "embed"], [OUT, IN], 0)
     add(layer + "self_attention.linear_qkv.bias", ["qkv"], [OUT], 0, when=bias)
-    add(layer + "self_attention.linear_proj.weight", ["embed", "heads"], [OUT, IN], 1)
-    add(layer + "self_attention.linear_proj.bias", ["embed"], [OUT], when=bias)
+    add(layer + "self_attention.linear_proj.weight", ["embed", "heads"], [OUT, IN], 1,
+        residual=True)
+    add(layer + "self_attention.linear_proj.bias", ["embed"], [OUT], when=bias, residual=True)
     norm(layer + "pre_mlp_layernorm", LAYER)
     add(layer + "mlp.linear_fc1.weight", [fc1_space, "embed"], [OUT, IN], 0)
     add(layer + "mlp.linear_fc1.bias", [fc1_space], [OUT], 0, when=bias)
-    add(layer + "mlp.linear_fc2.weight", ["embed", "ffn"], [OUT, IN], 1)
-    add(layer + "mlp.linear_fc2.bias", ["embed"], [OUT], when=bias)
+    add(layer + "mlp.linear_fc2.weight", ["embed", "ffn"], [OUT, IN], 1, residual=True)
+    add(layer + "mlp.linear_fc2.bias", ["embed"], [OUT], when=bias, residual=True)
     norm(f"{block}.final_layernorm", LAST)
 
     if cfg.arch == "bert":

@@ -31,6 +31,7 @@ class LevelMap:
     small: ModelConfig
     width: Optional[Grouping]
     depth: Optional[Grouping]
+    residual_scale: float = 1.0  # large-model residual writers = residual_scale x mapped small ones
 
     @classmethod
     def from_large(cls, large: ModelConfig, schemes: LevelSchemes) -> "LevelMap":
@@ -40,7 +41,7 @@ class LevelMap:
         small = width_config(large, width, COALESCE) if width else large
         if depth:
             small = small.replace(num_layers=depth.num_groups)
-        return cls(large, small, width, depth)
+        return cls(large, small, width, depth, _residual_scale(large, width, schemes))
 
     @classmethod
     def from_small(cls, small: ModelConfig, schemes: LevelSchemes) -> "LevelMap":
@@ -51,18 +52,20 @@ class LevelMap:
         large = width_config(small, width, DECOALESCE) if width else small
         if depth:
             large = large.replace(num_layers=depth.size)
-        return cls(large, small, width, depth)
+        return cls(large, small, width, depth, _residual_scale(small, width, schemes))
 
     # -- tensor and layer level (what sharded conversion streams through) ----------------------
     def coalesce_tensor(self, spec: ParamSpec, tensor: torch.Tensor) -> torch.Tensor:
         if self.width is None:
             return tensor
-        return map_width(tensor, spec, self.large, unit_matrices(self.width, COALESCE))
+        out = map_width(tensor, spec, self.large, unit_matrices(self.width, COALESCE))
+        return out / self.residual_scale if spec.residual and self.residual_scale != 1 else out
 
     def decoalesce_tensor(self, spec: ParamSpec, tensor: torch.Tensor) -> torch.Tensor:
         if self.width is None:
             return tensor
-        return map_width(tensor, spec, self.small, unit_matrices(self.width, DECOALESCE))
+        out = map_width(tensor, spec, self.small, unit_matrices(self.width, DECOALESCE))
+        return out * self.residual_scale if spec.residual and self.residual_scale != 1 else out
 
     def coalesce_sources(self, small_layer: int) -> list[tuple[int, float]]:
         """(large layer, weight) pairs whose weighted sum is small layer ``small_layer`` (row of R)."""
@@ -79,18 +82,32 @@ class LevelMap:
         """Small-model tensor ``spec`` (at small ``layer``) from large tensors fetched by ``read``."""
         if layer is None:
             return self.coalesce_tensor(spec, read(spec.name()))
+        sources = self.coalesce_sources(layer)
+        if len(sources) == 1 and sources[0][1] == 1.0:  # no depth grouping: nothing to average
+            return self.coalesce_tensor(spec, read(spec.name(sources[0][0])))
         total, dtype = None, None
-        for source, weight in self.coalesce_sources(layer):
+        for source, weight in sources:
             large = read(spec.name(source))
             dtype = large.dtype
-            term = self.coalesce_tensor(spec, large).to(torch.float64) * weight
-            total = term if total is None else total + term
+            # the weighted sum in float32 (float64 for float64 tensors), as the width maps compute
+            compute = torch.float64 if dtype == torch.float64 else torch.float32
+            term = self.coalesce_tensor(spec, large).to(compute) * weight  # never in place:
+            del large  # the mapped tensor may be the (mmapped) source itself
+            total = term if total is None else total.add_(term)
+            del term
         return total.to(dtype)
 
     def decoalesced_param(self, spec: ParamSpec, layer: Optional[int], read: Reader) -> torch.Tensor:
         """Large-model tensor ``spec`` (at large ``layer``) from small tensors fetched by ``read``."""
         source = spec.name() if layer is None else spec.name(self.decoalesce_source(layer))
         return self.decoalesce_tensor(spec, read(source))
+
+
+def _residual_scale(cfg: ModelConfig, width: Optional[Grouping], schemes: LevelSchemes) -> float:
+    """1/g when the residual writers follow the tied embeddings' 1/g (see preserve_function)."""
+    if width is None or not (schemes.preserve_function and cfg.tie_embeddings):
+        return 1.0
+    return 1.0 / len(width.groups[0])  # width groups all have one size
 
 
 def _unit_name(cfg: ModelConfig) -> str:
@@ -125,6 +142,23 @@ def interpolate(large: StateDict, decoalesced: StateDict, cfg: ModelConfig, alph
     return {name: interpolate_tensor(large[name], decoalesced[name], alpha) for name in large}
 
 
+_CHUNK = 1 << 22  # elements per float64 block of interpolate_tensor (32 MB)
+
+
 def interpolate_tensor(large: torch.Tensor, decoalesced: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Exact at both ends: alpha=0 gives ``large``, alpha=1 gives ``decoalesced``."""
-    return ((1.0 - alpha) * large.double() + alpha * decoalesced.double()).to(large.dtype)
+    """Exact at both ends: alpha=0 gives ``large``, alpha=1 gives ``decoalesced``.
+
+    Computed in float64 block by block (the same values as on the whole tensor at once), so the
+    float64 temporaries stay at a few blocks however large the tensor is.
+    """
+    if large.shape != decoalesced.shape:
+        raise ValueError(f"interpolate: shapes {tuple(large.shape)} and "
+                         f"{tuple(decoalesced.shape)} differ")
+    out = torch.empty_like(large, memory_format=torch.contiguous_format)
+    flat_out, flat_l, flat_d = out.view(-1), large.reshape(-1), decoalesced.reshape(-1)
+    for start in range(0, flat_out.numel(), _CHUNK):
+        end = min(start + _CHUNK, flat_out.numel())
+        block = flat_l[start:end].to(torch.float64, copy=True).mul_(1.0 - alpha)
+        block.add_(flat_d[start:end].to(torch.float64, copy=True).mul_(alpha))
+        flat_out[start:end].copy_(block)
+    return out

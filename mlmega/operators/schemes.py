@@ -136,6 +136,10 @@ class LevelSchemes:
 
     width: Optional[SchemeSpec] = None
     depth: Optional[SchemeSpec] = None
+    # Tied embeddings, pre-LN: also scale the residual writers (attention proj, FFN fc2) by the
+    # embeddings' 1/g so the whole residual stream is scaled alike and de-coalescing preserves the
+    # function exactly (an mlmega option; the paper scales the embeddings only).
+    preserve_function: bool = False
 
     def __post_init__(self) -> None:
         if self.width is None and self.depth is None:
@@ -154,14 +158,17 @@ class LevelSchemes:
             allowed = {"width_scheme", "depth_scheme", "reserved_heads", "reserved_layers"}
             names = {"width": "width_scheme", "depth": "depth_scheme"}
         else:
-            allowed = {"width", "depth"}
+            allowed = {"width", "depth", "preserve_function"}
             names = {"width": "width", "depth": "depth"}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {unknown}; expected {sorted(allowed)}")
         specs = {axis: SchemeSpec.parse(data[key], f"{source}: {key}")
                  for axis, key in names.items() if data.get(key) is not None}
-        return cls(**specs)
+        preserve = data.get("preserve_function", False)
+        if not isinstance(preserve, bool):
+            raise ConfigError(f"{source}: preserve_function={preserve!r}: expected true or false")
+        return cls(**specs, preserve_function=preserve)
 
     @classmethod
     def load(cls, path: str | Path) -> "LevelSchemes":

@@ -157,4 +157,6 @@ def _schemes_dict(schemes: LevelSchemes) -> dict:
         if spec is not None:
             out[axis] = ({"groups": [list(g) for g in spec.groups]} if spec.kind == "custom"
                          else {"kind": spec.kind, "factor": spec.factor})
+    if schemes.preserve_function:
+        out["preserve_function"] = True
     return out
