@@ -130,6 +130,28 @@ class _Producer:
             return decoalesced
         return interpolate_tensor(self.large.read(global_name), decoalesced, self.plan.alpha)
 
+    def shard(self, param, tp_rank: int) -> torch.Tensor:
+        """Target TP rank ``tp_rank``'s shard of ``param`` (a LocalParam): fresh memory."""
+        target, spec = self.plan.target, param.spec
+        if self.plan.op == "interpolate":
+            # elementwise, so interpolate this rank's shards rather than the full tensors and
+            # split: the same values (split moves data and pads zeros), 1/TP of the float64 work
+            decoalesced = self.plan.level.decoalesced_param(spec, param.layer, self.source.read)
+            decoalesced = target.split(spec, decoalesced, tp_rank)
+            large = target.split(spec, self.large.read(param.global_name), tp_rank)
+            return interpolate_tensor(large, decoalesced, self.plan.alpha)
+        full = self.tensor(spec, param.layer, param.global_name)
+        if target.tp == 1 and tuple(full.shape) == target.local_shape(spec) \
+                and full.is_contiguous() and self._fresh(full):
+            return full  # already fresh memory in the target's shape: splitting only copies it
+        return target.split(spec, full, tp_rank)
+
+    def _fresh(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is not (a view of) source data: source data must not be yielded, as
+        release_pages drops its pages and a consumer must be free to modify what it gets."""
+        return not any(getattr(ckpt, "shares_read_memory", lambda t: True)(tensor)
+                       for ckpt in (self.source, self.large) if ckpt is not None)
+
     def release_pages(self) -> None:
         """Drop the resident mmapped source pages read so far (see TorchCheckpoint.release_pages)."""
         self.source.release_pages()
@@ -146,10 +168,8 @@ def rank_tensors(plan: ConversionPlan, tp_rank: int, pp_rank: int):
     """
     producer = _Producer(plan)
     for param in plan.target.stage_params(pp_rank):
-        full = producer.tensor(param.spec, param.layer, param.global_name)
-        out = [plan.target.split(param.spec, full, tp_rank)]
-        del full  # hold no tensor while suspended at the yield
-        yield param.local_name, out.pop()
+        out = [producer.shard(param, tp_rank)]
+        yield param.local_name, out.pop()  # hold no tensor while suspended at the yield
         producer.release_pages()  # the consumer is done with the previous tensor
 
 

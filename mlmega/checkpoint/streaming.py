@@ -60,8 +60,8 @@ class _StorageRef:
 
     __slots__ = ("pid",)
 
-    def __init__(self, storage_type, key: str, numel: int):
-        self.pid = ("storage", storage_type, key, "cpu", numel)
+    def __init__(self, storage_type, key: str, location: str, numel: int):
+        self.pid = ("storage", storage_type, key, location, numel)
 
 
 class _WrittenTensor:
@@ -124,36 +124,41 @@ class StreamingWriter:
 
     def write_tensor(self, tensor: torch.Tensor) -> Any:
         """Write ``tensor``'s data now; returns what to put in the object in its place."""
-        if type(tensor) is not torch.Tensor:  # subclasses (nn.Parameter...): torch's reducers
-            return tensor
+        if (type(tensor) is not torch.Tensor or tensor.layout != torch.strided
+                or tensor.is_quantized or tensor.device.type == "meta"):
+            return tensor  # subclasses (nn.Parameter...), sparse...: torch's own reducers
         seen = self._written.get(id(tensor))
         if seen is not None and seen[0] is tensor:  # the same object twice: one record, as torch
             return seen[1]
         original = tensor
+        location = torch.serialization.location_tag(tensor.untyped_storage())
+        tensor = tensor.detach().resolve_conj().resolve_neg()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
         nbytes = tensor.numel() * tensor.element_size()
-        storage = tensor.untyped_storage()
-        if not (tensor.is_contiguous() and tensor.storage_offset() == 0
-                and storage.nbytes() == nbytes):
+        if not tensor.is_contiguous():
             tensor = tensor.clone(memory_format=torch.contiguous_format)
-            storage = tensor.untyped_storage()
         key = self._next_key()
-        self._zip.write_record(f"data/{key}", storage, nbytes)
+        # straight from the tensor's memory (a contiguous view writes its own elements only)
+        if nbytes:
+            self._zip.write_record(f"data/{key}", tensor.data_ptr(), nbytes)
+        else:
+            self._zip.write_record(f"data/{key}", b"", 0)
         self.bytes_written += nbytes
         hooks = collections.OrderedDict()
         shape, stride = tuple(tensor.size()), tensor.stride()
         if tensor.dtype in torch.storage._new_dtypes():
-            ref = _StorageRef(torch.UntypedStorage, key, nbytes)
+            ref = _StorageRef(torch.UntypedStorage, key, location, nbytes)
             reduced = (torch._utils._rebuild_tensor_v3,
-                       (ref, 0, shape, stride, tensor.requires_grad, hooks, tensor.dtype))
+                       (ref, 0, shape, stride, original.requires_grad, hooks, tensor.dtype))
         else:
             storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[tensor.dtype])
-            ref = _StorageRef(storage_type, key, tensor.numel())
+            ref = _StorageRef(storage_type, key, location, tensor.numel())
             reduced = (torch._utils._rebuild_tensor_v2,
-                       (ref, 0, shape, stride, tensor.requires_grad, hooks))
+                       (ref, 0, shape, stride, original.requires_grad, hooks))
         written = _WrittenTensor(reduced, nbytes)
-        self._written[id(original)] = (original, written)  # keeps ``original`` alive: see below
+        # remember the object (keeping it alive, so its id stays its own) to write it once only
+        self._written[id(original)] = (original, written)
         return written
 
     def _write_value(self, value: Any) -> Any:

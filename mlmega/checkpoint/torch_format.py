@@ -205,6 +205,12 @@ class TorchCheckpoint:
         self._read.extend(shards)
         return self.layout.gather(spec, shards)
 
+    def shares_read_memory(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` shares memory with a shard tensor that :meth:`read` used since the
+        last :meth:`release_pages` (e.g. is what ``read`` returned for a replicated tensor)."""
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(t.untyped_storage().data_ptr() == ptr for t in self._read)
+
     def release_pages(self) -> int:
         """Let the OS drop the resident mmapped pages of the tensors :meth:`read` returned so far.
 

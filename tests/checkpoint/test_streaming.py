@@ -1,0 +1,259 @@
+"""Streaming torch-format writer: files torch.load reads unchanged, tensors written one at a time."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import weakref
+import zipfile
+
+import pytest
+import torch
+
+from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.streaming import (LazyTensor, MappedPages, StreamingWriter,
+                                         save_streaming)
+from mlmega.checkpoint.torch_format import TorchCheckpoint, load_file, write_rank_file
+from mlmega.config.model import ModelConfig
+from mlmega.models.params import iter_params, param_shapes
+
+
+def _content() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "args": argparse.Namespace(num_layers=2, hidden_size=8, lr=1e-3, name="x", tp=None),
+        "checkpoint_version": 3.0,
+        "iteration": 7,
+        "model": {
+            "w": torch.randn(6, 4, generator=gen),
+            "b": torch.randn(4, generator=gen).to(torch.bfloat16),
+            "ids": torch.arange(5),
+            "u16": torch.arange(5).to(torch.uint16),  # a storage-less (v3) dtype
+            "mask": torch.tensor([True, False]),
+            "half": torch.randn(3, generator=gen).half(),
+            "empty": torch.empty(0, 3),
+            "scalar": torch.tensor(2.5),
+            "layer._extra_state": None,
+        },
+        "rng": [torch.randn(2, generator=gen), 1, "two", (3.0, None)],
+        "opt": {"step": 3, "state": {0: {"exp_avg": torch.zeros(4)}}},
+    }
+
+
+def _load(path, mmap):
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, weights_only=True, mmap=mmap)
+
+
+def _assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b) if a.dtype != torch.uint16 else torch.equal(a.int(), b.int())
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_file_loads_with_torch_load_and_matches(tmp_path, mmap):
+    content = _content()
+    path = tmp_path / "model_optim_rng.pt"
+    nbytes = save_streaming(content, path)
+    assert nbytes == sum(t.numel() * t.element_size() for t in _tensors(content))
+    _assert_same(content, _load(path, mmap))
+
+
+def test_pickle_and_records_match_torch_save(tmp_path):
+    """Same data.pkl bytes, same record set, same storage bytes as torch.save (order aside)."""
+    content = _content()
+    torch.save(content, tmp_path / "a.pt")
+    save_streaming(content, tmp_path / "b.pt")
+    with zipfile.ZipFile(tmp_path / "a.pt") as a, zipfile.ZipFile(tmp_path / "b.pt") as b:
+        names_a = {n.split("/", 1)[1] for n in a.namelist()}
+        names_b = {n.split("/", 1)[1] for n in b.namelist()}
+        assert names_a == names_b
+        for name in sorted(names_a - {".data/serialization_id"}):
+            assert a.read(f"a/{name}") == b.read(f"b/{name}"), name
+        assert b.testzip() is None  # CRC32s are right (as torch.save writes them)
+
+
+def test_lazy_tensors_are_produced_in_order_and_freed_after_writing(tmp_path):
+    produced, alive = [], []
+
+    def make(i):
+        def produce():
+            # every earlier tensor is gone by the time the next one is made
+            assert all(ref() is None for ref in alive), f"tensor {len(alive) - 1} still alive"
+            t = torch.full((1000,), float(i))
+            produced.append(i)
+            alive.append(weakref.ref(t))
+            return t
+        return produce
+
+    released = []
+    model = {f"t{i}": LazyTensor(make(i), release=lambda i=i: released.append(i)) for i in range(5)}
+    model["x._extra_state"] = None
+    save_streaming({"model": model, "iteration": 1}, tmp_path / "f.pt")
+    gc.collect()
+    assert produced == released == list(range(5))
+    assert all(ref() is None for ref in alive)
+    loaded = _load(tmp_path / "f.pt", mmap=True)
+    assert list(loaded["model"]) == [f"t{i}" for i in range(5)] + ["x._extra_state"]
+    for i in range(5):
+        assert torch.equal(loaded["model"][f"t{i}"], torch.full((1000,), float(i)))
+
+
+def test_views_are_written_compactly_and_shared_objects_once(tmp_path):
+    base = torch.randn(1000, 100)
+    view = base[10:12, ::2]  # non-contiguous view into a large storage
+    rows = base[500:503]  # contiguous view at an offset: written from its own memory
+    shared = torch.randn(3)
+    save_streaming({"v": view, "r": rows, "a": shared, "b": shared}, tmp_path / "f.pt")
+    assert (tmp_path / "f.pt").stat().st_size < base.numel() * 4 // 10
+    loaded = _load(tmp_path / "f.pt", mmap=False)
+    assert torch.equal(loaded["v"], view) and loaded["v"].is_contiguous()
+    assert torch.equal(loaded["r"], rows) and loaded["r"].storage_offset() == 0
+    assert loaded["a"] is loaded["b"]  # as torch.save: one object, one record
+
+
+def test_tensors_inside_other_objects_and_parameters_still_saved(tmp_path):
+    param = torch.nn.Parameter(torch.randn(2, 2))
+    args = argparse.Namespace(table=torch.arange(3))
+    save_streaming({"p": param, "args": args, "t": torch.ones(2)}, tmp_path / "f.pt")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        loaded = torch.load(tmp_path / "f.pt", weights_only=True)
+    assert isinstance(loaded["p"], torch.nn.Parameter) and torch.equal(loaded["p"], param)
+    assert torch.equal(loaded["args"].table, args.table)
+    assert torch.equal(loaded["t"], torch.ones(2))
+
+
+def test_a_failing_producer_leaves_no_file(tmp_path):
+    def boom():
+        raise RuntimeError("producer failed")
+
+    path = tmp_path / "f.pt"
+    with pytest.raises(RuntimeError, match="producer failed"):
+        save_streaming({"a": torch.ones(3), "b": LazyTensor(boom)}, path)
+    assert not path.exists()
+    with pytest.raises(ValueError):
+        with StreamingWriter(path) as writer:
+            writer.write_tensor(torch.ones(3))
+            raise ValueError("caller failed")
+    assert not path.exists()
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="Linux only")
+def test_mapped_pages_are_dropped_and_tensors_stay_valid(tmp_path):
+    big = torch.randn(4 << 20)  # 16 MiB
+    torch.save({"model": {"big": big, "small": torch.ones(3)}}, tmp_path / "f.pt")
+    loaded = load_file(tmp_path / "f.pt")
+    pages = MappedPages()
+    assert pages.add(tmp_path / "f.pt", loaded["model"])
+    before = _rss_file_kb()
+    assert torch.equal(loaded["model"]["big"], big)  # touches every page
+    touched = _rss_file_kb()
+    assert pages.drop([loaded["model"]["big"], loaded["model"]["small"]]) >= 15 << 20
+    assert _rss_file_kb() < touched - 8 * 1024 or touched - before < 8 * 1024
+    assert torch.equal(loaded["model"]["big"], big)  # read back from the file
+    # tensors not from a recorded mapping are never touched
+    assert MappedPages().drop([big]) == 0
+    assert not MappedPages().add(tmp_path / "f.pt", {"x": big})  # anonymous memory: refused
+    assert torch.equal(big, loaded["model"]["big"])
+
+
+CFG = ModelConfig(arch="gpt", num_layers=4, hidden_size=32, num_attention_heads=4,
+                  vocab_size=100, max_sequence_length=16)
+
+
+def test_rank_file_with_lazy_model_loads_like_an_eager_one(tmp_path):
+    layout = ShardLayout(CFG, 2, 2)
+    gen = torch.Generator().manual_seed(3)
+    for tp_rank, pp_rank in layout.ranks:
+        eager = {p.local_name: torch.randn(layout.local_shape(p.spec), generator=gen)
+                 for p in layout.stage_params(pp_rank)}
+        lazy = {k: LazyTensor(lambda v=v: v.clone()) for k, v in eager.items()}
+        a = write_rank_file(tmp_path / "eager", layout, tp_rank, pp_rank, eager, 3)
+        b = write_rank_file(tmp_path / "lazy", layout, tp_rank, pp_rank, lazy, 3)
+        _assert_same(load_file(a), load_file(b))
+        loaded = load_file(b)
+        assert loaded["args"].tensor_model_parallel_size == 2 and loaded["iteration"] == 3
+        assert "decoder.layers.0.self_attention.linear_qkv._extra_state" in loaded["model"]
+        assert loaded["model"]["decoder.layers.0.self_attention.linear_qkv._extra_state"] is None
+
+
+@pytest.mark.parametrize("target", [(1, 1), (2, 1), (1, 4)])
+def test_streamed_reshard_is_exact(tmp_path, target):
+    from mlmega.checkpoint.convert import (load_full_state, plan_conversion, run_conversion,
+                                           save_full_state)
+
+    gen = torch.Generator().manual_seed(1)
+    state = {name: torch.randn(shape, generator=gen) for name, shape in param_shapes(CFG).items()}
+    save_full_state(state, ShardLayout(CFG, 2, 2), tmp_path / "src", iteration=9)
+    run_conversion(plan_conversion("reshard", tmp_path / "src", tmp_path / "dst",
+                                   target_tp=target[0], target_pp=target[1]), log=lambda *a: None)
+    ckpt = TorchCheckpoint.open(tmp_path / "dst")
+    assert (ckpt.layout.tp, ckpt.layout.pp, ckpt.iteration) == (*target, 9)
+    back, _ = load_full_state(tmp_path / "dst")
+    assert set(back) == {name for name, _, _ in iter_params(CFG)}
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    # the plain loader (mmap or not) reads every rank file
+    for tp_rank, pp_rank in ckpt.layout.ranks:
+        _load(ckpt.shard_path(tp_rank, pp_rank), mmap=False)
+
+
+@pytest.mark.parametrize("op", ["coalesce", "decoalesce", "interpolate"])
+def test_streamed_level_conversions_match_the_operators(tmp_path, op):
+    """Sharded, streamed conversion (TP=2 target: interpolation runs on the shards) gives exactly
+    what the full-state operators give."""
+    from mlmega.checkpoint.convert import (load_full_state, plan_conversion, run_conversion,
+                                           save_full_state)
+    from mlmega.operators import LevelSchemes, coalesce, decoalesce, interpolate
+
+    large_cfg = CFG.replace(num_query_groups=4)
+    schemes = LevelSchemes.from_factors(width_factor=2, depth_factor=2)
+    gen = torch.Generator().manual_seed(5)
+
+    def random_state(cfg):
+        return {n: torch.randn(s, generator=gen) for n, s in param_shapes(cfg).items()}
+
+    large = random_state(large_cfg)
+    save_full_state(large, ShardLayout(large_cfg, 2, 2), tmp_path / "large")
+    if op == "coalesce":
+        expected, _ = coalesce(large, large_cfg, schemes)
+        plan = plan_conversion(op, tmp_path / "large", tmp_path / "out", schemes=schemes)
+    else:
+        small, small_cfg = coalesce(random_state(large_cfg), large_cfg, schemes)
+        save_full_state(small, ShardLayout(small_cfg, 2, 1), tmp_path / "small")
+        expected, _ = decoalesce(small, small_cfg, schemes)
+        if op == "interpolate":
+            expected = interpolate(large, expected, large_cfg, 0.3)
+        plan = plan_conversion(op, tmp_path / "small", tmp_path / "out", schemes=schemes,
+                               target_tp=2, target_pp=2, alpha=0.3,
+                               large=tmp_path / "large" if op == "interpolate" else None)
+    run_conversion(plan, log=lambda *a: None)
+    got, layout = load_full_state(tmp_path / "out")
+    assert (layout.tp, layout.pp) == (2, 2) and set(got) == set(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
