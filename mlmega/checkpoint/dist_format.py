@@ -51,8 +51,8 @@ import torch
 from mlmega.checkpoint.atomic import atomic_directory, write_text_atomic
 from mlmega.checkpoint.layout import ShardLayout, _pad_rows
 from mlmega.checkpoint.torch_format import (CHECKPOINT_VERSION, TRACKER, TorchCheckpoint,
-                                            _layers_per_stage, iteration_dir_name, load_file,
-                                            read_tracker)
+                                            _layers_per_stage, iteration_dir_name,
+                                            latest_directory, load_file)
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.models.params import ParamSpec, global_shape, iter_params, space_layout
@@ -121,9 +121,8 @@ def open_checkpoint(root: str | Path, arch: Optional[str] = None,
                     cfg: Optional[ModelConfig] = None) -> "TorchCheckpoint | DistCheckpoint":
     """Open a Megatron checkpoint in either format (told apart by its iteration directory)."""
     root = Path(root)
-    iteration, release = read_tracker(root)
-    directory = root / iteration_dir_name(iteration, release)
-    if directory.is_dir() and is_dist_directory(directory):
+    _, _, directory = latest_directory(root)
+    if is_dist_directory(directory):
         return DistCheckpoint.open(root, arch=arch, cfg=cfg)
     return TorchCheckpoint.open(root, arch=arch, cfg=cfg)
 
@@ -182,11 +181,7 @@ class DistCheckpoint:
         from torch.distributed.checkpoint import FileSystemReader
 
         root = Path(root)
-        iteration, release = read_tracker(root)
-        directory = root / iteration_dir_name(iteration, release)
-        if not directory.is_dir():
-            raise ConfigError(f"{root / TRACKER} names iteration {iteration} but {directory} "
-                              f"does not exist")
+        iteration, release, directory = latest_directory(root)
         _check_backend(directory / CONFIG_FILE)
         metadata_path = directory / METADATA_FILE
         if not metadata_path.is_file():

@@ -93,6 +93,16 @@ def read_tracker(root: Path) -> tuple[int, bool]:
     return int(text), False
 
 
+def latest_directory(root: Path) -> tuple[int, bool, Path]:
+    """(iteration, release, directory) that ROOT's ``latest`` marker names; it must exist."""
+    iteration, release = read_tracker(root)
+    directory = root / iteration_dir_name(iteration, release)
+    if not directory.is_dir():
+        raise ConfigError(f"{root / TRACKER} names iteration {iteration} but {directory} "
+                          f"does not exist")
+    return iteration, release, directory
+
+
 @dataclass
 class TorchCheckpoint:
     """An opened, validated torch-format checkpoint: its layout, args and shard files."""
@@ -118,11 +128,7 @@ class TorchCheckpoint:
              cfg: Optional[ModelConfig] = None) -> "TorchCheckpoint":
         """Validate the directory structure and ``args`` before any tensor is read."""
         root = Path(root)
-        iteration, release = read_tracker(root)
-        directory = root / iteration_dir_name(iteration, release)
-        if not directory.is_dir():
-            raise ConfigError(f"{root / TRACKER} names iteration {iteration} but {directory} "
-                              f"does not exist")
+        iteration, release, directory = latest_directory(root)
         ranks = {}
         for child in sorted(directory.iterdir()):
             match = _RANK_DIR.match(child.name)

@@ -88,9 +88,13 @@ def build_model(cfg: ModelConfig, tp: int = 1, pp: int = 1, pre_process: bool = 
         position_embedding_type=cfg.position_embedding,
     )
     if cfg.arch == "gpt":
-        return GPTModel(rotary_base=cfg.rotary_base, **common)
-    return SDPABertModel(num_tokentypes=cfg.num_tokentypes, add_binary_head=cfg.bert_binary_head,
-                         **common)
+        model = GPTModel(rotary_base=cfg.rotary_base, **common)
+    else:
+        model = SDPABertModel(num_tokentypes=cfg.num_tokentypes,
+                              add_binary_head=cfg.bert_binary_head, **common)
+    # params_dtype covers the linear layers only; norms and position embeddings stay fp32 unless
+    # the whole module is cast (Megatron-LM's Float16Module does the same).
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 class SDPABertModel(BertModel):

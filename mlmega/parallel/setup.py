@@ -27,12 +27,14 @@ def init_process_group(rank: int | None = None, world_size: int | None = None,
     addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = master_port or int(os.environ.get("MASTER_PORT") or free_port())
     cuda = torch.cuda.is_available()
+    device = None
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     else:
         cpu_shims.install()
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}",
-                            rank=rank, world_size=world_size)
+                            rank=rank, world_size=world_size, device_id=device)
 
 
 def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:

@@ -168,6 +168,9 @@ def _init_distributed(cfg: TrainConfig) -> int:
 def _dtype(cfg: TrainConfig) -> torch.dtype:
     if cfg.precision == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if cfg.precision == "bf16" and not torch.cuda.is_available():
+        raise ConfigError(f"{cfg.source}: precision='bf16' needs a GPU (megatron-core's mixed "
+                          f"precision optimizer is CUDA-only); use 'auto' or 'fp32' on CPU")
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 

@@ -60,3 +60,17 @@ def test_check_state_dict_names_the_problem():
     missing = {k: v for k, v in state.items() if k != "pooler.dense.bias"}
     with pytest.raises(ConfigError, match=r"missing \['pooler\.dense\.bias'\]"):
         check_state_dict(missing, cfg)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_bf16_model_has_only_bf16_parameters(arch, model_parallel):
+    """Norms and position embeddings too: a mixed model fails at its first matmul on GPU."""
+    import torch
+
+    from mlmega.config.model import ModelConfig
+    from mlmega.models.build import build_model
+
+    cfg = ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_attention_heads=4,
+                      vocab_size=100, max_sequence_length=16)
+    model = build_model(cfg, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

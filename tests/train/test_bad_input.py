@@ -42,3 +42,12 @@ def test_world_size_not_tp_pp_dp(tmp_path, prepared):
 def test_unknown_option(tmp_path, prepared):
     config = stage_config(tmp_path, "run", prepared["gpt"], learning_rate=0.1)
     assert "unknown training option(s) ['learning_rate']" in fails(config)
+
+
+def test_bf16_without_a_gpu(tmp_path, prepared):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("bf16 is valid where CUDA exists")
+    config = stage_config(tmp_path, "run", prepared["gpt"], precision="bf16")
+    assert "precision='bf16' needs a GPU" in fails(config)
