@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from mlmega.config.errors import ConfigError
+from mlmega.config.sections import section_from_mapping
 from mlmega.config.model import ModelConfig
 from mlmega.operators import LevelSchemes
 
@@ -107,12 +108,12 @@ class TrainConfig:
             raise ConfigError(f"{source}: unknown training option(s) {unknown}; known: "
                               f"{sorted(known)}")
         data["model"] = ModelConfig.from_dict(data.get("model", {}), f"{source}: model")
-        data["optimizer"] = _sub(OptimizerConfig, data.get("optimizer", {}), f"{source}: optimizer")
+        data["optimizer"] = section_from_mapping(OptimizerConfig, data.get("optimizer", {}), f"{source}: optimizer")
         if data.get("init") is not None:
             init = dict(data["init"])
             if init.get("schemes") is not None:
                 init["schemes"] = LevelSchemes.from_dict(init["schemes"], f"{source}: init.schemes")
-            data["init"] = _sub(InitConfig, init, f"{source}: init")
+            data["init"] = section_from_mapping(InitConfig, init, f"{source}: init")
         try:
             return cls(**data, source=source)
         except TypeError as err:
@@ -135,19 +136,6 @@ class TrainConfig:
         if self.init is not None and self.init.schemes is not None:
             data["init"]["schemes"] = _schemes_dict(self.init.schemes)
         return data
-
-
-def _sub(cls, data: Any, source: str):
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: expected a mapping")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
-    try:
-        return cls(**data)
-    except TypeError as err:
-        raise ConfigError(f"{source}: {err}") from None
 
 
 def _schemes_dict(schemes: LevelSchemes) -> dict:

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from mlmega.config.errors import ConfigError
+from mlmega.config.sections import section_from_mapping
 from mlmega.config.model import ModelConfig
 from mlmega.operators import LevelMap, LevelSchemes
 
@@ -203,28 +204,11 @@ def recipe_from_dict(data: Mapping[str, Any], source: str) -> Recipe:
         model=ModelConfig.from_dict(data["model"], f"{source}: model"),
         levels=tuple(LevelSchemes.from_dict(lv, f"{source}: levels[{i}]")
                      for i, lv in enumerate(levels)),
-        schedule=_section(ScheduleConfig, data["schedule"], f"{source}: schedule"),
-        data=_section(DataConfig, data.get("data", {}), f"{source}: data"),
-        training=_section(TrainingConfig, data.get("training", {}), f"{source}: training"),
-        cluster=_section(ClusterConfig, data.get("cluster", {}), f"{source}: cluster"),
-        sizing=_section(SizingConfig, data.get("sizing", {}), f"{source}: sizing"),
+        schedule=section_from_mapping(ScheduleConfig, data["schedule"], f"{source}: schedule"),
+        data=section_from_mapping(DataConfig, data.get("data", {}), f"{source}: data"),
+        training=section_from_mapping(TrainingConfig, data.get("training", {}), f"{source}: training"),
+        cluster=section_from_mapping(ClusterConfig, data.get("cluster", {}), f"{source}: cluster"),
+        sizing=section_from_mapping(SizingConfig, data.get("sizing", {}), f"{source}: sizing"),
         source=source,
     )
 
-
-def _section(cls, data: Any, source: str):
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: expected a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    values = {}
-    for key, value in data.items():
-        if isinstance(value, list):
-            value = tuple(value)
-        values[key] = value
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ConfigError(f"{source}: {err}") from None

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mlmega.checkpoint.layout import ShardLayout
-from mlmega.checkpoint.streaming import (LazyTensor, MappedPages, StreamingWriter,
+from mlmega.checkpoint.streaming import (LazyTensor, MappedPages, StreamingWriter, _tensors,
                                          save_streaming)
 from mlmega.checkpoint.torch_format import TorchCheckpoint, load_file, write_rank_file
 from mlmega.config.model import ModelConfig
@@ -147,17 +147,6 @@ def test_a_failing_producer_leaves_no_file(tmp_path):
             writer.write_tensor(torch.ones(3))
             raise ValueError("caller failed")
     assert not path.exists()
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
 
 
 def _rss_file_kb() -> int:
