@@ -215,6 +215,7 @@ def suite(quick: bool, everything: bool, sweep: bool) -> dict[str, dict]:
         s = gpt2["schedule"]
         for name, changes in {
             "gpt-2level-alpha0.25": dict(schedule__alpha=0.25),
+            "gpt-2level-alpha0.5": dict(schedule__alpha=0.5),
             "gpt-2level-Ea15%": dict(schedule__coalesce_steps=[3 * s["coalesce_steps"][0]]),
             "gpt-2level-lr2x": dict(schedule__lr=[s["lr"][0], 2 * s["lr"][0]]),
         }.items():

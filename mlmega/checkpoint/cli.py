@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from mlmega.checkpoint.convert import FORMATS, OPS, plan_conversion, run_conversion
 from mlmega.operators import LevelSchemes
@@ -28,8 +29,18 @@ def register(sub) -> None:
     convert.add_argument("--large", help="interpolate: the large level's pre-coalescing checkpoint")
     convert.add_argument("--alpha", type=float, help="interpolate: weight of the de-coalesced model")
     convert.add_argument("--format", default="torch", choices=FORMATS, help="output format")
-    convert.add_argument("--workers", type=int, default=1, help="target ranks converted in parallel")
+    convert.add_argument("--workers", type=int, default=1,
+                         help="parallel processes (local) or SLURM tasks (--executor slurm)")
+    convert.add_argument("--executor", default="local", choices=("local", "slurm"),
+                         help="slurm: one job whose tasks convert the ranks (shared filesystem)")
+    convert.add_argument("--partition", help="slurm: the partition")
+    convert.add_argument("--time-min", type=int, default=60, help="slurm: time limit (minutes)")
+    convert.add_argument("--cpus-per-task", type=int, default=1, help="slurm: CPUs per task")
+    convert.add_argument("--slurm-logs", help="slurm: submitit's folder (default: DST.slurm)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    convert.add_argument("--checksums", action="store_true",
+                         help="store zip CRC32s in torch-format files (for zip tools; torch.load "
+                              "never checks them; writing is ~5x slower)")
     convert.set_defaults(handler=_convert)
 
     inspect = sub.add_parser("inspect", help="describe a Megatron checkpoint")
@@ -49,10 +60,19 @@ def _schemes(args: argparse.Namespace):
 
 
 def _convert(args: argparse.Namespace) -> int:
+    runner = None
+    if args.executor == "slurm":
+        from mlmega.launch.conversion_job import SlurmConversion
+
+        runner = SlurmConversion(Path(args.slurm_logs or f"{args.dst.rstrip('/')}.slurm"),
+                                 ntasks=args.workers, partition=args.partition,
+                                 time_limit_min=args.time_min, cpus_per_task=args.cpus_per_task)
+        runner.check()  # before the (possibly long) validation of the checkpoint
     plan = plan_conversion(args.op, args.src, args.dst, target_tp=args.target_tp,
                            target_pp=args.target_pp, schemes=_schemes(args), large=args.large,
-                           alpha=args.alpha, fmt=args.format, overwrite=args.overwrite)
-    run_conversion(plan, workers=args.workers, overwrite=args.overwrite)
+                           alpha=args.alpha, fmt=args.format, overwrite=args.overwrite,
+                           checksums=args.checksums)
+    run_conversion(plan, workers=args.workers, overwrite=args.overwrite, runner=runner)
     return 0
 
 

@@ -17,10 +17,11 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -28,8 +29,9 @@ from mlmega.checkpoint.atomic import check_destination, publish, staging_dir, wr
 from mlmega.checkpoint.dist_format import (finalize_dist, open_checkpoint, save_dist_full_state,
                                            write_dist_rank)
 from mlmega.checkpoint.layout import ShardLayout
-from mlmega.checkpoint.streaming import LazyTensor, return_freed_memory
-from mlmega.checkpoint.torch_format import TRACKER, iteration_dir_name, write_rank_file
+from mlmega.checkpoint.streaming import LazyTensor, StreamingWriter, return_freed_memory
+from mlmega.checkpoint.torch_format import (TRACKER, iteration_dir_name, rank_file_path,
+                                           shard_content, write_rank_file)
 from mlmega.config.errors import ConfigError
 from mlmega.operators import LevelMap, LevelSchemes, interpolate_tensor
 from mlmega.progress import Progress, format_seconds
@@ -51,6 +53,7 @@ class ConversionPlan:
     large: Optional[Path] = None  # interpolate: the large level's pre-coalescing checkpoint
     alpha: float = 0.5
     format: str = "torch"
+    checksums: bool = False  # zip CRC32 per record (torch format): torch.load never checks them
 
     @property
     def ranks(self) -> list[tuple[int, int]]:
@@ -69,7 +72,8 @@ class RankResult:
 def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, target_tp: Optional[int] = None,
                     target_pp: Optional[int] = None, schemes: Optional[LevelSchemes] = None,
                     large: Optional[str | Path] = None, alpha: Optional[float] = None,
-                    fmt: str = "torch", overwrite: bool = False) -> ConversionPlan:
+                    fmt: str = "torch", overwrite: bool = False,
+                    checksums: bool = False) -> ConversionPlan:
     """Open and validate the inputs and the target layout; raises ConfigError on bad input."""
     if op not in OPS:
         raise ConfigError(f"unknown conversion {op!r}; expected one of {OPS}")
@@ -108,7 +112,8 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
         layout = large_ckpt.layout  # default target layout: the large level's own
     target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp)
     return ConversionPlan(op, src, dst, target, source.iteration, level,
-                          Path(large) if large else None, 0.5 if alpha is None else alpha, fmt)
+                          Path(large) if large else None, 0.5 if alpha is None else alpha, fmt,
+                          checksums)
 
 
 class _Producer:
@@ -130,21 +135,23 @@ class _Producer:
             return decoalesced
         return interpolate_tensor(self.large.read(global_name), decoalesced, self.plan.alpha)
 
-    def shard(self, param, tp_rank: int) -> torch.Tensor:
-        """Target TP rank ``tp_rank``'s shard of ``param`` (a LocalParam): fresh memory."""
+    def shards(self, param, tp_ranks: Sequence[int]) -> list[torch.Tensor]:
+        """Target TP ranks ``tp_ranks``' shards of ``param`` (a LocalParam), each fresh memory;
+        the full tensor is gathered and mapped once for all of them."""
         target, spec = self.plan.target, param.spec
         if self.plan.op == "interpolate":
-            # elementwise, so interpolate this rank's shards rather than the full tensors and
-            # split: the same values (split moves data and pads zeros), 1/TP of the float64 work
+            # elementwise, so interpolate the ranks' shards rather than the full tensors and
+            # split: the same values (split moves data and pads zeros)
             decoalesced = self.plan.level.decoalesced_param(spec, param.layer, self.source.read)
-            decoalesced = target.split(spec, decoalesced, tp_rank)
-            large = target.split(spec, self.large.read(param.global_name), tp_rank)
-            return interpolate_tensor(large, decoalesced, self.plan.alpha)
+            large = self.large.read(param.global_name)
+            return [interpolate_tensor(target.split(spec, large, r),
+                                       target.split(spec, decoalesced, r), self.plan.alpha)
+                    for r in tp_ranks]
         full = self.tensor(spec, param.layer, param.global_name)
         if target.tp == 1 and tuple(full.shape) == target.local_shape(spec) \
                 and full.is_contiguous() and self._fresh(full):
-            return full  # already fresh memory in the target's shape: splitting only copies it
-        return target.split(spec, full, tp_rank)
+            return [full]  # already fresh memory in the target's shape: splitting only copies it
+        return [target.split(spec, full, r) for r in tp_ranks]
 
     def _fresh(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` is not (a view of) source data: source data must not be yielded, as
@@ -159,79 +166,133 @@ class _Producer:
             self.large.release_pages()
 
 
-def rank_tensors(plan: ConversionPlan, tp_rank: int, pp_rank: int):
-    """Yield (local name, tensor) for every tensor target rank (tp_rank, pp_rank) holds, one at a
-    time: what conversion writes and what training loads when it starts from another level.
+def stage_tensors(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int]):
+    """Yield (local name, [shard per rank of ``tp_ranks``]) for every tensor of target stage
+    ``pp_rank``, one parameter at a time.
 
-    Each yielded tensor is fresh memory that the generator does not keep: once the consumer drops
+    Each yielded list holds fresh memory that the generator does not keep: once the consumer drops
     it, it is freed. Asking for the next one also releases the source pages read for the previous.
     """
     producer = _Producer(plan)
     for param in plan.target.stage_params(pp_rank):
-        out = [producer.shard(param, tp_rank)]
+        out = [producer.shards(param, tp_ranks)]
         yield param.local_name, out.pop()  # hold no tensor while suspended at the yield
-        producer.release_pages()  # the consumer is done with the previous tensor
+        producer.release_pages()  # the consumer is done with the previous tensors
 
 
-def convert_rank(plan: ConversionPlan, tp_rank: int, pp_rank: int, staging: Path) -> RankResult:
-    """Write target rank (tp_rank, pp_rank)'s shard file into ``staging``, tensor by tensor.
+def rank_tensors(plan: ConversionPlan, tp_rank: int, pp_rank: int):
+    """Yield (local name, tensor) for every tensor target rank (tp_rank, pp_rank) holds, one at a
+    time (see :func:`stage_tensors`): what training loads when it starts from another level."""
+    for name, shards in stage_tensors(plan, pp_rank, [tp_rank]):
+        yield name, shards.pop()
 
-    The file is streamed (torch_format.write_rank_file with lazy tensors): each tensor is produced
-    when the writer reaches it, written and freed, so memory stays at a few tensors, not the shard.
+
+def convert_ranks(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int],
+                  staging: Path) -> list[RankResult]:
+    """Write the shard files of target ranks (tp, ``pp_rank``) for tp in ``tp_ranks`` into
+    ``staging``, tensor by tensor.
+
+    Torch format: the ranks' files are written side by side (one StreamingWriter each), so every
+    full tensor is gathered and mapped once for all of them and memory stays at a parameter's full
+    tensor plus its shards. torch_dist: rank by rank (write_dist_rank with lazy tensors).
     """
     start = time.monotonic()
     target = plan.target
     names = [p.local_name for p in target.stage_params(pp_rank)]
-    progress = Progress(f"rank tp{tp_rank} pp{pp_rank}", total=len(names), unit="tensors",
-                        scale=1.0, every=5.0)
-    tensors = rank_tensors(plan, tp_rank, pp_rank)
-    nbytes = 0
-
-    def produce(expected: str):
-        def next_tensor() -> torch.Tensor:
-            nonlocal nbytes
-            name, shard = next(tensors)
-            assert name == expected, (name, expected)  # the writer walks the model in order
-            nbytes += shard.numel() * shard.element_size()
-            progress.update(1)
-            return shard
-        return next_tensor
-
-    model = {name: LazyTensor(produce(name)) for name in names}
+    label = ",".join(map(str, tp_ranks))
+    progress = Progress(f"ranks tp{label} pp{pp_rank}", total=len(names) * len(tp_ranks),
+                        unit="tensors", scale=1.0, every=5.0)
+    nbytes = dict.fromkeys(tp_ranks, 0)
     if plan.format == "torch_dist":
-        write_dist_rank(staging / iteration_dir_name(plan.iteration), target, tp_rank, pp_rank,
-                        model)
+        for tp_rank in tp_ranks:
+            tensors = rank_tensors(plan, tp_rank, pp_rank)
+
+            def produce(expected: str, tp_rank=tp_rank, tensors=tensors):
+                def next_tensor() -> torch.Tensor:
+                    name, shard = next(tensors)
+                    assert name == expected, (name, expected)  # the writer walks in order
+                    nbytes[tp_rank] += shard.numel() * shard.element_size()
+                    progress.update(1)
+                    return shard
+                return next_tensor
+
+            write_dist_rank(staging / iteration_dir_name(plan.iteration), target, tp_rank,
+                            pp_rank, {name: LazyTensor(produce(name)) for name in names})
+            next(tensors, None)  # finish the generator (releases the last source pages)
     else:
-        write_rank_file(staging, target, tp_rank, pp_rank, model, plan.iteration,
-                        extra_args={"mlmega_converted_by": plan.op})
-    next(tensors, None)  # finish the generator (releases the last source pages)
-    return RankResult(tp_rank, pp_rank, len(names), nbytes, time.monotonic() - start)
+        paths = {r: rank_file_path(staging, target, r, pp_rank, plan.iteration) for r in tp_ranks}
+        with ExitStack() as stack:
+            writers = {r: stack.enter_context(StreamingWriter(paths[r], checksums=plan.checksums))
+                       for r in tp_ranks}
+            written: dict[int, dict] = {r: {} for r in tp_ranks}
+            for name, shards in stage_tensors(plan, pp_rank, tp_ranks):
+                for r in tp_ranks:
+                    shard = shards.pop(0)
+                    written[r][name] = writers[r].write_tensor(shard, remember=False)
+                    nbytes[r] += shard.numel() * shard.element_size()
+                    del shard
+                    progress.update(1)
+            for r in tp_ranks:
+                writers[r].finish(shard_content(target, pp_rank, written[r], plan.iteration,
+                                                {"mlmega_converted_by": plan.op}))
+    seconds = time.monotonic() - start
+    return [RankResult(r, pp_rank, len(names), nbytes[r], seconds) for r in tp_ranks]
 
 
-def _convert_rank_task(args) -> RankResult:
+ConversionTask = tuple  # (plan, pp_rank, tp_ranks, staging): the arguments of convert_ranks
+
+
+def convert_task(task: ConversionTask) -> list[RankResult]:
+    """One worker's (or SLURM task's) share: :func:`convert_ranks` in a fresh process."""
     torch.set_num_threads(1)
     return_freed_memory()  # freed tensors leave RSS at once (streaming keeps few alive)
-    return convert_rank(*args)
+    return convert_ranks(*task)
+
+
+def conversion_tasks(target: ShardLayout, workers: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(pp_rank, tp_ranks) per task: a stage's TP ranks together (each full tensor is mapped once
+    per task), split into as many parts as it takes to give ``workers`` processes work."""
+    parts = min(target.tp, max(1, -(-workers // target.pp)))
+    per_part = -(-target.tp // parts)
+    return [(pp, tuple(range(t, min(t + per_part, target.tp))))
+            for pp in range(target.pp) for t in range(0, target.tp, per_part)]
+
+
+def _worker_context():
+    return get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+
+
+def run_locally(tasks: Sequence[ConversionTask], workers: int, log=print) -> list[RankResult]:
+    """Run ``tasks`` in this process (workers <= 1) or in ``workers`` forked processes."""
+    if workers <= 1:
+        return [r for task in tasks for r in convert_task(task)]
+    start, results = time.monotonic(), []
+    # fork: workers start in milliseconds instead of re-importing torch (2-3 s each); the
+    # parent has only read checkpoint metadata, like a DataLoader's parent
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
+        for done, task_results in enumerate(pool.map(convert_task, tasks), 1):
+            results.extend(task_results)
+            elapsed = time.monotonic() - start
+            log(f"convert: {done}/{len(tasks)} tasks, "
+                f"ETA {format_seconds(elapsed / done * (len(tasks) - done))}")
+    return results
 
 
 def run_conversion(plan: ConversionPlan, workers: int = 1, overwrite: bool = False,
-                   log=print) -> dict:
-    """Convert every target rank (``workers`` processes), then publish atomically; a summary dict."""
+                   log=print, runner: Optional[Callable] = None) -> dict:
+    """Convert every target rank, then publish atomically; returns a summary dict.
+
+    The ranks are cut into tasks for ``workers`` processes (:func:`conversion_tasks`); ``runner``
+    (tasks, log) -> results runs them elsewhere, e.g. as the tasks of one SLURM job
+    (mlmega.launch.conversion_job); by default :func:`run_locally`.
+    """
     start = time.monotonic()
     staging = staging_dir(plan.dst)
-    tasks = [(plan, t, p, staging) for t, p in plan.ranks]
+    tasks = [(plan, pp, tp_ranks, staging) for pp, tp_ranks in conversion_tasks(plan.target,
+                                                                                 workers)]
     results: list[RankResult] = []
     try:
-        if workers <= 1:
-            results = [_convert_rank_task(task) for task in tasks]
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                for result in pool.map(_convert_rank_task, tasks):
-                    results.append(result)
-                    done = len(results)
-                    elapsed = time.monotonic() - start
-                    log(f"convert: {done}/{len(tasks)} ranks, "
-                        f"ETA {format_seconds(elapsed / done * (len(tasks) - done))}")
+        results = runner(tasks, log) if runner else run_locally(tasks, workers, log)
         if plan.format == "torch_dist":  # merge the ranks' index parts; common.pt, metadata.json
             finalize_dist(staging / iteration_dir_name(plan.iteration), plan.target,
                           plan.iteration, extra_args={"mlmega_converted_by": plan.op})

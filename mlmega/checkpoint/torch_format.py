@@ -279,15 +279,23 @@ def shard_content(layout: ShardLayout, pp_rank: int, model: dict[str, torch.Tens
 
 def write_rank_file(root: Path, layout: ShardLayout, tp_rank: int, pp_rank: int,
                     model: dict[str, torch.Tensor], iteration: int,
-                    extra_args: Optional[dict] = None, **extra: Any) -> Path:
+                    extra_args: Optional[dict] = None, checksums: Optional[bool] = None,
+                    **extra: Any) -> Path:
     """Write one rank's ``model_optim_rng.pt`` under checkpoint root ``root``; returns its path.
 
     ``model`` values may be :class:`~mlmega.checkpoint.streaming.LazyTensor` producers: the file is
     written tensor by tensor (:func:`~mlmega.checkpoint.streaming.save_streaming`), so only the
-    tensor being written needs to be in memory.
+    tensor being written needs to be in memory. ``checksums``: see StreamingWriter.
     """
+    path = rank_file_path(root, layout, tp_rank, pp_rank, iteration)
+    save_streaming(shard_content(layout, pp_rank, model, iteration, extra_args, **extra), path,
+                   checksums)
+    return path
+
+
+def rank_file_path(root: Path, layout: ShardLayout, tp_rank: int, pp_rank: int,
+                   iteration: int) -> Path:
+    """Where rank (tp_rank, pp_rank)'s file goes under checkpoint root ``root`` (directory made)."""
     path = root / iteration_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, layout.pp)
     path.mkdir(parents=True, exist_ok=True)
-    save_streaming(shard_content(layout, pp_rank, model, iteration, extra_args, **extra),
-                   path / SHARD_FILE)
     return path / SHARD_FILE

@@ -175,13 +175,30 @@ def submitit_folder(run_dir: Path, stage: Stage) -> Path:
     return Path(run_dir).absolute() / "submitit" / stage.name / "%j"
 
 
-def _python() -> str:
+def python_executable() -> str:
+    """This interpreter, shell-quoted (what the job runs)."""
     return shlex.quote(sys.executable)
 
 
 def _command(folder: Path) -> str:
     """What submitit runs under srun (``SlurmExecutor._submitit_command_str``)."""
-    return " ".join([_python(), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return " ".join([python_executable(), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+
+
+def submit(executor, fn, what: str, hint: str = ""):
+    """``executor.submit(fn)``; ConfigError naming ``what`` when sbatch refuses the job."""
+    from submitit.helpers import clean_env
+
+    try:
+        if "SLURM_JOB_ID" in os.environ:  # inside a job: its SLURM_* would leak into the child
+            conf = os.environ.get("SLURM_CONF")
+            with clean_env():
+                if conf:
+                    os.environ["SLURM_CONF"] = conf
+                return executor.submit(fn)
+        return executor.submit(fn)
+    except (RuntimeError, subprocess.CalledProcessError, OSError) as err:
+        raise ConfigError(f"sbatch refused {what}: {err}{hint}") from None
 
 
 def max_requeues(plan: Plan) -> int:
@@ -254,7 +271,7 @@ def _extra_sbatch(plan: Plan) -> dict[str, Any]:
         where = f"{source}: cluster.extra_sbatch[{i}]"
         if not isinstance(item, str):
             raise ConfigError(f"{where}: expected a string like '--key=value', got {item!r}")
-        _one_line(where, item)
+        check_line(where, item)
         if not item.startswith("--"):
             raise ConfigError(f"{where}={item!r}: expected '--key=value' or '--flag'")
         key, eq, value = item[2:].partition("=")
@@ -276,7 +293,8 @@ def _extra_sbatch(plan: Plan) -> dict[str, Any]:
     return out
 
 
-def _one_line(where: str, value: str) -> None:
+def check_line(where: str, value: str) -> None:
+    """ConfigError naming ``where`` unless ``value`` is one line of printable text."""
     bad = _CONTROL.search(value)
     if bad:
         raise ConfigError(f"{where}={value!r}: contains the control character "
@@ -287,15 +305,15 @@ def _one_line(where: str, value: str) -> None:
 def check(plan: Plan, run_dir: Path) -> None:
     """Every value that reaches the sbatch script is inert, and every stage fits the cluster."""
     recipe, cluster, source = plan.recipe, plan.recipe.cluster, plan.recipe.source
-    _one_line(f"{source}: name", str(recipe.name))
-    _one_line("--run-dir", str(run_dir))
-    _one_line("python executable", sys.executable)
+    check_line(f"{source}: name", str(recipe.name))
+    check_line("--run-dir", str(run_dir))
+    check_line("python executable", sys.executable)
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(cluster, key)
         if value is not None:
             if not isinstance(value, (str, int)):
                 raise ConfigError(f"{source}: cluster.{key}={value!r}: expected a string")
-            _one_line(f"{source}: cluster.{key}", str(value))
+            check_line(f"{source}: cluster.{key}", str(value))
     for key, low in (("cpus_per_task", 1), ("time_limit_min", 1), ("gpus_per_node", 0),
                      ("max_nodes", 1)):
         value = getattr(cluster, key)
@@ -528,26 +546,17 @@ class SlurmExecutor(Executor):
     def _submit(self, plan: Plan, stage: Stage, run_dir: Path, dependency: Optional[str],
                 requeues: int) -> str:
         import submitit
-        from submitit.helpers import clean_env
 
         folder = submitit_folder(run_dir, stage)
         job = StageJob(run_dir=str(run_dir), stage=stage.name,
                        config=str(stage_config_path(run_dir, stage.name)),
                        save_dir=str(stage_dir(run_dir, stage.name)), steps=stage.steps,
                        max_requeues=requeues)
-        try:
-            executor = submitit.SlurmExecutor(folder=folder, python=_python())
-            executor.update_parameters(**sbatch_parameters(plan, stage, run_dir, dependency))
-            if "SLURM_JOB_ID" in os.environ:  # inside a job: its SLURM_* would leak into the child
-                conf = os.environ.get("SLURM_CONF")
-                with clean_env():
-                    if conf:
-                        os.environ["SLURM_CONF"] = conf
-                    return executor.submit(job).job_id
-            return executor.submit(job).job_id
-        except (RuntimeError, subprocess.CalledProcessError, OSError) as err:
-            raise ConfigError(f"sbatch refused {stage.name}: {err}; the stages submitted before "
-                              f"it stay queued (`mlmega resume {run_dir}` retries)") from None
+        executor = submitit.SlurmExecutor(folder=folder, python=python_executable())
+        executor.update_parameters(**sbatch_parameters(plan, stage, run_dir, dependency))
+        return submit(executor, job, stage.name,
+                      f"; the stages submitted before it stay queued (`mlmega resume {run_dir}` "
+                      f"retries)").job_id
 
     def refresh(self, state: RunState, plan: Plan) -> None:
         run_dir = Path(state.run_dir)

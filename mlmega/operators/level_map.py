@@ -32,6 +32,11 @@ class LevelMap:
     width: Optional[Grouping]
     depth: Optional[Grouping]
     residual_scale: float = 1.0  # large-model residual writers = residual_scale x mapped small ones
+    # preserve_function with a depth scheme: a small layer's residual writers are the *sum* of its
+    # group's (x + f1(x) + f2(x) ~ x + (f1 + f2)(x)), and de-coalescing gives them to the group's
+    # first layer only: the other copies start as identity blocks, so the large model computes
+    # exactly what the small one did (pre-LN) while coalesce(decoalesce(theta)) == theta still holds.
+    identity_copies: bool = False
 
     @classmethod
     def from_large(cls, large: ModelConfig, schemes: LevelSchemes) -> "LevelMap":
@@ -41,7 +46,8 @@ class LevelMap:
         small = width_config(large, width, COALESCE) if width else large
         if depth:
             small = small.replace(num_layers=depth.num_groups)
-        return cls(large, small, width, depth, _residual_scale(large, width, schemes))
+        return cls(large, small, width, depth, _residual_scale(large, width, schemes),
+                   schemes.preserve_function and depth is not None)
 
     @classmethod
     def from_small(cls, small: ModelConfig, schemes: LevelSchemes) -> "LevelMap":
@@ -52,7 +58,8 @@ class LevelMap:
         large = width_config(small, width, DECOALESCE) if width else small
         if depth:
             large = large.replace(num_layers=depth.size)
-        return cls(large, small, width, depth, _residual_scale(small, width, schemes))
+        return cls(large, small, width, depth, _residual_scale(small, width, schemes),
+                   schemes.preserve_function and depth is not None)
 
     # -- tensor and layer level (what sharded conversion streams through) ----------------------
     def coalesce_tensor(self, spec: ParamSpec, tensor: torch.Tensor) -> torch.Tensor:
@@ -67,12 +74,14 @@ class LevelMap:
         out = map_width(tensor, spec, self.small, unit_matrices(self.width, DECOALESCE))
         return out * self.residual_scale if spec.residual and self.residual_scale != 1 else out
 
-    def coalesce_sources(self, small_layer: int) -> list[tuple[int, float]]:
-        """(large layer, weight) pairs whose weighted sum is small layer ``small_layer`` (row of R)."""
+    def coalesce_sources(self, spec: ParamSpec, small_layer: int) -> list[tuple[int, float]]:
+        """(large layer, weight) pairs whose weighted sum is ``spec`` of small layer ``small_layer``
+        (a row of R; weight 1 for residual writers when ``identity_copies``)."""
         if self.depth is None:
             return [(small_layer, 1.0)]
         group = self.depth.groups[small_layer]
-        return [(layer, 1.0 / len(group)) for layer in group]
+        weight = 1.0 if self.identity_copies and spec.residual else 1.0 / len(group)
+        return [(layer, weight) for layer in group]
 
     def decoalesce_source(self, large_layer: int) -> int:
         """The small layer that large layer ``large_layer`` copies (G = rownorm(R^T))."""
@@ -82,8 +91,8 @@ class LevelMap:
         """Small-model tensor ``spec`` (at small ``layer``) from large tensors fetched by ``read``."""
         if layer is None:
             return self.coalesce_tensor(spec, read(spec.name()))
-        sources = self.coalesce_sources(layer)
-        if len(sources) == 1 and sources[0][1] == 1.0:  # no depth grouping: nothing to average
+        sources = self.coalesce_sources(spec, layer)
+        if len(sources) == 1:  # no depth grouping: nothing to average
             return self.coalesce_tensor(spec, read(spec.name(sources[0][0])))
         total, dtype = None, None
         for source, weight in sources:
@@ -99,8 +108,13 @@ class LevelMap:
 
     def decoalesced_param(self, spec: ParamSpec, layer: Optional[int], read: Reader) -> torch.Tensor:
         """Large-model tensor ``spec`` (at large ``layer``) from small tensors fetched by ``read``."""
-        source = spec.name() if layer is None else spec.name(self.decoalesce_source(layer))
-        return self.decoalesce_tensor(spec, read(source))
+        if layer is None:
+            return self.decoalesce_tensor(spec, read(spec.name()))
+        small_layer = self.decoalesce_source(layer)
+        out = self.decoalesce_tensor(spec, read(spec.name(small_layer)))
+        if self.identity_copies and spec.residual and layer != self.depth.groups[small_layer][0]:
+            return torch.zeros_like(out)  # an identity block (never zero the mmapped source in place)
+        return out
 
 
 def _residual_scale(cfg: ModelConfig, width: Optional[Grouping], schemes: LevelSchemes) -> float:
@@ -142,23 +156,25 @@ def interpolate(large: StateDict, decoalesced: StateDict, cfg: ModelConfig, alph
     return {name: interpolate_tensor(large[name], decoalesced[name], alpha) for name in large}
 
 
-_CHUNK = 1 << 22  # elements per float64 block of interpolate_tensor (32 MB)
+_CHUNK = 1 << 22  # elements per float32 block of interpolate_tensor for 16-bit tensors (16 MB)
 
 
 def interpolate_tensor(large: torch.Tensor, decoalesced: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Exact at both ends: alpha=0 gives ``large``, alpha=1 gives ``decoalesced``.
+    """(1 - alpha) * large + alpha * decoalesced, exact at both ends (alpha=0 gives ``large``,
+    alpha=1 ``decoalesced``: torch.lerp's two-sided formula) and within float rounding between.
 
-    Computed in float64 block by block (the same values as on the whole tensor at once), so the
-    float64 temporaries stay at a few blocks however large the tensor is.
+    One pass in the tensors' dtype for float32/float64; 16-bit tensors are mixed in float32 block
+    by block, so the temporaries stay at a few blocks however large the tensor is.
     """
     if large.shape != decoalesced.shape:
         raise ValueError(f"interpolate: shapes {tuple(large.shape)} and "
                          f"{tuple(decoalesced.shape)} differ")
+    if large.dtype in (torch.float32, torch.float64):
+        return torch.lerp(large, decoalesced.to(large.dtype), alpha)
     out = torch.empty_like(large, memory_format=torch.contiguous_format)
     flat_out, flat_l, flat_d = out.view(-1), large.reshape(-1), decoalesced.reshape(-1)
     for start in range(0, flat_out.numel(), _CHUNK):
         end = min(start + _CHUNK, flat_out.numel())
-        block = flat_l[start:end].to(torch.float64, copy=True).mul_(1.0 - alpha)
-        block.add_(flat_d[start:end].to(torch.float64, copy=True).mul_(alpha))
+        block = torch.lerp(flat_l[start:end].float(), flat_d[start:end].float(), alpha)
         flat_out[start:end].copy_(block)
     return out

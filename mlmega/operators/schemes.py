@@ -136,9 +136,10 @@ class LevelSchemes:
 
     width: Optional[SchemeSpec] = None
     depth: Optional[SchemeSpec] = None
-    # Tied embeddings, pre-LN: also scale the residual writers (attention proj, FFN fc2) by the
-    # embeddings' 1/g so the whole residual stream is scaled alike and de-coalescing preserves the
-    # function exactly (an mlmega option; the paper scales the embeddings only).
+    # De-coalescing preserves the (pre-LN) model's function exactly (an mlmega option). Width, tied
+    # embeddings: the residual writers (attention proj, FFN fc2) take the embeddings' 1/g too, so
+    # the whole residual stream is scaled alike (the paper scales the embeddings only). Depth: the
+    # copies after a group's first layer start as identity blocks (see LevelMap.identity_copies).
     preserve_function: bool = False
 
     def __post_init__(self) -> None:

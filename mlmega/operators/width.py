@@ -42,12 +42,40 @@ def map_width(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
         if side is None or space not in WIDTH_SPACES:
             continue
         lead, length = space_layout(cfg, space)
-        m = matrices[side].to(compute)
         shape = out.shape
         view = out.reshape(*shape[:dim], lead, units, length // units, *shape[dim + 1:])
-        mapped = torch.movedim(torch.tensordot(m, view, dims=([1], [dim + 1])), 0, dim + 1)
-        out = mapped.reshape(*shape[:dim], lead * m.shape[0] * (length // units), *shape[dim + 1:])
+        mapped = _apply_unit_matrix(matrices[side], view, dim + 1)
+        out = mapped.reshape(*shape[:dim], lead * mapped.shape[dim + 1] * (length // units),
+                             *shape[dim + 1:])
     return out.to(tensor.dtype)
+
+
+def _apply_unit_matrix(m: torch.Tensor, view: torch.Tensor, axis: int) -> torch.Tensor:
+    """``m`` (new units x old units) applied along ``axis`` of ``view``.
+
+    The scheme matrices have the same number of non-zeros in every row (equal groups), so the map
+    is a weighted sum of a few index selections: one pass over the data per non-zero in a row
+    (1 to de-coalesce, the group size to coalesce) instead of a dense contraction and its copies.
+    """
+    rows = m.shape[0]
+    nonzero = m.nonzero()  # row-major: each row's non-zero columns in order
+    per_row = nonzero.shape[0] // rows
+    if per_row * rows != nonzero.shape[0] or not torch.equal(
+            nonzero[:, 0], torch.arange(rows).repeat_interleave(per_row)):
+        return torch.movedim(torch.tensordot(m.to(view.dtype), view, dims=([1], [axis])), 0, axis)
+    cols = nonzero[:, 1].reshape(rows, per_row)
+    weights = m[nonzero[:, 0], nonzero[:, 1]].reshape(rows, per_row).to(view.dtype)
+    out = None
+    for k in range(per_row):
+        term = view.index_select(axis, cols[:, k])
+        w = weights[:, k]
+        if not bool((w == 1).all()):
+            if bool((w == w[0]).all()):
+                term.mul_(w[0])
+            else:
+                term.mul_(w.reshape(-1, *([1] * (view.dim() - axis - 1))))
+        out = term if out is None else out.add_(term)
+    return out
 
 
 def width_config(cfg: ModelConfig, grouping: Grouping, direction: str) -> ModelConfig:

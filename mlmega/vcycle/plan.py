@@ -3,7 +3,7 @@
 Stages of a K-level V-cycle (level 0 = the full model):
   pre k     (k = 0..K-2)  train level k for coalesce_steps[k]; warm-up (level 0) then constant LR;
                           level k > 0 starts from pre k-1 coalesced
-  bottom    (level K-1)   bottom_steps from pre K-2 coalesced; no warm-up, linear decay
+  bottom    (level K-1)   bottom_steps from pre K-2 coalesced; no warm-up, bottom_decay (linear)
   post k    (k = K-2..0)  from interpolate(pre k, de-coalesce(previous stage), alpha); linear decay
 The baseline is the full model trained alone for the same number of tokens (or baseline_steps).
 """
@@ -94,7 +94,7 @@ def plan_vcycle(recipe: Recipe) -> Plan:
         init = None if k == 0 else StageInit("coalesce", pre[k - 1], recipe.levels[k - 1])
         pre.append(add("pre", k, sched.coalesce_steps[k], train.warmup_steps if k == 0 else 0,
                        "constant", init))
-    previous = add("bottom", last, sched.bottom_steps, 0, "linear",
+    previous = add("bottom", last, sched.bottom_steps, 0, sched.bottom_decay,
                    StageInit("coalesce", pre[last - 1], recipe.levels[last - 1]))
     for k in reversed(range(last)):
         init = StageInit("interpolate", previous, recipe.levels[k], large=pre[k],

@@ -48,12 +48,16 @@ class TrainingConfig:
     log_interval: int = 10
 
 
+BOTTOM_DECAY = ("linear", "cosine", "constant")
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     """Steps and learning rates of the V-cycle (the paper's E_a, E_small and final stages).
 
     ``coalesce_steps[k]``: steps at level k before coalescing to level k+1 (ends at peak LR).
-    ``bottom_steps``: steps at the smallest level (no warm-up, linear decay).
+    ``bottom_steps``: steps at the smallest level (no warm-up; ``bottom_decay``: linear, or
+    constant to keep the peak LR: de-coalescing re-warms the LR, undoing an annealed minimum).
     ``decoalesce_steps[k]``: steps at level k after de-coalescing + interpolation (linear decay).
     ``lr[k]``: peak learning rate of level k (smaller levels use higher LRs).
     ``baseline_steps``: the full model trained alone for the comparison (default: the V-cycle's
@@ -67,6 +71,7 @@ class ScheduleConfig:
     alpha: float = 0.5
     min_lr_ratio: float = 0.0
     baseline_steps: Optional[int] = None
+    bottom_decay: str = "linear"
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,9 @@ class Recipe:
             raise ConfigError(f"{self.source}: schedule: every stage needs at least one step")
         if not 0.0 <= s.alpha <= 1.0:
             raise ConfigError(f"{self.source}: schedule.alpha={s.alpha}: expected [0, 1]")
+        if s.bottom_decay not in BOTTOM_DECAY:
+            raise ConfigError(f"{self.source}: schedule.bottom_decay={s.bottom_decay!r}: "
+                              f"expected one of {list(BOTTOM_DECAY)}")
         if self.cluster.executor not in ("local", "slurm"):
             raise ConfigError(f"{self.source}: cluster.executor={self.cluster.executor!r}: "
                               f"expected 'local' or 'slurm'")

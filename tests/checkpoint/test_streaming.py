@@ -246,3 +246,4 @@ def test_streamed_level_conversions_match_the_operators(tmp_path, op):
     got, layout = load_full_state(tmp_path / "out")
     assert (layout.tp, layout.pp) == (2, 2) and set(got) == set(expected)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+

@@ -1,6 +1,6 @@
 """Depth operators: de-coalescing copies layers (adjacent interleaves, stacked repeats), coalescing
-averages each group, width and depth commute. Depth does not preserve the function (invariant 5), so
-no forward pass is compared here."""
+averages each group, width and depth commute. Plain depth de-coalescing does not preserve the
+function (invariant 5); with preserve_function it does (test_preservation.py)."""
 
 import pytest
 import torch
@@ -75,3 +75,29 @@ def test_width_and_depth_commute(name):
     for key in both:
         torch.testing.assert_close(w_then_d[key], both[key], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(d_then_w[key], both[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_preserve_function_sums_residual_writers_over_a_group(name):
+    """preserve_function: coalescing sums attention proj / fc2 over a depth group (averages the
+    rest); de-coalescing gives them to the group's first layer and zeros to the other copies."""
+    large_cfg = variant(name, layers=4)
+    large = make_model_state(large_cfg, seed=6)
+    schemes = LevelSchemes.from_dict({"depth": [[0, 3], [1, 2]], "preserve_function": True}, "p")
+    small, small_cfg = coalesce(large, large_cfg, schemes)
+    writers = ("linear_proj.weight", "linear_fc2.weight")
+    for layer, group in enumerate([[0, 3], [1, 2]]):
+        got, members = _layer_params(small, layer), [_layer_params(large, j) for j in group]
+        for key, value in got.items():
+            total = sum(m[key].double() for m in members)
+            expected = total if key.endswith(writers) or "linear_proj.bias" in key or \
+                "linear_fc2.bias" in key else total / len(group)
+            torch.testing.assert_close(value, expected.float(), rtol=1e-6, atol=1e-7, msg=key)
+    back, _ = decoalesce(small, small_cfg, schemes)
+    for layer, (source, first) in enumerate([(0, True), (1, True), (1, False), (0, False)]):
+        for key, value in _layer_params(back, layer).items():
+            expected = _layer_params(small, source)[key]
+            if not first and (key.endswith(writers) or key.endswith(("linear_proj.bias",
+                                                                      "linear_fc2.bias"))):
+                expected = torch.zeros_like(expected)
+            assert torch.equal(value, expected), (layer, key)

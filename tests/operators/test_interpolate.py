@@ -35,7 +35,9 @@ def test_interpolation_is_the_weighted_mean(pair, alpha):
     for key in large:
         expected = (1 - alpha) * large[key].double() + alpha * decoalesced[key].double()
         assert mixed[key].dtype == large[key].dtype
-        torch.testing.assert_close(mixed[key], expected.float(), rtol=0, atol=0, msg=key)
+        # float32 rounding (torch.lerp: a difference, a product and a sum, each rounded once)
+        bound = 2 * torch.finfo(torch.float32).eps * (large[key].abs() + decoalesced[key].abs())
+        assert ((mixed[key].double() - expected).abs() <= bound).all(), key
     if alpha == 0.5:
         key = "embedding.word_embeddings.weight"
         torch.testing.assert_close(mixed[key], (large[key] + decoalesced[key]) / 2)

@@ -14,11 +14,11 @@ pytestmark = pytest.mark.usefixtures("model_parallel")
 
 # every variant with the core schemes, plus the custom groupings on a GQA and a BERT variant
 CASES = [(v, s) for v in VARIANTS for s in ("width-stacked", "width-adjacent", "depth-adjacent",
-                                            "both-stacked-adjacent")]
+                                            "both-stacked-adjacent", "both-preserving")]
 CASES += [(v, s) for v in ("gpt-gqa-swiglu-untied-rope-rms-nobias", "bert-tied-binary",
                            "gpt-mha-gelu-tied-abs-ln-bias")
           for s in ("width-custom3", "width-custom4", "depth-stacked", "depth-custom3",
-                    "both-adjacent-stacked")]
+                    "both-adjacent-stacked", "depth3-preserving")]
 
 
 @pytest.mark.parametrize("name,scheme", CASES, ids=[f"{v}-{s}" for v, s in CASES])

@@ -105,6 +105,7 @@ def _write(tmp_path, changes: dict, base: str = "tiny-gpt") -> Path:
     ({"cluster": {"executor": "slurm", "partitoin": "gpu"}}, r"unknown key\(s\) \['partitoin'\]"),
     ({"schedule.lr": [1e-3]}, r"schedule.lr has 1 entries; expected 2 for 2 levels"),
     ({"schedule.alpha": 1.5}, r"schedule.alpha=1.5: expected \[0, 1\]"),
+    ({"schedule.bottom_decay": "exp"}, r"schedule.bottom_decay='exp': expected one of"),
     ({"training.seq_length": 256}, r"seq_length=256 exceeds model.max_sequence_length=128"),
     ({"sizing.tp": 3}, r"TP=3, PP=1 do not divide the model"),
     ({"color": "red"}, r"unknown recipe section\(s\) \['color'\]"),
@@ -119,3 +120,11 @@ def test_overrides_from_the_command_line():
     assert recipe.schedule.alpha == 0.5 and recipe.training.seed == 9
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_recipe(CONFIGS / "tiny-gpt.yaml", ["schedule.alpha"])
+
+
+def test_bottom_decay_sets_the_smallest_levels_schedule():
+    default = plan_vcycle(load_recipe(CONFIGS / "tiny-gpt.yaml"))
+    constant = plan_vcycle(load_recipe(CONFIGS / "tiny-gpt.yaml",
+                                       ["schedule.bottom_decay=constant"]))
+    assert [s.decay_style for s in default.stages] == ["constant", "linear", "linear"]
+    assert [s.decay_style for s in constant.stages] == ["constant", "constant", "linear"]
