@@ -144,8 +144,8 @@ class _Producer:
             # split: the same values (split moves data and pads zeros)
             decoalesced = self.plan.level.decoalesced_param(spec, param.layer, self.source.read)
             large = self.large.read(param.global_name)
-            return [interpolate_tensor(target.split(spec, large, r),
-                                       target.split(spec, decoalesced, r), self.plan.alpha)
+            return [interpolate_tensor(target.shard_of(spec, large, r),
+                                       target.shard_of(spec, decoalesced, r), self.plan.alpha)
                     for r in tp_ranks]
         full = self.tensor(spec, param.layer, param.global_name)
         if target.tp == 1 and tuple(full.shape) == target.local_shape(spec) \

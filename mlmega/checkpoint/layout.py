@@ -102,16 +102,20 @@ class ShardLayout:
         return tensor.reshape(*shape[:dim], lead, shape[dim] // lead, *shape[dim + 1:]), dim + 1
 
     def split(self, spec: ParamSpec, full: torch.Tensor, tp_rank: int) -> torch.Tensor:
-        """The shard of canonical full tensor ``full`` that TP rank ``tp_rank`` holds."""
+        """The shard of canonical full tensor ``full`` that TP rank ``tp_rank`` holds (a copy)."""
+        return self.shard_of(spec, full, tp_rank).clone(memory_format=torch.contiguous_format)
+
+    def shard_of(self, spec: ParamSpec, full: torch.Tensor, tp_rank: int) -> torch.Tensor:
+        """Like :meth:`split`, but a view of ``full`` where the shard's layout allows one."""
         if spec.tp_dim is None:
-            return full.clone()
+            return full
         if spec.dims[spec.tp_dim] == "vocab":
             full = _pad_rows(full, spec.tp_dim, self.cfg.padded_vocab_size(self.tp))
         view, axis = self._tp_view(spec, full)
         shard = view.chunk(self.tp, dim=axis)[tp_rank]
         shape = list(full.shape)
         shape[spec.tp_dim] //= self.tp
-        return shard.reshape(shape).clone()
+        return shard.reshape(shape)
 
     def gather(self, spec: ParamSpec, shards: Sequence[torch.Tensor]) -> torch.Tensor:
         """The canonical full tensor (TP=1 layout and padded vocab) from all TP ranks' shards."""

@@ -169,8 +169,9 @@ def interpolate_tensor(large: torch.Tensor, decoalesced: torch.Tensor, alpha: fl
     if large.shape != decoalesced.shape:
         raise ValueError(f"interpolate: shapes {tuple(large.shape)} and "
                          f"{tuple(decoalesced.shape)} differ")
-    if large.dtype in (torch.float32, torch.float64):
-        return torch.lerp(large, decoalesced.to(large.dtype), alpha)
+    if large.dtype in (torch.float32, torch.float64):  # fresh contiguous memory, even for views
+        return torch.lerp(large, decoalesced.to(large.dtype), alpha,
+                          out=torch.empty(large.shape, dtype=large.dtype))
     out = torch.empty_like(large, memory_format=torch.contiguous_format)
     flat_out, flat_l, flat_d = out.view(-1), large.reshape(-1), decoalesced.reshape(-1)
     for start in range(0, flat_out.numel(), _CHUNK):
