@@ -9,7 +9,7 @@ A scheme is written as ``{kind: adjacent|stacked, factor: K}`` or as explicit gr
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -54,7 +54,7 @@ class SchemeSpec:
     kind: str
     factor: Optional[int] = None
     groups: Optional[tuple[tuple[int, ...], ...]] = None
-    source: str = "<scheme>"
+    source: str = field(default="<scheme>", compare=False)
 
     @classmethod
     def parse(cls, value: Any, source: str) -> "SchemeSpec":
@@ -181,6 +181,18 @@ class LevelSchemes:
         except (OSError, ValueError, yaml.YAMLError) as err:
             raise ConfigError(f"{path}: cannot read scheme file: {err}") from err
         return cls.from_dict(data, str(path))
+
+    def to_dict(self) -> dict:
+        """The mlmega form that :meth:`from_dict` reads back."""
+        out: dict[str, Any] = {}
+        for axis in ("width", "depth"):
+            spec = getattr(self, axis)
+            if spec is not None:
+                out[axis] = ({"groups": [list(g) for g in spec.groups]} if spec.kind == "custom"
+                             else {"kind": spec.kind, "factor": spec.factor})
+        if self.preserve_function:
+            out["preserve_function"] = True
+        return out
 
     @classmethod
     def from_factors(cls, width_factor: Optional[int] = None, depth_factor: Optional[int] = None,

@@ -134,17 +134,5 @@ class TrainConfig:
         data.pop("source")
         data["model"] = self.model.to_dict()
         if self.init is not None and self.init.schemes is not None:
-            data["init"]["schemes"] = _schemes_dict(self.init.schemes)
+            data["init"]["schemes"] = self.init.schemes.to_dict()
         return data
-
-
-def _schemes_dict(schemes: LevelSchemes) -> dict:
-    out = {}
-    for axis in ("width", "depth"):
-        spec = getattr(schemes, axis)
-        if spec is not None:
-            out[axis] = ({"groups": [list(g) for g in spec.groups]} if spec.kind == "custom"
-                         else {"kind": spec.kind, "factor": spec.factor})
-    if schemes.preserve_function:
-        out["preserve_function"] = True
-    return out

@@ -137,10 +137,8 @@ def create_run(plan: Plan, run_dir: Path, data_dir: Path, executor: str,
 
 
 def _recipe_dict(recipe: Recipe) -> dict:
-    from mlmega.train.config import _schemes_dict
-
     data = asdict(recipe)
     data.pop("source")
     data["model"] = recipe.model.to_dict()
-    data["levels"] = [_schemes_dict(level) for level in recipe.levels]
+    data["levels"] = [level.to_dict() for level in recipe.levels]
     return json.loads(json.dumps(data))  # tuples -> lists, for YAML

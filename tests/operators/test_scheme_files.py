@@ -52,3 +52,14 @@ def test_bad_scheme_files(tmp_path, name, text, message):
 def test_missing_scheme_file(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read scheme file"):
         LevelSchemes.load(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("data", [
+    {"width": {"kind": "stacked", "factor": 2}},
+    {"depth": {"groups": [[0, 3], [1, 2]]}, "preserve_function": True},
+    {"width": {"kind": "adjacent", "factor": 3}, "depth": {"kind": "stacked", "factor": 2}},
+])
+def test_schemes_round_trip_through_their_dict(data):
+    schemes = LevelSchemes.from_dict(data, "x")
+    assert schemes.to_dict() == data
+    assert LevelSchemes.from_dict(schemes.to_dict(), "y") == schemes
