@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from multiprocessing import get_all_start_methods, get_context
@@ -221,17 +221,29 @@ def convert_ranks(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int],
             next(tensors, None)  # finish the generator (releases the last source pages)
     else:
         paths = {r: rank_file_path(staging, target, r, pp_rank, plan.iteration) for r in tp_ranks}
-        with ExitStack() as stack:
+        written: dict[int, dict] = {r: {} for r in tp_ranks}
+
+        def write(name: str, shards: list[torch.Tensor]) -> None:
+            for r in tp_ranks:
+                shard = shards.pop(0)
+                written[r][name] = writers[r].write_tensor(shard, remember=False)
+                nbytes[r] += shard.numel() * shard.element_size()
+                del shard
+                progress.update(1)
+
+        # One parameter is written (a thread: write_record releases the GIL) while the next is
+        # gathered and mapped: at most two parameters' shards are alive.
+        with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as io:
             writers = {r: stack.enter_context(StreamingWriter(paths[r], checksums=plan.checksums))
                        for r in tp_ranks}
-            written: dict[int, dict] = {r: {} for r in tp_ranks}
+            pending = None
             for name, shards in stage_tensors(plan, pp_rank, tp_ranks):
-                for r in tp_ranks:
-                    shard = shards.pop(0)
-                    written[r][name] = writers[r].write_tensor(shard, remember=False)
-                    nbytes[r] += shard.numel() * shard.element_size()
-                    del shard
-                    progress.update(1)
+                if pending is not None:
+                    pending.result()
+                pending = io.submit(write, name, shards)
+                del shards
+            if pending is not None:
+                pending.result()
             for r in tp_ranks:
                 writers[r].finish(shard_content(target, pp_rank, written[r], plan.iteration,
                                                 {"mlmega_converted_by": plan.op}))
