@@ -124,30 +124,27 @@ class _Producer:
         self.source = open_checkpoint(plan.src)
         self.large = open_checkpoint(plan.large) if plan.large else None
 
-    def tensor(self, spec, layer, global_name) -> torch.Tensor:
+    def mapped(self, param) -> torch.Tensor:
+        """The full tensor of ``param`` after the level operator (de-coalesced, for interpolate)."""
         op, level = self.plan.op, self.plan.level
         if op == "reshard":
-            return self.source.read(global_name)
+            return self.source.read(param.global_name)
         if op == "coalesce":
-            return level.coalesced_param(spec, layer, self.source.read)
-        decoalesced = level.decoalesced_param(spec, layer, self.source.read)
-        if op == "decoalesce":
-            return decoalesced
-        return interpolate_tensor(self.large.read(global_name), decoalesced, self.plan.alpha)
+            return level.coalesced_param(param.spec, param.layer, self.source.read)
+        return level.decoalesced_param(param.spec, param.layer, self.source.read)
 
     def shards(self, param, tp_ranks: Sequence[int]) -> list[torch.Tensor]:
         """Target TP ranks ``tp_ranks``' shards of ``param`` (a LocalParam), each fresh memory;
         the full tensor is gathered and mapped once for all of them."""
         target, spec = self.plan.target, param.spec
+        full = self.mapped(param)
         if self.plan.op == "interpolate":
             # elementwise, so interpolate the ranks' shards rather than the full tensors and
             # split: the same values (split moves data and pads zeros)
-            decoalesced = self.plan.level.decoalesced_param(spec, param.layer, self.source.read)
             large = self.large.read(param.global_name)
             return [interpolate_tensor(target.shard_of(spec, large, r),
-                                       target.shard_of(spec, decoalesced, r), self.plan.alpha)
+                                       target.shard_of(spec, full, r), self.plan.alpha)
                     for r in tp_ranks]
-        full = self.tensor(spec, param.layer, param.global_name)
         if target.tp == 1 and tuple(full.shape) == target.local_shape(spec) \
                 and full.is_contiguous() and self._fresh(full):
             return [full]  # already fresh memory in the target's shape: splitting only copies it
@@ -254,6 +251,11 @@ def convert_ranks(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int],
 ConversionTask = tuple  # (plan, pp_rank, tp_ranks, staging): the arguments of convert_ranks
 
 
+def convert_share(tasks: Sequence[ConversionTask]) -> list[RankResult]:
+    """Run ``tasks`` one after the other in this process (one worker's or SLURM task's share)."""
+    return [r for task in tasks for r in convert_task(task)]
+
+
 def convert_task(task: ConversionTask) -> list[RankResult]:
     """One worker's (or SLURM task's) share: :func:`convert_ranks` in a fresh process."""
     torch.set_num_threads(1)
@@ -277,7 +279,7 @@ def _worker_context():
 def run_locally(tasks: Sequence[ConversionTask], workers: int, log=print) -> list[RankResult]:
     """Run ``tasks`` in this process (workers <= 1) or in ``workers`` forked processes."""
     if workers <= 1:
-        return [r for task in tasks for r in convert_task(task)]
+        return convert_share(tasks)
     start, results = time.monotonic(), []
     # fork: workers start in milliseconds instead of re-importing torch (2-3 s each); the
     # parent has only read checkpoint metadata, like a DataLoader's parent

@@ -27,11 +27,10 @@ class TaskShare:
     def __call__(self) -> list:
         from submitit import JobEnvironment
 
-        from mlmega.checkpoint.convert import convert_task
+        from mlmega.checkpoint.convert import convert_share
 
         env = JobEnvironment()
-        return [r for task in self.tasks[env.global_rank::env.num_tasks]
-                for r in convert_task(task)]
+        return convert_share(self.tasks[env.global_rank::env.num_tasks])
 
 
 @dataclass(frozen=True)

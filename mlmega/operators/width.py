@@ -69,11 +69,8 @@ def _apply_unit_matrix(m: torch.Tensor, view: torch.Tensor, axis: int) -> torch.
     for k in range(per_row):
         term = view.index_select(axis, cols[:, k])
         w = weights[:, k]
-        if not bool((w == 1).all()):
-            if bool((w == w[0]).all()):
-                term.mul_(w[0])
-            else:
-                term.mul_(w.reshape(-1, *([1] * (view.dim() - axis - 1))))
+        if not bool((w == 1).all()):  # copies and sums need no pass; averages and splits do
+            term.mul_(w.reshape(-1, *([1] * (view.dim() - axis - 1))))
         out = term if out is None else out.add_(term)
     return out
 
