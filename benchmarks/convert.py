@@ -59,10 +59,10 @@ def build_checkpoint(cfg, root: Path, tp: int, pp: int, iteration: int = 100) ->
     import torch
 
     from mlmega.checkpoint.layout import ShardLayout
-    from mlmega.checkpoint.streaming import LazyTensor, return_freed_memory
+    from mlmega.checkpoint.streaming import LazyTensor, reuse_freed_memory
     from mlmega.checkpoint.torch_format import TRACKER, write_rank_file
 
-    return_freed_memory()
+    reuse_freed_memory()
     layout = ShardLayout(cfg, tp, pp)
     gen = torch.Generator().manual_seed(0)
 

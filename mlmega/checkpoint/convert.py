@@ -1,7 +1,7 @@
 """Per-rank streaming conversion of sharded Megatron checkpoints between layouts and levels.
 
-To produce target rank (tp, pp) a worker reads only the source tensors it needs (lazily, from
-mmapped shard files), one parameter at a time: gather over the source's TP ranks, apply the operator
+To produce target rank (tp, pp) a worker reads only the source tensors it needs (with pread from
+the shard files, whose metadata is loaded lazily), one parameter at a time: gather over the source's TP ranks, apply the operator
 (identity, coalesce, de-coalesce, de-coalesce + interpolate), split for the target TP rank. Target
 ranks run in parallel worker processes (or as the tasks of one SLURM job), each writing its own file
 into a staging directory; the coordinator writes the ``latest`` marker last and renames the
@@ -29,9 +29,9 @@ from mlmega.checkpoint.atomic import check_destination, publish, staging_dir, wr
 from mlmega.checkpoint.dist_format import (finalize_dist, open_checkpoint, save_dist_full_state,
                                            write_dist_rank)
 from mlmega.checkpoint.layout import ShardLayout
-from mlmega.checkpoint.streaming import LazyTensor, StreamingWriter, return_freed_memory
-from mlmega.checkpoint.torch_format import (TRACKER, iteration_dir_name, rank_file_path,
-                                           shard_content, write_rank_file)
+from mlmega.checkpoint.streaming import LazyTensor, StreamingWriter, reuse_freed_memory
+from mlmega.checkpoint.torch_format import (TRACKER, TorchCheckpoint, iteration_dir_name,
+                                           rank_file_path, shard_content, write_rank_file)
 from mlmega.config.errors import ConfigError
 from mlmega.operators import LevelMap, LevelSchemes, interpolate_tensor
 from mlmega.progress import Progress, format_seconds
@@ -141,26 +141,23 @@ class _Producer:
         if self.plan.op == "interpolate":
             # elementwise, so interpolate the ranks' shards rather than the full tensors and
             # split: the same values (split moves data and pads zeros)
-            large = self.large.read(param.global_name)
-            return [interpolate_tensor(target.shard_of(spec, large, r),
-                                       target.shard_of(spec, full, r), self.plan.alpha)
-                    for r in tp_ranks]
+            return [interpolate_tensor(large, target.shard_of(spec, full, r), self.plan.alpha)
+                    for r, large in zip(tp_ranks, self._large_shards(param, tp_ranks))]
         if target.tp == 1 and tuple(full.shape) == target.local_shape(spec) \
-                and full.is_contiguous() and self._fresh(full):
-            return [full]  # already fresh memory in the target's shape: splitting only copies it
+                and full.is_contiguous():
+            return [full]  # fresh memory in the target's shape already: splitting only copies it
         return [target.split(spec, full, r) for r in tp_ranks]
 
-    def _fresh(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` is not (a view of) source data: source data must not be yielded, as
-        release_pages drops its pages and a consumer must be free to modify what it gets."""
-        return not any(getattr(ckpt, "shares_read_memory", lambda t: True)(tensor)
-                       for ckpt in (self.source, self.large) if ckpt is not None)
-
-    def release_pages(self) -> None:
-        """Drop the resident mmapped source pages read so far (see TorchCheckpoint.release_pages)."""
-        self.source.release_pages()
-        if self.large is not None:
-            self.large.release_pages()
+    def _large_shards(self, param, tp_ranks: Sequence[int]):
+        """The large checkpoint's shards of ``param`` for ``tp_ranks``, one at a time: read as
+        stored when it is stored at the target layout (no gather), else split from the gather."""
+        target, large = self.plan.target, self.large
+        same = (isinstance(large, TorchCheckpoint) and large.layout.tp == target.tp
+                and large.layout.layers_per_stage == target.layers_per_stage)
+        full = None if same else large.read(param.global_name)
+        for r in tp_ranks:
+            yield large.read_shard(param.global_name, r) if same else \
+                target.shard_of(param.spec, full, r)
 
 
 def stage_tensors(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int]):
@@ -168,13 +165,12 @@ def stage_tensors(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int]):
     ``pp_rank``, one parameter at a time.
 
     Each yielded list holds fresh memory that the generator does not keep: once the consumer drops
-    it, it is freed. Asking for the next one also releases the source pages read for the previous.
+    it, it is freed.
     """
     producer = _Producer(plan)
     for param in plan.target.stage_params(pp_rank):
         out = [producer.shards(param, tp_ranks)]
         yield param.local_name, out.pop()  # hold no tensor while suspended at the yield
-        producer.release_pages()  # the consumer is done with the previous tensors
 
 
 def rank_tensors(plan: ConversionPlan, tp_rank: int, pp_rank: int):
@@ -259,7 +255,7 @@ def convert_share(tasks: Sequence[ConversionTask]) -> list[RankResult]:
 def convert_task(task: ConversionTask) -> list[RankResult]:
     """One worker's (or SLURM task's) share: :func:`convert_ranks` in a fresh process."""
     torch.set_num_threads(1)
-    return_freed_memory()  # freed tensors leave RSS at once (streaming keeps few alive)
+    reuse_freed_memory()  # the next tensors reuse freed ones' memory (no page faults)
     return convert_ranks(*task)
 
 

@@ -12,7 +12,7 @@ and, with tied embeddings and PP > 1, the last stage its own ``output_layer.weig
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -109,26 +109,56 @@ class ShardLayout:
         """Like :meth:`split`, but a view of ``full`` where the shard's layout allows one."""
         if spec.tp_dim is None:
             return full
-        if spec.dims[spec.tp_dim] == "vocab":
-            full = _pad_rows(full, spec.tp_dim, self.cfg.padded_vocab_size(self.tp))
+        dim = spec.tp_dim
+        if spec.dims[dim] == "vocab":  # contiguous row blocks of the vocab padded for this TP size
+            rows = self.cfg.padded_vocab_size(self.tp) // self.tp
+            start, have = tp_rank * rows, full.shape[dim]
+            if start + rows <= have:
+                return full.narrow(dim, start, rows)
+            shape = list(full.shape)
+            shape[dim] = rows
+            shard = full.new_zeros(shape)  # the padding rows past the vocabulary stay zero
+            keep = max(0, min(rows, have - start))
+            shard.narrow(dim, 0, keep).copy_(full.narrow(dim, start, keep))
+            return shard
         view, axis = self._tp_view(spec, full)
         shard = view.chunk(self.tp, dim=axis)[tp_rank]
         shape = list(full.shape)
-        shape[spec.tp_dim] //= self.tp
+        shape[dim] //= self.tp
         return shard.reshape(shape)
 
-    def gather(self, spec: ParamSpec, shards: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The canonical full tensor (TP=1 layout and padded vocab) from all TP ranks' shards."""
+    def zero_padding(self, spec: ParamSpec, shard: torch.Tensor, tp_rank: int) -> torch.Tensor:
+        """Zero, in place, the rows of stored shard ``shard`` past the canonical (TP=1 padded)
+        vocabulary: the rows :meth:`split` pads with zeros. Returns ``shard``."""
+        if spec.tp_dim is None or spec.dims[spec.tp_dim] != "vocab":
+            return shard
+        rows = shard.shape[spec.tp_dim]
+        keep = max(0, self.cfg.padded_vocab_size(1) - tp_rank * rows)
+        if keep < rows:
+            shard.narrow(spec.tp_dim, keep, rows - keep).zero_()
+        return shard
+
+    def gather(self, spec: ParamSpec, shards: Sequence[torch.Tensor],
+               fill: Optional[Callable[[torch.Tensor, int], None]] = None) -> torch.Tensor:
+        """The canonical full tensor (TP=1 layout and padded vocab) from all TP ranks' shards, in
+        fresh memory. ``fill(region, r)`` puts shard ``r``'s values into ``region``, the view of the
+        result (in the split's geometry) where they belong; by default copied from ``shards[r]``,
+        a reader may write file bytes there directly."""
         if len(shards) != self.tp:
             raise ValueError(f"expected {self.tp} shards, got {len(shards)}")
-        if spec.tp_dim is None:
-            return shards[0]
-        views = [self._tp_view(spec, s) for s in shards]
-        axis = views[0][1]
-        full = torch.cat([v for v, _ in views], dim=axis)
+        if fill is None:
+            def fill(region: torch.Tensor, r: int) -> None:
+                region.copy_(shards[r].reshape(region.shape))
         shape = list(shards[0].shape)
-        shape[spec.tp_dim] *= self.tp
-        full = full.reshape(shape)
+        if spec.tp_dim is not None:
+            shape[spec.tp_dim] *= self.tp
+        full = torch.empty(shape, dtype=shards[0].dtype)
+        if spec.tp_dim is None:
+            fill(full, 0)
+            return full
+        view, axis = self._tp_view(spec, full)
+        for r, region in enumerate(view.chunk(self.tp, dim=axis)):
+            fill(region, r)
         if spec.dims[spec.tp_dim] == "vocab":
             full = full.narrow(spec.tp_dim, 0, self.cfg.padded_vocab_size(1))
         return full

@@ -2,7 +2,8 @@
 
 ``torch.save`` pickles the whole object first and writes the storages after, so everything it saves
 is in memory at once. :func:`save_streaming` writes the same zip archive (torch 2.x format, through
-torch's own ``PyTorchFileWriter``: 64-byte aligned records, CRC32 as ``torch.save`` is configured)
+torch's own ``PyTorchFileWriter``: 64-byte aligned records, CRC32 as ``torch.save`` is configured,
+top directory ``archive/`` as torch.save to a file object names it)
 in the other order: each tensor's storage record ``data/<key>`` is written as soon as the tensor
 exists, and the tensor is dropped; ``data.pkl`` (the pickle, whose persistent ids reference the
 written storages) and the small ``.format_version`` / ``.storage_alignment`` / ``byteorder`` /
@@ -18,10 +19,7 @@ along, unlike ``torch.save``). Tensors elsewhere (inside other objects) and tens
 ``nn.Parameter`` are handled as ``torch.save`` handles them: pickled by torch's own reducers and
 their storages written after the pickle.
 
-:class:`MappedPages` lets the kernel drop the resident pages of tensors read from a file with
-``torch.load(mmap=True)`` once they are consumed, so reading a whole checkpoint through mmap does
-not grow the process's resident set to the checkpoint's size; :func:`return_freed_memory` keeps
-glibc from holding on to freed tensors.
+:func:`reuse_freed_memory` makes a process that streams tensors reuse freed ones' memory.
 """
 
 from __future__ import annotations
@@ -29,17 +27,15 @@ from __future__ import annotations
 import collections
 import ctypes
 import io
-import mmap
 import os
 import pickle
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["LazyTensor", "StreamingWriter", "save_streaming", "MappedPages",
-           "return_freed_memory"]
+__all__ = ["LazyTensor", "StreamingWriter", "save_streaming", "reuse_freed_memory"]
 
 
 class LazyTensor:
@@ -76,6 +72,25 @@ class _WrittenTensor:
         return self.reduced
 
 
+class _FileSink:
+    """The stream PyTorchFileWriter writes to. Given a file name, torch's writer holds the GIL while
+    it writes a record; through this sink ``os.write`` releases it while the kernel copies, so
+    another thread (producing the next tensor) runs meanwhile. Takes any path (torch's: ASCII)."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed by close())
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):  # one write moves at most ~2 GiB
+            done += self._file.write(view[done:])
+        return done
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class StreamingWriter:
     """Write one torch-format file incrementally: :meth:`write_tensor` ..., then :meth:`finish`.
 
@@ -88,17 +103,10 @@ class StreamingWriter:
                  checksums: Optional[bool] = None):
         self.path = Path(path)
         self.protocol = pickle_protocol
-        self._stream = None
-        name = os.fspath(self.path)
         crc32 = torch.serialization.get_crc32_options() if checksums is None else checksums
         alignment = torch.serialization._get_storage_alignment()
-        try:
-            name.encode("ascii")
-        except UnicodeEncodeError:  # PyTorchFileWriter takes ASCII paths only (as torch.save)
-            self._stream = open(name, "wb")  # noqa: SIM115
-            self._zip = torch._C.PyTorchFileWriter(self._stream, crc32, alignment)
-        else:
-            self._zip = torch._C.PyTorchFileWriter(name, crc32, alignment)
+        self._stream = _FileSink(self.path)
+        self._zip = torch._C.PyTorchFileWriter(self._stream, crc32, alignment)
         self._keys = 0
         self._written: dict[int, tuple[torch.Tensor, _WrittenTensor]] = {}  # id -> same object
         self.bytes_written = 0
@@ -114,9 +122,8 @@ class StreamingWriter:
 
     def abort(self) -> None:
         """Close and delete the partial file."""
-        self._zip = None  # the writer's destructor closes the file
-        if self._stream is not None:
-            self._stream.close()
+        self._zip = None
+        self._stream.close()
         self.path.unlink(missing_ok=True)
 
     # -- records -----------------------------------------------------------------------------
@@ -240,8 +247,7 @@ class StreamingWriter:
             zf.write_record(f"data/{key}", storage, storage.nbytes())
             self.bytes_written += storage.nbytes()
         zf.write_end_of_file()
-        if self._stream is not None:
-            self._stream.close()
+        self._stream.close()
         self.finished = True
         return self.bytes_written
 
@@ -252,102 +258,26 @@ def save_streaming(obj: Any, path: str | Path, checksums: Optional[bool] = None)
         return writer.finish(obj)
 
 
-# -- dropping the pages of consumed mmapped tensors --------------------------------------------
-_MADV_DONTNEED = 4
+# -- reusing freed tensor memory ------------------------------------------------------------------
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_PAGE = mmap.PAGESIZE
-_libc = None
+_HEAP_BLOCKS_BELOW = 32 << 20  # the largest mmap threshold glibc accepts (64-bit)
 
 
-def _c():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return _libc
+def reuse_freed_memory() -> None:
+    """Make glibc reuse freed tensor memory predictably (process-wide; a no-op off glibc).
 
-
-def _file_mappings(path: str | Path) -> list[tuple[int, int]]:
-    """(start, end) of this process's mappings of file ``path`` (from /proc/self/maps)."""
-    name, out = os.path.realpath(path), []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            parts = line.rstrip("\n").split(maxsplit=5)
-            if len(parts) == 6 and parts[5] == name:
-                start, end = parts[0].split("-")
-                out.append((int(start, 16), int(end, 16)))
-    return out
-
-
-def _span(tensor: torch.Tensor) -> tuple[int, int]:
-    first = tensor.data_ptr()
-    return first, first + tensor.numel() * tensor.element_size()
-
-
-class MappedPages:
-    """Where the tensors of files loaded with ``torch.load(mmap=True)`` live, to drop their pages.
-
-    :meth:`add` records the address span of one loaded file's tensors, after checking that it lies
-    inside a mapping of that file; the caller keeps that file's tensors alive (which keeps the
-    mapping). :meth:`drop` then lets the kernel drop the resident pages of consumed tensors inside
-    a recorded span: the tensors stay valid (touching them again re-reads the file, normally from
-    the page cache), but a process streaming a checkpoint through mmap does not keep every page it
-    ever read resident. Only whole pages inside a tensor's own bytes are dropped, and a mapping
-    that was written to must not be given (torch.load never writes to it). Off Linux: no-op.
-    """
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[int, int]] = []
-
-    def add(self, path: str | Path, content: Any) -> bool:
-        """Record the span of ``content``'s tensors, mmapped from ``path``; False if they are not."""
-        if not sys.platform.startswith("linux"):
-            return False
-        spans = [_span(t) for t in _tensors(content) if t.numel()]
-        if not spans:
-            return False
-        lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
-        if not any(start <= lo and hi <= end for start, end in _file_mappings(path)):
-            return False
-        self.spans.append((lo, hi))
-        return True
-
-    def drop(self, tensors: Iterable[torch.Tensor]) -> int:
-        """Drop the resident pages of ``tensors`` (those inside a recorded span); returns bytes."""
-        released = 0
-        for tensor in tensors:
-            if not tensor.numel():
-                continue
-            first, last = _span(tensor)
-            if any(lo <= first and last <= hi for lo, hi in self.spans):
-                start = -(-first // _PAGE) * _PAGE  # whole pages inside the tensor's bytes only
-                end = last // _PAGE * _PAGE
-                if end > start and _c().madvise(start, end - start, _MADV_DONTNEED) == 0:
-                    released += end - start
-        return released
-
-
-def _tensors(value: Any) -> Iterable[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-
-
-def return_freed_memory() -> None:
-    """Make glibc give large freed blocks back to the OS at once (process-wide).
-
-    glibc raises its mmap threshold each time a large mmapped block is freed, after which blocks
-    of that size come from the heap, where freed ones can stay resident: streaming a model tensor
-    by tensor could keep hundreds of MB of dead tensors in RSS. A fixed threshold stops that.
+    Blocks under 32 MiB (a transformer layer's tensors) come from the heap, and the heap is not
+    trimmed: the next tensors reuse freed blocks without page faults, and RSS stays at the
+    high-water mark of live tensors. Larger blocks are mmapped and given back when freed. (glibc's
+    default moves its mmap threshold up as large blocks are freed, so which tensors cost fresh,
+    page-faulting memory - about 0.3 s per GB here - would depend on the order they come in.)
     """
     if sys.platform.startswith("linux"):
         try:
-            _c().mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+            libc = ctypes.CDLL(None)
+            libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCKS_BELOW)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
         except (OSError, AttributeError):  # not glibc
             pass

@@ -6,8 +6,10 @@
          "optimizer"?, "opt_param_scheduler"?, "rng_state"?, ...}
 
 This module knows files and keys, not math. Files are loaded with ``weights_only=True`` and
-megatron-core's allow-list of classes (argparse.Namespace, its enums); ``mmap=True`` keeps reading
-lazy, so a converter touches only the tensors it asks for.
+megatron-core's allow-list of classes (argparse.Namespace, its enums); ``mmap=True`` keeps loading
+lazy (shapes and dtypes without data), and :meth:`TorchCheckpoint.read` reads the bytes of the
+shards it gathers with ``pread`` (:mod:`mlmega.checkpoint.records`), so a converter reads only the
+tensors it asks for and keeps none of the files resident.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from typing import Any, Optional
 import torch
 
 from mlmega.checkpoint.layout import ShardLayout
-from mlmega.checkpoint.streaming import MappedPages, save_streaming
+from mlmega.checkpoint.records import RecordFile
+from mlmega.checkpoint.streaming import save_streaming
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
+from mlmega.models.params import ParamSpec
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
@@ -113,8 +117,7 @@ class TorchCheckpoint:
     layout: ShardLayout
     args: argparse.Namespace
     _shards: dict[tuple[int, int], dict] = field(default_factory=dict, repr=False)
-    _read: list[torch.Tensor] = field(default_factory=list, repr=False)  # since release_pages()
-    _pages: MappedPages = field(default_factory=MappedPages, repr=False)
+    _files: dict[tuple[int, int], RecordFile] = field(default_factory=dict, repr=False)
 
     @property
     def directory(self) -> Path:
@@ -163,7 +166,7 @@ class TorchCheckpoint:
                 raise ConfigError(f"{path}: {SHARD_FILE} is missing")
         ckpt = cls(root, iteration, release, layout, args)
         ckpt._shards[first] = shard0
-        ckpt._pages.add(ranks[first] / SHARD_FILE, shard0.get("model"))
+        ckpt._files[first] = RecordFile(ranks[first] / SHARD_FILE)
         return ckpt
 
     def shard(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
@@ -171,7 +174,7 @@ class TorchCheckpoint:
         key = (tp_rank, pp_rank)
         if key not in self._shards:
             self._shards[key] = load_file(self.shard_path(tp_rank, pp_rank))
-            self._pages.add(self.shard_path(tp_rank, pp_rank), self._shards[key].get("model"))
+            self._files[key] = RecordFile(self.shard_path(tp_rank, pp_rank))
         return self._shards[key]
 
     def model_state(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
@@ -200,32 +203,34 @@ class TorchCheckpoint:
                     raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
                                       f"expected {shape} for TP={self.layout.tp}")
 
-    def read(self, global_name: str) -> torch.Tensor:
-        """The canonical full tensor of ``global_name``, gathered over TP from its stage."""
+    def _stored(self, global_name: str) -> tuple[ParamSpec, int, str]:
+        """(spec, pipeline stage, local name) under which this checkpoint stores ``global_name``."""
         spec, layer = _lookup(self.layout.cfg, global_name)
         pp_rank = 0 if layer is None and spec.stage == "first" else \
             self.layout.pp - 1 if layer is None else self.layout.stage_of_layer(layer)
         local = global_name if layer is None else \
             spec.template.format(layer - self.layout.stage_layers(pp_rank).start)
+        return spec, pp_rank, local
+
+    def read(self, global_name: str) -> torch.Tensor:
+        """The canonical full tensor of ``global_name``, gathered over TP from its stage, in fresh
+        memory: each shard's bytes are read from its file into their place in the result."""
+        spec, pp_rank, local = self._stored(global_name)
         shards = [self.model_state(t, pp_rank)[local] for t in range(self.layout.tp)]
-        self._read.extend(shards)
-        return self.layout.gather(spec, shards)
 
-    def shares_read_memory(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` shares memory with a shard tensor that :meth:`read` used since the
-        last :meth:`release_pages` (e.g. is what ``read`` returned for a replicated tensor)."""
-        ptr = tensor.untyped_storage().data_ptr()
-        return any(t.untyped_storage().data_ptr() == ptr for t in self._read)
+        def fill(region: torch.Tensor, tp_rank: int) -> None:
+            self._files[(tp_rank, pp_rank)].read_into(region, shards[tp_rank])
 
-    def release_pages(self) -> int:
-        """Let the OS drop the resident mmapped pages of the tensors :meth:`read` returned so far.
+        return self.layout.gather(spec, shards, fill)
 
-        Call it once what was read is consumed (written out): those tensors stay valid (touching
-        them again re-reads the file, normally from the page cache), but a process streaming a
-        whole checkpoint through mmap keeps only what it currently works on resident.
-        """
-        done, self._read = self._read, []
-        return self._pages.drop(done)
+    def read_shard(self, global_name: str, tp_rank: int) -> torch.Tensor:
+        """TP rank ``tp_rank``'s stored shard of ``global_name`` (at this checkpoint's own layout),
+        in fresh memory: what ``layout.split(read(global_name), tp_rank)`` gives, without a gather."""
+        spec, pp_rank, local = self._stored(global_name)
+        stored = self.model_state(tp_rank, pp_rank)[local]
+        out = torch.empty(stored.shape, dtype=stored.dtype)
+        self._files[(tp_rank, pp_rank)].read_into(out, stored)
+        return self.layout.zero_padding(spec, out, tp_rank)
 
 
 def _lookup(cfg: ModelConfig, global_name: str):
