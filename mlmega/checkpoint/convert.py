@@ -140,8 +140,10 @@ class _Producer:
         full = self.mapped(param)
         if self.plan.op == "interpolate":
             # elementwise, so interpolate the ranks' shards rather than the full tensors and
-            # split: the same values (split moves data and pads zeros)
-            return [interpolate_tensor(large, target.shard_of(spec, full, r), self.plan.alpha)
+            # split: the same values (split moves data and pads zeros). Each large shard is fresh
+            # memory of its own, so it takes the result in place.
+            return [interpolate_tensor(large, target.shard_of(spec, full, r), self.plan.alpha,
+                                       out=large)
                     for r, large in zip(tp_ranks, self._large_shards(param, tp_ranks))]
         if target.tp == 1 and tuple(full.shape) == target.local_shape(spec) \
                 and full.is_contiguous():
@@ -149,15 +151,16 @@ class _Producer:
         return [target.split(spec, full, r) for r in tp_ranks]
 
     def _large_shards(self, param, tp_ranks: Sequence[int]):
-        """The large checkpoint's shards of ``param`` for ``tp_ranks``, one at a time: read as
-        stored when it is stored at the target layout (no gather), else split from the gather."""
+        """The large checkpoint's shards of ``param`` for ``tp_ranks``, one at a time, each in fresh
+        contiguous memory: read as stored when it is stored at the target layout (no gather),
+        else split from the gathered tensor."""
         target, large = self.plan.target, self.large
         same = (isinstance(large, TorchCheckpoint) and large.layout.tp == target.tp
                 and large.layout.layers_per_stage == target.layers_per_stage)
         full = None if same else large.read(param.global_name)
         for r in tp_ranks:
             yield large.read_shard(param.global_name, r) if same else \
-                target.shard_of(param.spec, full, r)
+                target.split(param.spec, full, r)
 
 
 def stage_tensors(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int]):

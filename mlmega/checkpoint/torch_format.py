@@ -15,6 +15,7 @@ tensors it asks for and keeps none of the files resident.
 from __future__ import annotations
 
 import argparse
+import functools
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from mlmega.checkpoint.records import RecordFile
 from mlmega.checkpoint.streaming import save_streaming
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
-from mlmega.models.params import ParamSpec
+from mlmega.models.params import ParamSpec, iter_params
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
@@ -233,13 +234,13 @@ class TorchCheckpoint:
         return self.layout.zero_padding(spec, out, tp_rank)
 
 
-def _lookup(cfg: ModelConfig, global_name: str):
-    from mlmega.models.params import iter_params
+@functools.lru_cache(maxsize=8)
+def _params_by_name(cfg: ModelConfig) -> dict[str, tuple[ParamSpec, Optional[int]]]:
+    return {name: (spec, layer) for name, spec, layer in iter_params(cfg)}
 
-    for name, spec, layer in iter_params(cfg):
-        if name == global_name:
-            return spec, layer
-    raise KeyError(global_name)
+
+def _lookup(cfg: ModelConfig, global_name: str) -> tuple[ParamSpec, Optional[int]]:
+    return _params_by_name(cfg)[global_name]
 
 
 def _arch_from_keys(shard: dict) -> Optional[str]:

@@ -15,7 +15,7 @@ import torch
 
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
-from mlmega.models.params import ParamSpec, iter_params
+from mlmega.models.params import ParamSpec, global_shape, iter_params
 from mlmega.models.state import StateDict, check_state_dict
 from mlmega.operators.schemes import Grouping, LevelSchemes
 from mlmega.operators.width import COALESCE, DECOALESCE, map_width, unit_matrices, width_config
@@ -111,10 +111,10 @@ class LevelMap:
         if layer is None:
             return self.decoalesce_tensor(spec, read(spec.name()))
         small_layer = self.decoalesce_source(layer)
-        out = self.decoalesce_tensor(spec, read(spec.name(small_layer)))
+        small = read(spec.name(small_layer))
         if self.identity_copies and spec.residual and layer != self.depth.groups[small_layer][0]:
-            return torch.zeros_like(out)  # an identity block (never zero the mmapped source in place)
-        return out
+            return torch.zeros(global_shape(self.large, spec), dtype=small.dtype)  # identity block
+        return self.decoalesce_tensor(spec, small)
 
 
 def _residual_scale(cfg: ModelConfig, width: Optional[Grouping], schemes: LevelSchemes) -> float:
@@ -159,20 +159,25 @@ def interpolate(large: StateDict, decoalesced: StateDict, cfg: ModelConfig, alph
 _CHUNK = 1 << 22  # elements per float32 block of interpolate_tensor for 16-bit tensors (16 MB)
 
 
-def interpolate_tensor(large: torch.Tensor, decoalesced: torch.Tensor, alpha: float) -> torch.Tensor:
+def interpolate_tensor(large: torch.Tensor, decoalesced: torch.Tensor, alpha: float,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(1 - alpha) * large + alpha * decoalesced, exact at both ends (alpha=0 gives ``large``,
     alpha=1 ``decoalesced``: torch.lerp's two-sided formula) and within float rounding between.
 
     One pass in the tensors' dtype for float32/float64; 16-bit tensors are mixed in float32 block
-    by block, so the temporaries stay at a few blocks however large the tensor is.
+    by block, so the temporaries stay at a few blocks however large the tensor is. The result goes
+    to ``out`` (contiguous, ``large``'s shape and dtype; may be ``large`` itself), by default to
+    fresh memory.
     """
     if large.shape != decoalesced.shape:
         raise ValueError(f"interpolate: shapes {tuple(large.shape)} and "
                          f"{tuple(decoalesced.shape)} differ")
-    if large.dtype in (torch.float32, torch.float64):  # fresh contiguous memory, even for views
-        return torch.lerp(large, decoalesced.to(large.dtype), alpha,
-                          out=torch.empty(large.shape, dtype=large.dtype))
-    out = torch.empty_like(large, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty(large.shape, dtype=large.dtype)
+    elif out.shape != large.shape or out.dtype != large.dtype or not out.is_contiguous():
+        raise ValueError("interpolate: out must be contiguous with the inputs' shape and dtype")
+    if large.dtype in (torch.float32, torch.float64):
+        return torch.lerp(large, decoalesced.to(large.dtype), alpha, out=out)
     flat_out, flat_l, flat_d = out.view(-1), large.reshape(-1), decoalesced.reshape(-1)
     for start in range(0, flat_out.numel(), _CHUNK):
         end = min(start + _CHUNK, flat_out.numel())

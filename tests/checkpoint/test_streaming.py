@@ -200,10 +200,12 @@ def test_streamed_reshard_is_exact(tmp_path, target):
         _load(ckpt.shard_path(tp_rank, pp_rank), mmap=False)
 
 
-@pytest.mark.parametrize("op", ["coalesce", "decoalesce", "interpolate"])
-def test_streamed_level_conversions_match_the_operators(tmp_path, op):
-    """Sharded, streamed conversion (TP=2 target: interpolation runs on the shards) gives exactly
-    what the full-state operators give."""
+@pytest.mark.parametrize("op,target", [("coalesce", (2, 2)), ("decoalesce", (2, 2)),
+                                       ("interpolate", (2, 2)), ("interpolate", (2, 1))])
+def test_streamed_level_conversions_match_the_operators(tmp_path, op, target):
+    """Sharded, streamed conversion (TP=2 target: interpolation runs on the shards; at the large
+    level's layout its shards are read as stored, at another one split from its gather) gives
+    exactly what the full-state operators give."""
     from mlmega.checkpoint.convert import (load_full_state, plan_conversion, run_conversion,
                                            save_full_state)
     from mlmega.operators import LevelSchemes, coalesce, decoalesce, interpolate
@@ -227,10 +229,10 @@ def test_streamed_level_conversions_match_the_operators(tmp_path, op):
         if op == "interpolate":
             expected = interpolate(large, expected, large_cfg, 0.3)
         plan = plan_conversion(op, tmp_path / "small", tmp_path / "out", schemes=schemes,
-                               target_tp=2, target_pp=2, alpha=0.3,
+                               target_tp=target[0], target_pp=target[1], alpha=0.3,
                                large=tmp_path / "large" if op == "interpolate" else None)
     run_conversion(plan, log=lambda *a: None)
     got, layout = load_full_state(tmp_path / "out")
-    assert (layout.tp, layout.pp) == (2, 2) and set(got) == set(expected)
+    assert (layout.tp, layout.pp) == target and set(got) == set(expected)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
