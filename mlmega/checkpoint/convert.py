@@ -214,7 +214,7 @@ def convert_ranks(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int],
 
             write_dist_rank(staging / iteration_dir_name(plan.iteration), target, tp_rank,
                             pp_rank, {name: LazyTensor(produce(name)) for name in names})
-            next(tensors, None)  # finish the generator (releases the last source pages)
+            next(tensors, None)  # run the generator to its end
     else:
         paths = {r: rank_file_path(staging, target, r, pp_rank, plan.iteration) for r in tp_ranks}
         written: dict[int, dict] = {r: {} for r in tp_ranks}

@@ -301,11 +301,6 @@ class DistCheckpoint:
                                   f"({type(err).__name__}: {err})") from None
         return out
 
-    def release_pages(self) -> int:
-        """Nothing to drop: reads are copied out of the files, not mmapped (for the converter's
-        interface, see TorchCheckpoint.release_pages)."""
-        return 0
-
     # -- validation ---------------------------------------------------------------------------
     def validate_tensors(self) -> None:
         """Every parameter of the args' model is stored, with the expected global shape, and no

@@ -101,7 +101,7 @@ class LevelMap:
             # the weighted sum in float32 (float64 for float64 tensors), as the width maps compute
             compute = torch.float64 if dtype == torch.float64 else torch.float32
             term = self.coalesce_tensor(spec, large).to(compute) * weight  # never in place:
-            del large  # the mapped tensor may be the (mmapped) source itself
+            del large  # the mapped tensor may be what read() returned (a caller's state dict's)
             total = term if total is None else total.add_(term)
             del term
         return total.to(dtype)
