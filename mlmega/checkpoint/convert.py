@@ -1,8 +1,9 @@
 """Per-rank streaming conversion of sharded Megatron checkpoints between layouts and levels.
 
 To produce target rank (tp, pp) a worker reads only the source tensors it needs (with pread from
-the shard files, whose metadata is loaded lazily), one parameter at a time: gather over the source's TP ranks, apply the operator
-(identity, coalesce, de-coalesce, de-coalesce + interpolate), split for the target TP rank. Target
+the shard files, whose metadata is loaded lazily), one parameter at a time: gather over the
+source's TP ranks, apply the operator (identity, coalesce, de-coalesce, de-coalesce +
+interpolate), split for the target TP rank. Target
 ranks run in parallel worker processes (or as the tasks of one SLURM job), each writing its own file
 into a staging directory; the coordinator writes the ``latest`` marker last and renames the
 staging directory into place. Sources in either format (torch: ``mp_rank_*`` files; torch_dist:

@@ -1,4 +1,4 @@
-"""Read the bytes of tensors loaded with ``torch.load(mmap=True)`` by ``pread``, not through the map.
+"""Read tensors loaded with ``torch.load(mmap=True)`` by ``pread``, not through the map.
 
 ``torch.load(mmap=True)`` maps a whole file and gives tensors that view its records: metadata for
 free, but touching their data costs a page fault per few pages and leaves the pages counted in the
@@ -62,7 +62,7 @@ class RecordFile:
         return None
 
     def read_into(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
-        """Fill ``out`` (any view) with the values of mmapped ``tensor`` reshaped to ``out``'s shape."""
+        """Fill ``out`` (any view) with the values of mmapped ``tensor``, reshaped to ``out``'s."""
         offset = self.offset(tensor) if tensor.numel() else None
         if offset is None:
             out.copy_(tensor.reshape(out.shape))
