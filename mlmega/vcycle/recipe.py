@@ -18,6 +18,7 @@ from mlmega.config.errors import ConfigError
 from mlmega.config.sections import section_from_mapping
 from mlmega.config.model import ModelConfig
 from mlmega.operators import LevelMap, LevelSchemes
+from mlmega.train.config import DECAY_STYLES
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,6 @@ class TrainingConfig:
     eval_iters: int = 4
     save_interval: int = 0
     log_interval: int = 10
-
-
-BOTTOM_DECAY = ("linear", "cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -146,9 +144,9 @@ class Recipe:
             raise ConfigError(f"{self.source}: schedule: every stage needs at least one step")
         if not 0.0 <= s.alpha <= 1.0:
             raise ConfigError(f"{self.source}: schedule.alpha={s.alpha}: expected [0, 1]")
-        if s.bottom_decay not in BOTTOM_DECAY:
+        if s.bottom_decay not in DECAY_STYLES:  # it becomes the stage's decay_style
             raise ConfigError(f"{self.source}: schedule.bottom_decay={s.bottom_decay!r}: "
-                              f"expected one of {list(BOTTOM_DECAY)}")
+                              f"expected one of {list(DECAY_STYLES)}")
         if self.cluster.executor not in ("local", "slurm"):
             raise ConfigError(f"{self.source}: cluster.executor={self.cluster.executor!r}: "
                               f"expected 'local' or 'slurm'")
