@@ -3,13 +3,13 @@
 To produce target rank (tp, pp) a worker reads only the source tensors it needs (with pread from
 the shard files, whose metadata is loaded lazily), one parameter at a time: gather over the
 source's TP ranks, apply the operator (identity, coalesce, de-coalesce, de-coalesce +
-interpolate), split for the target TP rank. Target
-ranks run in parallel worker processes (or as the tasks of one SLURM job), each writing its own file
-into a staging directory; the coordinator writes the ``latest`` marker last and renames the
-staging directory into place. Sources in either format (torch: ``mp_rank_*`` files; torch_dist:
-megatron-core's distributed checkpoint) are detected; ``format="torch_dist"`` writes torch_dist
-output: each target rank writes its own ``.distcp`` file and index part, and the coordinator
-merges the parts into ``.metadata`` (plus ``common.pt``, ``metadata.json``) before the marker.
+interpolate), split for the target TP rank. Target ranks run in parallel worker processes (or as
+the tasks of one SLURM job), each writing its own file into a staging directory; the coordinator
+writes the ``latest`` marker last and renames the staging directory into place. Sources in
+either format (torch: ``mp_rank_*`` files; torch_dist: megatron-core's distributed checkpoint) are
+detected; ``format="torch_dist"`` writes torch_dist output: each target rank writes its own
+``.distcp`` file and index part, and the coordinator merges the parts into ``.metadata`` (plus
+``common.pt``, ``metadata.json``) before the marker.
 """
 
 from __future__ import annotations
@@ -228,8 +228,8 @@ def convert_ranks(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int],
                 del shard
                 progress.update(1)
 
-        # One parameter is written (a thread: write_record releases the GIL) while the next is
-        # gathered and mapped: at most two parameters' shards are alive.
+        # One parameter is written (a thread: the writer's os.write releases the GIL) while the
+        # next is gathered and mapped: at most two parameters' shards are alive.
         with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as io:
             writers = {r: stack.enter_context(StreamingWriter(paths[r], checksums=plan.checksums))
                        for r in tp_ranks}
@@ -257,7 +257,8 @@ def convert_share(tasks: Sequence[ConversionTask]) -> list[RankResult]:
 
 
 def convert_task(task: ConversionTask) -> list[RankResult]:
-    """One worker's (or SLURM task's) share: :func:`convert_ranks` in a fresh process."""
+    """One task (:func:`convert_ranks`) as a conversion process runs it: one thread, freed
+    memory reused."""
     torch.set_num_threads(1)
     reuse_freed_memory()  # the next tensors reuse freed ones' memory (no page faults)
     return convert_ranks(*task)

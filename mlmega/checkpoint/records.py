@@ -45,7 +45,7 @@ class RecordFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed with the object)
+        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed when collected)
         self._size = os.fstat(self._file.fileno()).st_size
         self._mappings = file_mappings(self.path)  # taken after torch.load mapped the file
 
@@ -67,9 +67,8 @@ class RecordFile:
         if offset is None:
             out.copy_(tensor.reshape(out.shape))
             return
-        dest = out if out.is_contiguous() else torch.empty(out.shape, dtype=tensor.dtype)
-        if dest.dtype != tensor.dtype:
-            dest = torch.empty(out.shape, dtype=tensor.dtype)
+        direct = out.is_contiguous() and out.dtype == tensor.dtype
+        dest = out if direct else torch.empty(out.shape, dtype=tensor.dtype)
         view = memoryview(_bytes_of(dest))
         done = 0
         while done < len(view):  # one read moves at most ~2 GiB
@@ -77,8 +76,5 @@ class RecordFile:
             if n == 0:
                 raise ConfigError(f"{self.path}: file ends inside a tensor record (truncated?)")
             done += n
-        if dest is not out:
+        if not direct:
             out.copy_(dest)
-
-    def close(self) -> None:
-        self._file.close()

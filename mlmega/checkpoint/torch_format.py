@@ -167,7 +167,6 @@ class TorchCheckpoint:
                 raise ConfigError(f"{path}: {SHARD_FILE} is missing")
         ckpt = cls(root, iteration, release, layout, args)
         ckpt._shards[first] = shard0
-        ckpt._files[first] = RecordFile(ranks[first] / SHARD_FILE)
         return ckpt
 
     def shard(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
@@ -175,8 +174,16 @@ class TorchCheckpoint:
         key = (tp_rank, pp_rank)
         if key not in self._shards:
             self._shards[key] = load_file(self.shard_path(tp_rank, pp_rank))
-            self._files[key] = RecordFile(self.shard_path(tp_rank, pp_rank))
         return self._shards[key]
+
+    def _record_file(self, tp_rank: int, pp_rank: int) -> RecordFile:
+        """The reader of a rank's file whose content :meth:`shard` loaded (opened on first use:
+        opening and validating a checkpoint reads no tensor)."""
+        key = (tp_rank, pp_rank)
+        if key not in self._files:
+            self.shard(tp_rank, pp_rank)  # mapped first: RecordFile looks up the mapping
+            self._files[key] = RecordFile(self.shard_path(tp_rank, pp_rank))
+        return self._files[key]
 
     def model_state(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
         shard = self.shard(tp_rank, pp_rank)
@@ -220,7 +227,7 @@ class TorchCheckpoint:
         shards = [self.model_state(t, pp_rank)[local] for t in range(self.layout.tp)]
 
         def fill(region: torch.Tensor, tp_rank: int) -> None:
-            self._files[(tp_rank, pp_rank)].read_into(region, shards[tp_rank])
+            self._record_file(tp_rank, pp_rank).read_into(region, shards[tp_rank])
 
         return self.layout.gather(spec, shards, fill)
 
@@ -230,7 +237,7 @@ class TorchCheckpoint:
         spec, pp_rank, local = self._stored(global_name)
         stored = self.model_state(tp_rank, pp_rank)[local]
         out = torch.empty(stored.shape, dtype=stored.dtype)
-        self._files[(tp_rank, pp_rank)].read_into(out, stored)
+        self._record_file(tp_rank, pp_rank).read_into(out, stored)
         return self.layout.zero_padding(spec, out, tp_rank)
 
 
