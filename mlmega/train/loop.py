@@ -48,23 +48,25 @@ def train(cfg: TrainConfig) -> dict:
                         post_process=ps.is_pipeline_last_stage(), dtype=dtype)
     if torch.cuda.is_available():
         model.cuda()
-    ddp, optimizer, scheduler = _optimizer(model, cfg, dtype)
-
     save_dir = Path(cfg.save_dir)
     start_step, consumed = 0, 0
     resume = checkpointing.latest(save_dir)
+    # The weights go in before the optimizer is built: under bf16 it keeps fp32 main copies of
+    # the parameters, taken at construction, and its first step would write those back.
     if resume is not None:
         checkpointing.check_resumable(resume, layout)
         shard = resume.shard(tp_rank, pp_rank)
         _load_model(model, shard["model"], f"{resume.shard_path(tp_rank, pp_rank)}")
+    elif cfg.init is not None:
+        _load_init(model, cfg, layout, tp_rank, pp_rank)
+        _log(is_logger, f"initialised from {cfg.init.checkpoint} ({cfg.init.op})")
+    ddp, optimizer, scheduler = _optimizer(model, cfg, dtype)
+    if resume is not None:
         optimizer.load_state_dict(shard["optimizer"])
         scheduler.load_state_dict(shard["opt_param_scheduler"])
         checkpointing.set_rng_state(shard["rng_state"])
         start_step, consumed = resume.iteration, shard["args"].consumed_train_samples
         _log(is_logger, f"resumed from {resume.directory} at step {start_step}")
-    elif cfg.init is not None:
-        _load_init(model, cfg, layout, tp_rank, pp_rank)
-        _log(is_logger, f"initialised from {cfg.init.checkpoint} ({cfg.init.op})")
 
     train_set, val_set = open_datasets(cfg.model.arch, cfg.data_dir, cfg.seq_length, cfg.seed,
                                        cfg.steps * cfg.global_batch_size,

@@ -109,3 +109,21 @@ def test_start_from_previous_level_gives_the_converted_models_loss(tmp_path, pre
     start = interpolate(large_state, deco, large, 0.25)
     expected = _first_batch_loss(TrainConfig.from_yaml(up), start)
     assert losses(tmp_path / "back")[1] == pytest.approx(expected, rel=1e-5)
+
+
+def test_training_starts_from_the_loaded_weights(tmp_path, prepared, model_parallel):
+    """A stage initialised from a checkpoint trains from those weights, not from its own random
+    init: with a vanishing learning rate, the weights it saves after two steps are the loaded
+    ones (to the training dtype). On a GPU (bf16 by default) this checks that the optimizer's fp32
+    main copies are taken after loading: built before, its first step wrote the random init back."""
+    cfg = ModelConfig.from_dict(model_section("gpt"))
+    state = make_model_state(cfg, seed=3)
+    save_full_state(state, ShardLayout(cfg), tmp_path / "init")
+    config = stage_config(tmp_path, "run", prepared["gpt"], steps=2,
+                          optimizer=dict(lr=1e-12, warmup_steps=0, weight_decay=0.0),
+                          init=dict(checkpoint=str(tmp_path / "init"), op="reshard"))
+    run_stage(config)
+    saved, _ = load_full_state(tmp_path / "run")
+    for name, tensor in state.items():
+        torch.testing.assert_close(saved[name], tensor.to(saved[name].dtype), rtol=1e-6,
+                                   atol=1e-9, msg=lambda m: f"{name}: {m}")
