@@ -12,6 +12,9 @@ undoes de-coalescing exactly.
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
 
 from mlmega.config.errors import ConfigError
@@ -22,8 +25,10 @@ from mlmega.operators.schemes import Grouping
 COALESCE, DECOALESCE = "coalesce", "decoalesce"
 
 
+@functools.lru_cache(maxsize=32)
 def unit_matrices(grouping: Grouping, direction: str) -> dict[str, torch.Tensor]:
-    """The unit-level matrix for each width side in ``direction`` (new units x old units)."""
+    """The unit-level matrix for each width side in ``direction`` (new units x old units); cached,
+    so read-only."""
     f, t = grouping.average_matrix(), grouping.copy_matrix()
     if direction == COALESCE:
         return {OUT: f, IN: t.T}
@@ -35,6 +40,9 @@ def unit_matrices(grouping: Grouping, direction: str) -> dict[str, torch.Tensor]
 def map_width(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
               matrices: dict[str, torch.Tensor]) -> torch.Tensor:
     """Apply the width map to one full tensor of the model ``cfg`` (the source model)."""
+    expanded = _expand_copies(tensor, spec, cfg, matrices)
+    if expanded is not None:
+        return expanded
     units = cfg.num_query_groups
     compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     out = tensor.to(compute)
@@ -48,6 +56,60 @@ def map_width(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
         out = mapped.reshape(*shape[:dim], lead * mapped.shape[dim + 1] * (length // units),
                              *shape[dim + 1:])
     return out.to(tensor.dtype)
+
+
+def _expand_copies(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
+                   matrices: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """The map as one broadcast copy, or None where it is not one.
+
+    De-coalescing with adjacent or stacked schemes copies every unit to ``g`` units in a regular
+    order (each with one weight: 1 out-side, 1/g in-side): the tensor, scaled once (it is the
+    small one), is viewed with a copy axis beside each units axis, expanded and laid out as the
+    large tensor in one pass, the same values as the index selections of the general path.
+    """
+    units = cfg.num_query_groups
+    view_shape, expanded_shape, out_shape, weights = [], [], [], []
+    for size, space, side in zip(tensor.shape, spec.dims, spec.sides):
+        if side is None or space not in WIDTH_SPACES:
+            view_shape.append(size)
+            expanded_shape.append(size)
+            out_shape.append(size)
+            continue
+        pattern = _copy_pattern(matrices[side])
+        if pattern is None:
+            return None
+        adjacent, copies, weight = pattern
+        lead, length = space_layout(cfg, space)
+        chunk = length // units
+        view_shape += [lead, units, 1, chunk] if adjacent else [lead, 1, units, chunk]
+        expanded_shape += [lead, units, copies, chunk] if adjacent else [lead, copies, units, chunk]
+        out_shape.append(size * copies)
+        weights.append(weight)
+    if out_shape == list(tensor.shape):
+        return None  # nothing copied (no width dim, or groups of one): the general path
+    small, compute = tensor, torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    for weight in (w for w in weights if w != 1):  # in the compute dtype, as the general path
+        small = (small.to(compute) * weight).to(tensor.dtype)
+    return small.reshape(view_shape).expand(expanded_shape).reshape(out_shape)
+
+
+def _copy_pattern(m: torch.Tensor) -> Optional[tuple[bool, int, float]]:
+    """(adjacent, copies, weight) when ``m`` (new x old units) gives every new unit one old unit
+    with one common weight, new units ordered old-major (adjacent: 0 0 1 1) or copy-major
+    (stacked: 0 1 0 1); else None."""
+    new, old = m.shape
+    nonzero = m.nonzero()  # row-major
+    if new % old or nonzero.shape[0] != new or not torch.equal(nonzero[:, 0], torch.arange(new)):
+        return None
+    weights = m[nonzero[:, 0], nonzero[:, 1]]
+    if not bool((weights == weights[0]).all()):
+        return None
+    copies, cols = new // old, nonzero[:, 1]
+    if torch.equal(cols, torch.arange(old).repeat_interleave(copies)):
+        return True, copies, float(weights[0])
+    if torch.equal(cols, torch.arange(old).repeat(copies)):
+        return False, copies, float(weights[0])
+    return None
 
 
 def _apply_unit_matrix(m: torch.Tensor, view: torch.Tensor, axis: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ mlmega's parameter table.
 import pytest
 import torch
 
-from mlmega.operators import LevelMap, decoalesce
+from mlmega.operators import LevelMap, LevelSchemes, decoalesce, width
 from tests.helpers import make_model_state, variant
 from tests.operators.schemes import SCHEMES, WIDTH
 
@@ -148,3 +148,21 @@ def test_stacked_scheme_pairs_unit_i_with_i_plus_half_explicitly():
     assert torch.equal(proj[:, 0], proj[:, 2]) and torch.equal(proj[:, 1], proj[:, 3])
     ln = large["decoder.final_layernorm.weight"]
     assert torch.equal(ln, small["decoder.final_layernorm.weight"].repeat(2))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kind", ["stacked", "adjacent"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_broadcast_copy_equals_index_selection(name, kind, dtype, monkeypatch):
+    """De-coalescing with a regular scheme is one broadcast copy (``_expand_copies``); every
+    tensor equals the general path's (index selections per width dim) bit for bit."""
+    small_cfg = variant(name)
+    small = {k: v.to(dtype) for k, v in make_model_state(small_cfg, seed=6).items()}
+    for factor in (2, 4):
+        schemes = LevelSchemes.from_factors(width_factor=factor, width_kind=kind)
+        fast, _ = decoalesce(small, small_cfg, schemes)
+        with monkeypatch.context() as m:
+            m.setattr(width, "_expand_copies", lambda *args: None)
+            general, _ = decoalesce(small, small_cfg, schemes)
+        for key, tensor in general.items():
+            assert fast[key].dtype == dtype and torch.equal(fast[key], tensor), (factor, key)
