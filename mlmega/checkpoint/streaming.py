@@ -75,7 +75,12 @@ class _WrittenTensor:
 class _FileSink:
     """The stream PyTorchFileWriter writes to. Given a file name, torch's writer holds the GIL while
     it writes a record; through this sink ``os.write`` releases it while the kernel copies, so
-    another thread (producing the next tensor) runs meanwhile. Takes any path (torch's: ASCII)."""
+    another thread (producing the next tensor) runs meanwhile. Takes any path (torch's: ASCII).
+
+    Records go out in pieces of ``_WRITE_PIECE`` bytes: measured here (ext4, Linux 6.18), 800 MB
+    written in 256 KiB calls took 0.17 s every time, in 200 MB calls 0.15 s to 0.9 s (larger
+    page-cache folios to allocate), in 64 KiB calls 0.20 s.
+    """
 
     def __init__(self, path: Path):
         self._file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed by close())
@@ -83,12 +88,15 @@ class _FileSink:
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         done = 0
-        while done < len(view):  # one write moves at most ~2 GiB
-            done += self._file.write(view[done:])
+        while done < len(view):
+            done += self._file.write(view[done:done + _WRITE_PIECE])
         return done
 
     def close(self) -> None:
         self._file.close()
+
+
+_WRITE_PIECE = 256 * 1024
 
 
 class StreamingWriter:
