@@ -111,15 +111,14 @@ class ShardLayout:
             return full
         dim = spec.tp_dim
         if spec.dims[dim] == "vocab":  # contiguous row blocks of the vocab padded for this TP size
-            rows = self.cfg.padded_vocab_size(self.tp) // self.tp
-            start, have = tp_rank * rows, full.shape[dim]
-            if start + rows <= have:
+            start, rows, keep = self.vocab_rows(tp_rank)
+            if keep == rows:
                 return full.narrow(dim, start, rows)
             shape = list(full.shape)
             shape[dim] = rows
             shard = full.new_zeros(shape)  # the padding rows past the vocabulary stay zero
-            keep = max(0, min(rows, have - start))
-            shard.narrow(dim, 0, keep).copy_(full.narrow(dim, start, keep))
+            if keep:  # a rank may hold padding rows only
+                shard.narrow(dim, 0, keep).copy_(full.narrow(dim, start, keep))
             return shard
         view, axis = self._tp_view(spec, full)
         shard = view.chunk(self.tp, dim=axis)[tp_rank]
@@ -132,11 +131,18 @@ class ShardLayout:
         vocabulary: the rows :meth:`split` pads with zeros. Returns ``shard``."""
         if spec.tp_dim is None or spec.dims[spec.tp_dim] != "vocab":
             return shard
-        rows = shard.shape[spec.tp_dim]
-        keep = max(0, self.cfg.padded_vocab_size(1) - tp_rank * rows)
+        _, rows, keep = self.vocab_rows(tp_rank)
         if keep < rows:
             shard.narrow(spec.tp_dim, keep, rows - keep).zero_()
         return shard
+
+    def vocab_rows(self, tp_rank: int) -> tuple[int, int, int]:
+        """(start, rows, keep): TP rank ``tp_rank``'s vocab shard holds rows [start, start + rows)
+        of the vocabulary padded for this TP size; the first ``keep`` of them are rows of the
+        canonical (TP=1 padded) one, the others zero padding."""
+        rows = self.cfg.padded_vocab_size(self.tp) // self.tp
+        start = tp_rank * rows
+        return start, rows, max(0, min(rows, self.cfg.padded_vocab_size(1) - start))
 
     def gather(self, spec: ParamSpec, shards: Sequence[torch.Tensor],
                fill: Optional[Callable[[torch.Tensor, int], None]] = None) -> torch.Tensor:
