@@ -39,6 +39,7 @@ from mlmega.progress import Progress, format_seconds
 
 OPS = ("reshard", "coalesce", "decoalesce", "interpolate")
 FORMATS = ("torch", "torch_dist")
+_ROWS_PER_BLOCK = 1024  # interpolating embeddings from a broadcast view: rows mixed at a time
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class _Producer:
         self.plan = plan
         self.source = open_checkpoint(plan.src)
         self.large = open_checkpoint(plan.large) if plan.large else None
+        self._last_read: tuple[str, Optional[torch.Tensor]] = ("", None)
 
     def mapped(self, param) -> torch.Tensor:
         """The full tensor of ``param`` after the level operator (de-coalesced, for interpolate)."""
@@ -132,24 +134,70 @@ class _Producer:
             return self.source.read(param.global_name)
         if op == "coalesce":
             return level.coalesced_param(param.spec, param.layer, self.source.read)
-        return level.decoalesced_param(param.spec, param.layer, self.source.read)
+        read = self.source.read if param.layer is None else self._read_layer
+        return level.decoalesced_param(param.spec, param.layer, read)
+
+    def _read_layer(self, name: str) -> torch.Tensor:
+        """The source's layer tensor ``name``, the last one kept: the large layers a depth group
+        copies come one after another (parameters go layer-minor) and read the same small one.
+        Nothing modifies what ``read`` returns (the mix writes into the large shards)."""
+        if self._last_read[0] != name:
+            self._last_read = ("", None)  # let the previous tensor go before reading
+            self._last_read = (name, self.source.read(name))
+        return self._last_read[1]
 
     def shards(self, param, tp_ranks: Sequence[int]) -> list[torch.Tensor]:
         """Target TP ranks ``tp_ranks``' shards of ``param`` (a LocalParam), each fresh memory;
         the full tensor is gathered and mapped once for all of them."""
+        if self.plan.op == "interpolate":
+            return self._interpolated(param, tp_ranks)
         target, spec = self.plan.target, param.spec
         full = self.mapped(param)
-        if self.plan.op == "interpolate":
-            # elementwise, so interpolate the ranks' shards rather than the full tensors and
-            # split: the same values (split moves data and pads zeros). Each large shard is fresh
-            # memory of its own, so it takes the result in place.
-            return [interpolate_tensor(large, target.shard_of(spec, full, r), self.plan.alpha,
-                                       out=large)
-                    for r, large in zip(tp_ranks, self._large_shards(param, tp_ranks))]
         if target.tp == 1 and tuple(full.shape) == target.local_shape(spec) \
                 and full.is_contiguous():
             return [full]  # fresh memory in the target's shape already: splitting only copies it
         return [target.split(spec, full, r) for r in tp_ranks]
+
+    def _interpolated(self, param, tp_ranks: Sequence[int]) -> list[torch.Tensor]:
+        """interpolate is elementwise: each large shard (fresh memory of its own) takes the mix
+        of its elements in place, which are the same values as mixing the full tensors and
+        splitting (split moves data and pads zeros, and zeros mix to zeros).
+
+        Where the large tensor need not be made: a parameter outside the layers (the embeddings,
+        the largest tensors) whose de-coalescing is a broadcast and whose TP split, if any, is
+        on the vocab, is mixed block by block of rows from the broadcast view of the small
+        tensor. Otherwise the de-coalesced full tensor is made once and split."""
+        target, spec, alpha = self.plan.target, param.spec, self.plan.alpha
+        dim, small, full = spec.tp_dim, None, None
+        if param.layer is None and (dim is None or spec.dims[dim] == "vocab"):
+            small = self.source.read(param.global_name)
+            probe = small if dim is None else small.narrow(dim, 0, 0)  # no rows: nothing scaled
+            if self.plan.level.decoalesce_broadcast(spec, probe) is None:
+                full, small = self.plan.level.decoalesce_tensor(spec, small), None
+        else:
+            full = self.mapped(param)
+        out = []
+        for r, large in zip(tp_ranks, self._large_shards(param, tp_ranks)):
+            if full is not None:
+                out.append(interpolate_tensor(large, target.shard_of(spec, full, r), alpha,
+                                              out=large))
+            elif dim is None:
+                self._mix_broadcast(spec, large, small)
+                out.append(large)
+            else:
+                start, _, keep = target.vocab_rows(r)  # rows past keep: zero padding, stay zero
+                for row in range(0, keep, _ROWS_PER_BLOCK):
+                    n = min(_ROWS_PER_BLOCK, keep - row)
+                    self._mix_broadcast(spec, large.narrow(dim, row, n),
+                                        small.narrow(dim, start + row, n))
+                out.append(large)
+        return out
+
+    def _mix_broadcast(self, spec, large: torch.Tensor, small: torch.Tensor) -> None:
+        """Mix contiguous ``large`` in place with ``small`` de-coalesced (a broadcast view)."""
+        decoalesced = self.plan.level.decoalesce_broadcast(spec, small)
+        region = large.view(decoalesced.shape)
+        interpolate_tensor(region, decoalesced, self.plan.alpha, out=region)
 
     def _large_shards(self, param, tp_ranks: Sequence[int]):
         """The large checkpoint's shards of ``param`` for ``tp_ranks``, one at a time, each in fresh

@@ -18,7 +18,8 @@ from mlmega.config.model import ModelConfig
 from mlmega.models.params import ParamSpec, global_shape, iter_params
 from mlmega.models.state import StateDict, check_state_dict
 from mlmega.operators.schemes import Grouping, LevelSchemes
-from mlmega.operators.width import COALESCE, DECOALESCE, map_width, unit_matrices, width_config
+from mlmega.operators.width import (COALESCE, DECOALESCE, broadcast_copies, map_width, unit_matrices,
+                                    width_config)
 
 Reader = Callable[[str], torch.Tensor]  # global parameter name -> full tensor
 
@@ -73,6 +74,17 @@ class LevelMap:
             return tensor
         out = map_width(tensor, spec, self.small, unit_matrices(self.width, DECOALESCE))
         return out * self.residual_scale if spec.residual and self.residual_scale != 1 else out
+
+    def decoalesce_broadcast(self, spec: ParamSpec, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        """:meth:`decoalesce_tensor` as a broadcast view of ``tensor`` (see
+        :func:`~mlmega.operators.width.broadcast_copies`): the same elements, in the large
+        tensor's ``reshape`` to the view's shape, without making the large tensor. None where
+        de-coalescing ``spec`` is not one broadcast."""
+        if self.width is None:
+            return tensor
+        if spec.residual and self.residual_scale != 1:
+            return None
+        return broadcast_copies(tensor, spec, self.small, unit_matrices(self.width, DECOALESCE))
 
     def coalesce_sources(self, spec: ParamSpec, small_layer: int) -> list[tuple[int, float]]:
         """(large layer, weight) pairs whose weighted sum is ``spec`` of small layer ``small_layer``

@@ -40,9 +40,9 @@ def unit_matrices(grouping: Grouping, direction: str) -> dict[str, torch.Tensor]
 def map_width(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
               matrices: dict[str, torch.Tensor]) -> torch.Tensor:
     """Apply the width map to one full tensor of the model ``cfg`` (the source model)."""
-    expanded = _expand_copies(tensor, spec, cfg, matrices)
-    if expanded is not None:
-        return expanded
+    copies = broadcast_copies(tensor, spec, cfg, matrices)
+    if copies is not None:  # one pass: lay the broadcast view out as the large tensor
+        return copies.reshape(mapped_shape(tensor, spec, cfg, matrices))
     units = cfg.num_query_groups
     compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     out = tensor.to(compute)
@@ -58,22 +58,31 @@ def map_width(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
     return out.to(tensor.dtype)
 
 
-def _expand_copies(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
-                   matrices: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
-    """The map as one broadcast copy, or None where it is not one.
+def mapped_shape(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
+                 matrices: dict[str, torch.Tensor]) -> list[int]:
+    """The shape of ``map_width(tensor, ...)``."""
+    units = cfg.num_query_groups
+    return [size if side is None or space not in WIDTH_SPACES
+            else size // units * matrices[side].shape[0]
+            for size, space, side in zip(tensor.shape, spec.dims, spec.sides)]
+
+
+def broadcast_copies(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
+                     matrices: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """The width map as a broadcast view of ``tensor`` (scaled once), or None where it is not one.
 
     De-coalescing with adjacent or stacked schemes copies every unit to ``g`` units in a regular
-    order (each with one weight: 1 out-side, 1/g in-side): the tensor, scaled once (it is the
-    small one), is viewed with a copy axis beside each units axis, expanded and laid out as the
-    large tensor in one pass, the same values as the index selections of the general path.
+    order (each with one weight: 1 out-side, 1/g in-side). The view has a copy axis (stride 0)
+    beside each units axis: laid out contiguously it is the mapped tensor, and as it is, the
+    same elements in the mapped tensor's ``reshape`` to ``view.shape``. Dims without a width side
+    are axes of their own, so slicing ``tensor`` on such a dim slices the result alike.
     """
     units = cfg.num_query_groups
-    view_shape, expanded_shape, out_shape, weights = [], [], [], []
+    view_shape, expanded_shape, weights, copied = [], [], [], False
     for size, space, side in zip(tensor.shape, spec.dims, spec.sides):
         if side is None or space not in WIDTH_SPACES:
             view_shape.append(size)
             expanded_shape.append(size)
-            out_shape.append(size)
             continue
         pattern = _copy_pattern(matrices[side])
         if pattern is None:
@@ -83,14 +92,14 @@ def _expand_copies(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
         chunk = length // units
         view_shape += [lead, units, 1, chunk] if adjacent else [lead, 1, units, chunk]
         expanded_shape += [lead, units, copies, chunk] if adjacent else [lead, copies, units, chunk]
-        out_shape.append(size * copies)
         weights.append(weight)
-    if out_shape == list(tensor.shape):
+        copied = copied or copies > 1
+    if not copied:
         return None  # nothing copied (no width dim, or groups of one): the general path
     small, compute = tensor, torch.float64 if tensor.dtype == torch.float64 else torch.float32
     for weight in (w for w in weights if w != 1):  # in the compute dtype, as the general path
         small = (small.to(compute) * weight).to(tensor.dtype)
-    return small.reshape(view_shape).expand(expanded_shape).reshape(out_shape)
+    return small.reshape(view_shape).expand(expanded_shape)
 
 
 def _copy_pattern(m: torch.Tensor) -> Optional[tuple[bool, int, float]]:

@@ -88,19 +88,30 @@ def test_decoalesce_and_reshard_in_one_step_match_the_operators(tmp_path, model_
     torch.testing.assert_close(logits, reference_logits(small, state), rtol=0, atol=2e-5)
 
 
-def test_interpolate_conversion_matches_the_operators(tmp_path, model_parallel):
-    large = MODELS["bert-binary"]
-    schemes = LevelSchemes.from_factors(width_factor=2, depth_factor=2)
+@pytest.mark.parametrize("model,schemes,target", [
+    ("bert-binary", LevelSchemes.from_factors(width_factor=2, depth_factor=2), None),
+    # vocab padded to 512 rows at TP=4: ranks 2 and 3 hold padding only; tied: embedding x 1/2
+    ("gpt-tied", LevelSchemes.from_factors(width_factor=2, width_kind="adjacent"), (4, 1)),
+    # explicit groups: no broadcast, the de-coalesced tensors are made and split
+    ("gpt-gqa-swiglu-untied", LevelSchemes.from_dict({"width": [[0, 3], [1, 2]]}, "custom"),
+     (1, 2)),
+], ids=["bert-stacked-depth", "gpt-tied-adjacent-tp4", "gpt-gqa-custom"])
+def test_interpolate_conversion_matches_the_operators(tmp_path, model_parallel, model, schemes,
+                                                      target):
+    """Sharded interpolation equals the unsharded operators bit for bit, whether the embeddings
+    are mixed from a broadcast view (regular schemes) or from de-coalesced tensors."""
+    large = MODELS[model]
     large_state = make_model_state(large, seed=3)
     small_state, small_cfg = coalesce(large_state, large, schemes)
     small_state = {k: v + 0.01 for k, v in small_state.items()}  # "trained" small level
     save_full_state(large_state, ShardLayout(large, 2, 2), tmp_path / "large")
     save_full_state(small_state, ShardLayout(small_cfg, 1, 1), tmp_path / "small")
+    tp, pp = target or (None, None)
     run_conversion(plan_conversion("interpolate", tmp_path / "small", tmp_path / "next",
-                                   schemes=schemes, large=tmp_path / "large", alpha=0.25),
-                   workers=2)
+                                   schemes=schemes, large=tmp_path / "large", alpha=0.25,
+                                   target_tp=tp, target_pp=pp), workers=2)
     got, layout = load_full_state(tmp_path / "next")
-    assert (layout.tp, layout.pp) == (2, 2), "defaults to the large level's layout"
+    assert (layout.tp, layout.pp) == (target or (2, 2)), "defaults to the large level's layout"
     deco, _ = decoalesce(small_state, small_cfg, schemes)
     expected = interpolate(large_state, deco, large, 0.25)
     assert all(torch.equal(got[k], expected[k]) for k in expected)

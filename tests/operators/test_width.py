@@ -154,7 +154,7 @@ def test_stacked_scheme_pairs_unit_i_with_i_plus_half_explicitly():
 @pytest.mark.parametrize("kind", ["stacked", "adjacent"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_broadcast_copy_equals_index_selection(name, kind, dtype, monkeypatch):
-    """De-coalescing with a regular scheme is one broadcast copy (``_expand_copies``); every
+    """De-coalescing with a regular scheme is one broadcast copy (``broadcast_copies``); every
     tensor equals the general path's (index selections per width dim) bit for bit."""
     small_cfg = variant(name)
     small = {k: v.to(dtype) for k, v in make_model_state(small_cfg, seed=6).items()}
@@ -162,7 +162,7 @@ def test_broadcast_copy_equals_index_selection(name, kind, dtype, monkeypatch):
         schemes = LevelSchemes.from_factors(width_factor=factor, width_kind=kind)
         fast, _ = decoalesce(small, small_cfg, schemes)
         with monkeypatch.context() as m:
-            m.setattr(width, "_expand_copies", lambda *args: None)
+            m.setattr(width, "broadcast_copies", lambda *args: None)
             general, _ = decoalesce(small, small_cfg, schemes)
         for key, tensor in general.items():
             assert fast[key].dtype == dtype and torch.equal(fast[key], tensor), (factor, key)
