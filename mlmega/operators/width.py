@@ -125,8 +125,9 @@ def _apply_unit_matrix(m: torch.Tensor, view: torch.Tensor, axis: int) -> torch.
     """``m`` (new units x old units) applied along ``axis`` of ``view``.
 
     The scheme matrices have the same number of non-zeros in every row (equal groups), so the map
-    is a weighted sum of a few index selections: one pass over the data per non-zero in a row
-    (1 to de-coalesce, the group size to coalesce) instead of a dense contraction and its copies.
+    is a weighted sum of a few selections: one pass over the data per non-zero in a row (1 to
+    de-coalesce, the group size to coalesce) instead of a dense contraction and its copies. For
+    adjacent and stacked groups the selections are strided views, not index-selected copies.
     """
     rows = m.shape[0]
     nonzero = m.nonzero()  # row-major: each row's non-zero columns in order
@@ -136,14 +137,40 @@ def _apply_unit_matrix(m: torch.Tensor, view: torch.Tensor, axis: int) -> torch.
         return torch.movedim(torch.tensordot(m.to(view.dtype), view, dims=([1], [axis])), 0, axis)
     cols = nonzero[:, 1].reshape(rows, per_row)
     weights = m[nonzero[:, 0], nonzero[:, 1]].reshape(rows, per_row).to(view.dtype)
+    members = _member_views(view, axis, cols)
     out = None
     for k in range(per_row):
-        term = view.index_select(axis, cols[:, k])
-        w = weights[:, k]
-        if not bool((w == 1).all()):  # copies and sums need no pass; averages and splits do
-            term.mul_(w.reshape(-1, *([1] * (view.dim() - axis - 1))))
+        w = weights[:, k].reshape(-1, *([1] * (view.dim() - axis - 1)))
+        scaled = not bool((w == 1).all())  # copies and sums need no pass; averages and splits do
+        if members is None:
+            term = view.index_select(axis, cols[:, k])
+            if scaled:
+                term.mul_(w)
+        else:  # a view of the input: never written to
+            term = members(k)
+            if scaled:
+                term = term * w
+            elif out is None:
+                term = term.clone(memory_format=torch.contiguous_format)
         out = term if out is None else out.add_(term)
     return out
+
+
+def _member_views(view: torch.Tensor, axis: int, cols: torch.Tensor):
+    """k -> the k-th member of every group along ``axis`` as a view, for groups (rows of
+    ``cols``) of consecutive units (adjacent) or of units a group count apart (stacked) that
+    cover the axis; None for other groupings."""
+    rows, per_row = cols.shape
+    shape, units = view.shape, torch.arange(rows * per_row)
+    if shape[axis] != rows * per_row:
+        return None
+    if torch.equal(cols, units.reshape(rows, per_row)):  # adjacent
+        grouped = view.reshape(*shape[:axis], rows, per_row, *shape[axis + 1:])
+        return lambda k: grouped.select(axis + 1, k)
+    if torch.equal(cols, units.reshape(per_row, rows).T):  # stacked
+        grouped = view.reshape(*shape[:axis], per_row, rows, *shape[axis + 1:])
+        return lambda k: grouped.select(axis, k)
+    return None
 
 
 def width_config(cfg: ModelConfig, grouping: Grouping, direction: str) -> ModelConfig:

@@ -10,7 +10,7 @@ mlmega's parameter table.
 import pytest
 import torch
 
-from mlmega.operators import LevelMap, LevelSchemes, decoalesce, width
+from mlmega.operators import LevelMap, LevelSchemes, coalesce, decoalesce, width
 from tests.helpers import make_model_state, variant
 from tests.operators.schemes import SCHEMES, WIDTH
 
@@ -164,5 +164,26 @@ def test_broadcast_copy_equals_index_selection(name, kind, dtype, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(width, "broadcast_copies", lambda *args: None)
             general, _ = decoalesce(small, small_cfg, schemes)
+        for key, tensor in general.items():
+            assert fast[key].dtype == dtype and torch.equal(fast[key], tensor), (factor, key)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kind", ["stacked", "adjacent"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_strided_group_members_equal_index_selection(name, kind, dtype, monkeypatch):
+    """Coalescing with a regular scheme sums strided views of each group's members
+    (``_member_views``); every tensor equals the general path's (index selections) bit for bit."""
+    small_cfg = variant(name)
+    for factor in (2, 4):
+        schemes = LevelSchemes.from_factors(width_factor=factor, width_kind=kind)
+        large, large_cfg = decoalesce(make_model_state(small_cfg, seed=7), small_cfg, schemes)
+        noise = torch.Generator().manual_seed(8)  # partners differ, so the sums are not trivial
+        large = {k: (v + 0.1 * torch.randn(v.shape, generator=noise)).to(dtype)
+                 for k, v in large.items()}
+        fast, _ = coalesce(large, large_cfg, schemes)
+        with monkeypatch.context() as m:
+            m.setattr(width, "_member_views", lambda *args: None)
+            general, _ = coalesce(large, large_cfg, schemes)
         for key, tensor in general.items():
             assert fast[key].dtype == dtype and torch.equal(fast[key], tensor), (factor, key)
