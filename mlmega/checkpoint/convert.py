@@ -14,6 +14,7 @@ detected; ``format="torch_dist"`` writes torch_dist output: each target rank wri
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -133,9 +134,33 @@ class _Producer:
         if op == "reshard":
             return self.source.read(param.global_name)
         if op == "coalesce":
+            if param.layer is None and _vocab_split(param.spec):
+                return self._coalesced_by_rows(param)
             return level.coalesced_param(param.spec, param.layer, self.source.read)
         read = self.source.read if param.layer is None else self._read_layer
         return level.decoalesced_param(param.spec, param.layer, read)
+
+    def _coalesced_by_rows(self, param) -> torch.Tensor:
+        """Coalescing of an embedding-like tensor (rows: the vocab, which width maps leave
+        alone) block by block of rows: the large tensor is never whole in memory."""
+        spec, level = param.spec, self.plan.level
+        rows, total = self._rows(param.global_name), self.plan.target.cfg.padded_vocab_size(1)
+        out = None
+        for start in range(0, total, _ROWS_PER_BLOCK):
+            count = min(_ROWS_PER_BLOCK, total - start)
+            block = level.coalesce_tensor(spec, rows(start, count))
+            if out is None:
+                out = torch.empty((total, *block.shape[1:]), dtype=block.dtype)
+            out.narrow(0, start, count).copy_(block)
+        return out
+
+    def _rows(self, name: str) -> Callable[[int, int], torch.Tensor]:
+        """(start, count) -> those rows of the source's canonical tensor ``name``: read from the
+        shard files (torch format), else narrowed from the whole tensor read once."""
+        if isinstance(self.source, TorchCheckpoint):
+            return functools.partial(self.source.read_rows, name)
+        whole = self.source.read(name)
+        return lambda start, count: whole.narrow(0, start, count)
 
     def _read_layer(self, name: str) -> torch.Tensor:
         """The source's layer tensor ``name``, the last one kept: the large layers a depth group
@@ -165,15 +190,19 @@ class _Producer:
 
         Where the large tensor need not be made: a parameter outside the layers (the embeddings,
         the largest tensors) whose de-coalescing is a broadcast and whose TP split, if any, is
-        on the vocab, is mixed block by block of rows from the broadcast view of the small
-        tensor. Otherwise the de-coalesced full tensor is made once and split."""
+        on the vocab, is mixed block by block of rows, each from the broadcast view of the small
+        tensor's rows read for it. Otherwise the de-coalesced full tensor is made once and
+        split."""
         target, spec, alpha = self.plan.target, param.spec, self.plan.alpha
-        dim, small, full = spec.tp_dim, None, None
-        if param.layer is None and (dim is None or spec.dims[dim] == "vocab"):
+        level, dim, small, rows, full = self.plan.level, spec.tp_dim, None, None, None
+        if param.layer is None and dim is None:
             small = self.source.read(param.global_name)
-            probe = small if dim is None else small.narrow(dim, 0, 0)  # no rows: nothing scaled
-            if self.plan.level.decoalesce_broadcast(spec, probe) is None:
-                full, small = self.plan.level.decoalesce_tensor(spec, small), None
+            if level.decoalesce_broadcast(spec, small) is None:
+                full = level.decoalesce_tensor(spec, small)
+        elif param.layer is None and _vocab_split(spec):
+            rows = self._rows(param.global_name)
+            if level.decoalesce_broadcast(spec, rows(0, 0)) is None:  # no rows: nothing read
+                full = level.decoalesce_tensor(spec, self.source.read(param.global_name))
         else:
             full = self.mapped(param)
         out = []
@@ -188,8 +217,7 @@ class _Producer:
                 start, _, keep = target.vocab_rows(r)  # rows past keep: zero padding, stay zero
                 for row in range(0, keep, _ROWS_PER_BLOCK):
                     n = min(_ROWS_PER_BLOCK, keep - row)
-                    self._mix_broadcast(spec, large.narrow(dim, row, n),
-                                        small.narrow(dim, start + row, n))
+                    self._mix_broadcast(spec, large.narrow(dim, row, n), rows(start + row, n))
                 out.append(large)
         return out
 
@@ -210,6 +238,11 @@ class _Producer:
         for r in tp_ranks:
             yield large.read_shard(param.global_name, r) if same else \
                 target.split(param.spec, full, r)
+
+
+def _vocab_split(spec) -> bool:
+    """Whether TP splits ``spec`` on the vocab (dim 0 of the embeddings and the output layer)."""
+    return spec.tp_dim == 0 and spec.dims[0] == "vocab"
 
 
 def stage_tensors(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int]):

@@ -231,6 +231,27 @@ class TorchCheckpoint:
 
         return self.layout.gather(spec, shards, fill)
 
+    def read_rows(self, global_name: str, start: int, count: int) -> torch.Tensor:
+        """Rows [start, start + count) of the canonical full tensor of ``global_name`` (dim 0; a
+        parameter that TP splits on the vocab, or not at all), in fresh memory: read from the
+        shards that hold them, none of the other rows."""
+        spec, pp_rank, local = self._stored(global_name)
+        if spec.tp_dim is not None and spec.dims[spec.tp_dim] != "vocab":
+            raise ValueError(f"{global_name}: TP splits it on dim {spec.tp_dim}, not on rows")
+        split = spec.tp_dim is not None
+        shards = [self.model_state(t, pp_rank)[local]
+                  for t in (range(self.layout.tp) if split else [0])]
+        out = torch.empty((count, *shards[0].shape[1:]), dtype=shards[0].dtype)
+        per_rank = shards[0].shape[0] if split else count + start
+        for tp_rank, stored in enumerate(shards):
+            lo = max(start, tp_rank * per_rank)
+            hi = min(start + count, (tp_rank + 1) * per_rank)
+            if lo < hi:
+                self._record_file(tp_rank, pp_rank).read_into(
+                    out.narrow(0, lo - start, hi - lo), stored.narrow(0, lo - tp_rank * per_rank,
+                                                                      hi - lo))
+        return out
+
     def read_shard(self, global_name: str, tp_rank: int) -> torch.Tensor:
         """TP rank ``tp_rank``'s stored shard of ``global_name`` (at this checkpoint's own layout),
         in fresh memory: what ``layout.split(read(global_name), tp_rank)`` gives, without a gather."""
