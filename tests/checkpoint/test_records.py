@@ -113,3 +113,30 @@ def test_checkpoint_reads_equal_the_layouts_split_and_gather(tmp_path):
         assert torch.equal(full, state[name]), name
         for r in range(2):
             assert torch.equal(ckpt.read_shard(name, r), layout.split(spec, full, r)), (name, r)
+
+
+def test_read_rows_spans_the_vocab_shards(tmp_path):
+    """read_rows() gives rows of the full tensor for vocab-split and replicated parameters, also
+    rows that span both TP ranks' shards (vocab 200: 128 canonical rows per rank at TP=2)."""
+    from mlmega.checkpoint.convert import save_full_state
+    from mlmega.checkpoint.layout import ShardLayout
+    from mlmega.checkpoint.torch_format import TorchCheckpoint
+    from mlmega.config.model import ModelConfig
+    from mlmega.models.params import iter_params, param_shapes
+
+    cfg = ModelConfig(arch="gpt", num_layers=2, hidden_size=64, num_attention_heads=4,
+                      tie_embeddings=False, vocab_size=200, max_sequence_length=16)
+    gen = torch.Generator().manual_seed(12)
+    state = {name: torch.randn(shape, generator=gen) for name, shape in param_shapes(cfg).items()}
+    save_full_state(state, ShardLayout(cfg, 2, 2), tmp_path / "ck")
+    ckpt = TorchCheckpoint.open(tmp_path / "ck")
+    checked = 0
+    for name, spec, _ in iter_params(cfg):
+        if spec.tp_dim is not None and spec.dims[spec.tp_dim] != "vocab":
+            continue
+        rows = state[name].shape[0]
+        for start, count in ((0, rows), (0, 0), (rows // 2 - 3, 7), (rows - 5, 5), (1, 1)):
+            assert torch.equal(ckpt.read_rows(name, start, count),
+                               state[name].narrow(0, start, count)), (name, start, count)
+        checked += spec.tp_dim is not None
+    assert checked == 2  # word embeddings and output layer
