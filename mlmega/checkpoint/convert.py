@@ -188,42 +188,50 @@ class _Producer:
         of its elements in place, which are the same values as mixing the full tensors and
         splitting (split moves data and pads zeros, and zeros mix to zeros).
 
-        Where the large tensor need not be made: a parameter outside the layers (the embeddings,
-        the largest tensors) whose de-coalescing is a broadcast and whose TP split, if any, is
-        on the vocab, is mixed block by block of rows, each from the broadcast view of the small
-        tensor's rows read for it. Otherwise the de-coalesced full tensor is made once and
-        split."""
-        target, spec, alpha = self.plan.target, param.spec, self.plan.alpha
-        level, dim, small, rows, full = self.plan.level, spec.tp_dim, None, None, None
-        if param.layer is None and dim is None:
-            small = self.source.read(param.global_name)
-            if level.decoalesce_broadcast(spec, small) is None:
-                full = level.decoalesce_tensor(spec, small)
-        elif param.layer is None and _vocab_split(spec):
+        Where de-coalescing is a broadcast (regular schemes), each shard is mixed from a
+        broadcast view of the small tensor restricted to the shard's elements, and no large
+        de-coalesced tensor is made: embeddings block by block of rows (each block's small rows
+        read for it), other tensors whole. Otherwise the de-coalesced full tensor is made once
+        and split."""
+        target, spec, level = self.plan.target, param.spec, self.plan.level
+        full = rows = None
+        if param.layer is None and _vocab_split(spec):
             rows = self._rows(param.global_name)
             if level.decoalesce_broadcast(spec, rows(0, 0)) is None:  # no rows: nothing read
-                full = level.decoalesce_tensor(spec, self.source.read(param.global_name))
-        else:
-            full = self.mapped(param)
+                full, rows = level.decoalesce_tensor(spec, self.source.read(param.global_name)), None
         out = []
         for r, large in zip(tp_ranks, self._large_shards(param, tp_ranks)):
-            if full is not None:
-                out.append(interpolate_tensor(large, target.shard_of(spec, full, r), alpha,
-                                              out=large))
-            elif dim is None:
-                self._mix_broadcast(spec, large, small)
-                out.append(large)
-            else:
+            if rows is not None:
                 start, _, keep = target.vocab_rows(r)  # rows past keep: zero padding, stay zero
                 for row in range(0, keep, _ROWS_PER_BLOCK):
                     n = min(_ROWS_PER_BLOCK, keep - row)
-                    self._mix_broadcast(spec, large.narrow(dim, row, n), rows(start + row, n))
-                out.append(large)
+                    self._mix(large.narrow(0, row, n),
+                              level.decoalesce_broadcast(spec, rows(start + row, n)))
+            else:
+                view = None if full is not None else self._decoalesced_view(param, r)
+                if view is not None:
+                    self._mix(large, view)
+                else:
+                    full = self.mapped(param) if full is None else full
+                    interpolate_tensor(large, target.shard_of(spec, full, r), self.plan.alpha,
+                                       out=large)
+            out.append(large)
         return out
 
-    def _mix_broadcast(self, spec, large: torch.Tensor, small: torch.Tensor) -> None:
-        """Mix contiguous ``large`` in place with ``small`` de-coalesced (a broadcast view)."""
-        decoalesced = self.plan.level.decoalesce_broadcast(spec, small)
+    def _decoalesced_view(self, param, tp_rank: int) -> Optional[torch.Tensor]:
+        """Target rank ``tp_rank``'s shard of ``param`` de-coalesced, as a broadcast view (TP
+        splits a width dim by units), or None where de-coalescing is not one broadcast."""
+        spec, target = param.spec, self.plan.target
+        block = None
+        if spec.tp_dim is not None:
+            units = target.cfg.num_query_groups // target.tp
+            block = (spec.tp_dim, tp_rank * units, units)
+        read = self.source.read if param.layer is None else self._read_layer
+        return self.plan.level.decoalesced_view(spec, param.layer, read, block)
+
+    def _mix(self, large: torch.Tensor, decoalesced: torch.Tensor) -> None:
+        """Mix contiguous ``large`` in place with ``decoalesced`` (a broadcast view of the same
+        elements, in ``large``'s reshape to its shape)."""
         region = large.view(decoalesced.shape)
         interpolate_tensor(region, decoalesced, self.plan.alpha, out=region)
 

@@ -75,16 +75,37 @@ class LevelMap:
         out = map_width(tensor, spec, self.small, unit_matrices(self.width, DECOALESCE))
         return out * self.residual_scale if spec.residual and self.residual_scale != 1 else out
 
-    def decoalesce_broadcast(self, spec: ParamSpec, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+    def decoalesce_broadcast(self, spec: ParamSpec, tensor: torch.Tensor,
+                             units_block: Optional[tuple[int, int, int]] = None
+                             ) -> Optional[torch.Tensor]:
         """:meth:`decoalesce_tensor` as a broadcast view of ``tensor`` (see
-        :func:`~mlmega.operators.width.broadcast_copies`): the same elements, in the large
-        tensor's ``reshape`` to the view's shape, without making the large tensor. None where
-        de-coalescing ``spec`` is not one broadcast."""
+        :func:`~mlmega.operators.width.broadcast_copies`, also for ``units_block``): the same
+        elements, in the large tensor's ``reshape`` to the view's shape, without making the
+        large tensor. None where de-coalescing ``spec`` is not one broadcast."""
         if self.width is None:
-            return tensor
+            return tensor if units_block is None else None
         if spec.residual and self.residual_scale != 1:
             return None
-        return broadcast_copies(tensor, spec, self.small, unit_matrices(self.width, DECOALESCE))
+        return broadcast_copies(tensor, spec, self.small, unit_matrices(self.width, DECOALESCE),
+                                units_block)
+
+    def decoalesced_view(self, spec: ParamSpec, layer: Optional[int], read: Reader,
+                         units_block: Optional[tuple[int, int, int]] = None
+                         ) -> Optional[torch.Tensor]:
+        """:meth:`decoalesced_param` as a broadcast view (:meth:`decoalesce_broadcast`); None
+        where it is not one, identity blocks included."""
+        if layer is None:
+            return self.decoalesce_broadcast(spec, read(spec.name()), units_block)
+        if self._identity_block(spec, layer):
+            return None
+        return self.decoalesce_broadcast(spec, read(spec.name(self.decoalesce_source(layer))),
+                                         units_block)
+
+    def _identity_block(self, spec: ParamSpec, layer: int) -> bool:
+        """Whether ``spec`` of large layer ``layer`` starts as zero: a residual writer of a depth
+        copy other than its group's first, under ``identity_copies``."""
+        group = self.depth.groups[self.decoalesce_source(layer)] if self.depth else (layer,)
+        return self.identity_copies and spec.residual and layer != group[0]
 
     def coalesce_sources(self, spec: ParamSpec, small_layer: int) -> list[tuple[int, float]]:
         """(large layer, weight) pairs whose weighted sum is ``spec`` of small layer ``small_layer``
@@ -122,10 +143,9 @@ class LevelMap:
         """Large-model tensor ``spec`` (at large ``layer``) from small tensors fetched by ``read``."""
         if layer is None:
             return self.decoalesce_tensor(spec, read(spec.name()))
-        small_layer = self.decoalesce_source(layer)
-        small = read(spec.name(small_layer))
-        if self.identity_copies and spec.residual and layer != self.depth.groups[small_layer][0]:
-            return torch.zeros(global_shape(self.large, spec), dtype=small.dtype)  # identity block
+        small = read(spec.name(self.decoalesce_source(layer)))
+        if self._identity_block(spec, layer):
+            return torch.zeros(global_shape(self.large, spec), dtype=small.dtype)
         return self.decoalesce_tensor(spec, small)
 
 

@@ -68,7 +68,8 @@ def mapped_shape(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
 
 
 def broadcast_copies(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
-                     matrices: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+                     matrices: dict[str, torch.Tensor],
+                     units_block: Optional[tuple[int, int, int]] = None) -> Optional[torch.Tensor]:
     """The width map as a broadcast view of ``tensor`` (scaled once), or None where it is not one.
 
     De-coalescing with adjacent or stacked schemes copies every unit to ``g`` units in a regular
@@ -76,10 +77,14 @@ def broadcast_copies(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
     beside each units axis: laid out contiguously it is the mapped tensor, and as it is, the
     same elements in the mapped tensor's ``reshape`` to ``view.shape``. Dims without a width side
     are axes of their own, so slicing ``tensor`` on such a dim slices the result alike.
+    ``units_block`` (dim, start, count) keeps only mapped units [start, start + count) of width
+    dim ``dim`` (in every lead block: a tensor-parallel shard's units); None if those do not form
+    a block of the view's unit grid.
     """
     units = cfg.num_query_groups
     view_shape, expanded_shape, weights, copied = [], [], [], False
-    for size, space, side in zip(tensor.shape, spec.dims, spec.sides):
+    block_axes = None  # the (units, copies) grid axes of units_block's dim, major first
+    for dim, (size, space, side) in enumerate(zip(tensor.shape, spec.dims, spec.sides)):
         if side is None or space not in WIDTH_SPACES:
             view_shape.append(size)
             expanded_shape.append(size)
@@ -90,16 +95,28 @@ def broadcast_copies(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
         adjacent, copies, weight = pattern
         lead, length = space_layout(cfg, space)
         chunk = length // units
+        if units_block is not None and units_block[0] == dim:
+            block_axes = len(view_shape) + 1
         view_shape += [lead, units, 1, chunk] if adjacent else [lead, 1, units, chunk]
         expanded_shape += [lead, units, copies, chunk] if adjacent else [lead, copies, units, chunk]
         weights.append(weight)
         copied = copied or copies > 1
-    if not copied:
+    if not copied or (units_block is not None and block_axes is None):
         return None  # nothing copied (no width dim, or groups of one): the general path
     small, compute = tensor, torch.float64 if tensor.dtype == torch.float64 else torch.float32
     for weight in (w for w in weights if w != 1):  # in the compute dtype, as the general path
         small = (small.to(compute) * weight).to(tensor.dtype)
-    return small.reshape(view_shape).expand(expanded_shape)
+    view = small.reshape(view_shape).expand(expanded_shape)
+    if units_block is None:
+        return view
+    _, start, count = units_block
+    minor = expanded_shape[block_axes + 1]  # mapped unit j sits at (j // minor, j % minor)
+    if start % minor == 0 and count % minor == 0:  # whole rows of the grid
+        return view.narrow(block_axes, start // minor, count // minor)
+    if start // minor == (start + count - 1) // minor:  # within one row
+        return view.narrow(block_axes, start // minor, 1).narrow(block_axes + 1, start % minor,
+                                                                 count)
+    return None
 
 
 def _copy_pattern(m: torch.Tensor) -> Optional[tuple[bool, int, float]]:

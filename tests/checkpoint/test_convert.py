@@ -92,10 +92,14 @@ def test_decoalesce_and_reshard_in_one_step_match_the_operators(tmp_path, model_
     ("bert-binary", LevelSchemes.from_factors(width_factor=2, depth_factor=2), None),
     # vocab padded to 512 rows at TP=4: ranks 2 and 3 hold padding only; tied: embedding x 1/2
     ("gpt-tied", LevelSchemes.from_factors(width_factor=2, width_kind="adjacent"), (4, 1)),
+    # a rank's heads: whole rows of the (small head, copy) grid at TP=2, part of a row at TP=4
+    ("gpt-tied", LevelSchemes.from_factors(width_factor=2, width_kind="adjacent"), (2, 1)),
+    ("bert-binary", LevelSchemes.from_factors(width_factor=2), (4, 2)),
     # explicit groups: no broadcast, the de-coalesced tensors are made and split
     ("gpt-gqa-swiglu-untied", LevelSchemes.from_dict({"width": [[0, 3], [1, 2]]}, "custom"),
      (1, 2)),
-], ids=["bert-stacked-depth", "gpt-tied-adjacent-tp4", "gpt-gqa-custom"])
+], ids=["bert-stacked-depth", "gpt-tied-adjacent-tp4", "gpt-tied-adjacent-tp2",
+        "bert-stacked-tp4", "gpt-gqa-custom"])
 def test_interpolate_conversion_matches_the_operators(tmp_path, model_parallel, model, schemes,
                                                       target):
     """Sharded interpolation equals the unsharded operators bit for bit, whether the embeddings
