@@ -40,7 +40,7 @@ from mlmega.progress import Progress, format_seconds
 
 OPS = ("reshard", "coalesce", "decoalesce", "interpolate")
 FORMATS = ("torch", "torch_dist")
-_ROWS_PER_BLOCK = 1024  # interpolating embeddings from a broadcast view: rows mixed at a time
+_ROWS_PER_BLOCK = 1024  # embeddings are read and mapped this many rows at a time
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,8 @@ class _Producer:
         if param.layer is None and _vocab_split(spec):
             rows = self._rows(param.global_name)
             if level.decoalesce_broadcast(spec, rows(0, 0)) is None:  # no rows: nothing read
-                full, rows = level.decoalesce_tensor(spec, self.source.read(param.global_name)), None
+                rows, full = None, level.decoalesce_tensor(spec,
+                                                           self.source.read(param.global_name))
         out = []
         for r, large in zip(tp_ranks, self._large_shards(param, tp_ranks)):
             if rows is not None:
