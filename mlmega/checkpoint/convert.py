@@ -137,7 +137,7 @@ class _Producer:
             if param.layer is None and _vocab_split(param.spec):
                 return self._coalesced_by_rows(param)
             return level.coalesced_param(param.spec, param.layer, self.source.read)
-        read = self.source.read if param.layer is None else self._read_layer
+        read = self.source.read if param.layer is None else self._read_kept
         return level.decoalesced_param(param.spec, param.layer, read)
 
     def _coalesced_by_rows(self, param) -> torch.Tensor:
@@ -162,10 +162,12 @@ class _Producer:
         whole = self.source.read(name)
         return lambda start, count: whole.narrow(0, start, count)
 
-    def _read_layer(self, name: str) -> torch.Tensor:
-        """The source's layer tensor ``name``, the last one kept: the large layers a depth group
-        copies come one after another (parameters go layer-minor) and read the same small one.
-        Nothing modifies what ``read`` returns (the mix writes into the large shards)."""
+    def _read_kept(self, name: str) -> torch.Tensor:
+        """The source's tensor ``name``, the last one read kept: the large layers a depth group
+        copies come one after another (parameters go layer-minor), and interpolation visits a
+        tensor once per target TP rank, all reading the same small tensor. Nothing modifies
+        what it returns (the mix writes into the large shards). Not for the embeddings: it would
+        hold the largest tensor while the next ones are made."""
         if self._last_read[0] != name:
             self._last_read = ("", None)  # let the previous tensor go before reading
             self._last_read = (name, self.source.read(name))
@@ -173,7 +175,8 @@ class _Producer:
 
     def shards(self, param, tp_ranks: Sequence[int]) -> list[torch.Tensor]:
         """Target TP ranks ``tp_ranks``' shards of ``param`` (a LocalParam), each fresh memory;
-        the full tensor is gathered and mapped once for all of them."""
+        the full tensor is gathered and mapped once for all of them (interpolation: see
+        :meth:`_interpolated`)."""
         if self.plan.op == "interpolate":
             return self._interpolated(param, tp_ranks)
         target, spec = self.plan.target, param.spec
@@ -227,8 +230,7 @@ class _Producer:
         if spec.tp_dim is not None:
             units = target.cfg.num_query_groups // target.tp
             block = (spec.tp_dim, tp_rank * units, units)
-        read = self.source.read if param.layer is None else self._read_layer
-        return self.plan.level.decoalesced_view(spec, param.layer, read, block)
+        return self.plan.level.decoalesced_view(spec, param.layer, self._read_kept, block)
 
     def _mix(self, large: torch.Tensor, decoalesced: torch.Tensor) -> None:
         """Mix contiguous ``large`` in place with ``decoalesced`` (a broadcast view of the same
