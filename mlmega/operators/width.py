@@ -42,7 +42,7 @@ def map_width(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
     """Apply the width map to one full tensor of the model ``cfg`` (the source model)."""
     copies = broadcast_copies(tensor, spec, cfg, matrices)
     if copies is not None:  # one pass: lay the broadcast view out as the large tensor
-        return copies.reshape(mapped_shape(tensor, spec, cfg, matrices))
+        return copies.reshape(_mapped_shape(tensor, spec, cfg, matrices))
     units = cfg.num_query_groups
     compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     out = tensor.to(compute)
@@ -58,7 +58,7 @@ def map_width(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
     return out.to(tensor.dtype)
 
 
-def mapped_shape(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
+def _mapped_shape(tensor: torch.Tensor, spec: ParamSpec, cfg: ModelConfig,
                  matrices: dict[str, torch.Tensor]) -> list[int]:
     """The shape of ``map_width(tensor, ...)``."""
     units = cfg.num_query_groups

@@ -150,40 +150,44 @@ def test_stacked_scheme_pairs_unit_i_with_i_plus_half_explicitly():
     assert torch.equal(ln, small["decoder.final_layernorm.weight"].repeat(2))
 
 
+def _assert_equal_to_general_path(operator, state, cfg, schemes, fast_path, monkeypatch):
+    """``operator`` (coalesce / decoalesce) gives every tensor bit for bit as it does with the
+    fast path ``fast_path`` (a function of ``width`` returning None: the general path taken)."""
+    fast, _ = operator(state, cfg, schemes)
+    with monkeypatch.context() as m:
+        m.setattr(width, fast_path, lambda *args: None)
+        general, _ = operator(state, cfg, schemes)
+    dtype = next(iter(state.values())).dtype
+    for key, tensor in general.items():
+        assert fast[key].dtype == dtype and torch.equal(fast[key], tensor), key
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("kind", ["stacked", "adjacent"])
+@pytest.mark.parametrize("factor", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_broadcast_copy_equals_index_selection(name, kind, dtype, monkeypatch):
+def test_broadcast_copy_equals_index_selection(name, kind, factor, dtype, monkeypatch):
     """De-coalescing with a regular scheme is one broadcast copy (``broadcast_copies``); every
     tensor equals the general path's (index selections per width dim) bit for bit."""
     small_cfg = variant(name)
     small = {k: v.to(dtype) for k, v in make_model_state(small_cfg, seed=6).items()}
-    for factor in (2, 4):
-        schemes = LevelSchemes.from_factors(width_factor=factor, width_kind=kind)
-        fast, _ = decoalesce(small, small_cfg, schemes)
-        with monkeypatch.context() as m:
-            m.setattr(width, "broadcast_copies", lambda *args: None)
-            general, _ = decoalesce(small, small_cfg, schemes)
-        for key, tensor in general.items():
-            assert fast[key].dtype == dtype and torch.equal(fast[key], tensor), (factor, key)
+    schemes = LevelSchemes.from_factors(width_factor=factor, width_kind=kind)
+    _assert_equal_to_general_path(decoalesce, small, small_cfg, schemes, "broadcast_copies",
+                                  monkeypatch)
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("kind", ["stacked", "adjacent"])
+@pytest.mark.parametrize("factor", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_strided_group_members_equal_index_selection(name, kind, dtype, monkeypatch):
+def test_strided_group_members_equal_index_selection(name, kind, factor, dtype, monkeypatch):
     """Coalescing with a regular scheme sums strided views of each group's members
     (``_member_views``); every tensor equals the general path's (index selections) bit for bit."""
     small_cfg = variant(name)
-    for factor in (2, 4):
-        schemes = LevelSchemes.from_factors(width_factor=factor, width_kind=kind)
-        large, large_cfg = decoalesce(make_model_state(small_cfg, seed=7), small_cfg, schemes)
-        noise = torch.Generator().manual_seed(8)  # partners differ, so the sums are not trivial
-        large = {k: (v + 0.1 * torch.randn(v.shape, generator=noise)).to(dtype)
-                 for k, v in large.items()}
-        fast, _ = coalesce(large, large_cfg, schemes)
-        with monkeypatch.context() as m:
-            m.setattr(width, "_member_views", lambda *args: None)
-            general, _ = coalesce(large, large_cfg, schemes)
-        for key, tensor in general.items():
-            assert fast[key].dtype == dtype and torch.equal(fast[key], tensor), (factor, key)
+    schemes = LevelSchemes.from_factors(width_factor=factor, width_kind=kind)
+    large, large_cfg = decoalesce(make_model_state(small_cfg, seed=7), small_cfg, schemes)
+    noise = torch.Generator().manual_seed(8)  # partners differ, so the sums are not trivial
+    large = {k: (v + 0.1 * torch.randn(v.shape, generator=noise)).to(dtype)
+             for k, v in large.items()}
+    _assert_equal_to_general_path(coalesce, large, large_cfg, schemes, "_member_views",
+                                  monkeypatch)
