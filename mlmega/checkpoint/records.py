@@ -18,7 +18,7 @@ import torch
 
 from mlmega.config.errors import ConfigError
 
-__all__ = ["RecordFile", "file_mappings"]
+__all__ = ["RecordFile", "byte_view", "file_mappings"]
 
 
 def file_mappings(path: str | Path) -> list[tuple[int, int, int]]:
@@ -35,7 +35,7 @@ def file_mappings(path: str | Path) -> list[tuple[int, int, int]]:
     return out
 
 
-def _bytes_of(tensor: torch.Tensor):
+def byte_view(tensor: torch.Tensor):
     """A writable byte buffer over contiguous ``tensor`` (any dtype, bfloat16 included)."""
     return tensor.reshape(-1).view(torch.uint8).numpy()
 
@@ -69,7 +69,7 @@ class RecordFile:
             return
         direct = out.is_contiguous() and out.dtype == tensor.dtype
         dest = out if direct else torch.empty(out.shape, dtype=tensor.dtype)
-        view = memoryview(_bytes_of(dest))
+        view = memoryview(byte_view(dest))
         done = 0
         while done < len(view):  # one read moves at most ~2 GiB
             n = os.preadv(self._file.fileno(), [view[done:]], offset + done)

@@ -13,10 +13,13 @@ plain ``torch.load(path, weights_only=True, mmap=...)`` and Megatron's loaders r
 unchanged.
 
 Tensors in the object's dicts, lists and tuples may be :class:`LazyTensor` producers: each is
-called when the writer reaches it, so at most one produced tensor is alive at a time. Each tensor is
+called when the writer reaches it, so at most one produced tensor is alive at a time; and
+:meth:`StreamingWriter.write_tensor` takes :class:`RowBlocks`, a tensor made block by block of rows
+as its record is written. Without CRC32s a record's data goes from the tensors to the file
+(torch's writer writes the header and skips the data, which the file sink fills). Each tensor is
 written compactly (its own elements in contiguous order; a view does not drag its base's storage
-along, unlike ``torch.save``). Tensors elsewhere (inside other objects) and tensor subclasses such as
-``nn.Parameter`` are handled as ``torch.save`` handles them: pickled by torch's own reducers and
+along, unlike ``torch.save``). Tensors elsewhere (inside other objects) and tensor subclasses such
+as ``nn.Parameter`` are handled as ``torch.save`` handles them: pickled by torch's own reducers and
 their storages written after the pickle.
 
 :func:`reuse_freed_memory` makes a process that streams tensors reuse freed ones' memory.
@@ -27,15 +30,18 @@ from __future__ import annotations
 import collections
 import ctypes
 import io
+import math
 import os
 import pickle
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-__all__ = ["LazyTensor", "StreamingWriter", "save_streaming", "reuse_freed_memory"]
+from mlmega.checkpoint.records import byte_view
+
+__all__ = ["LazyTensor", "RowBlocks", "StreamingWriter", "save_streaming", "reuse_freed_memory"]
 
 
 class LazyTensor:
@@ -49,6 +55,32 @@ class LazyTensor:
 
     def __repr__(self) -> str:
         return f"LazyTensor({self.produce!r})"
+
+
+class RowBlocks:
+    """A contiguous tensor of ``shape`` and ``dtype`` given as consecutive blocks of its rows
+    (dim 0), each made when the writer reaches it: the writer streams them into one record, so the
+    whole tensor is never in memory (unless :meth:`materialize` makes it)."""
+
+    __slots__ = ("shape", "dtype", "blocks")
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype,
+                 blocks: Callable[[], Iterable[torch.Tensor]]):
+        self.shape, self.dtype, self.blocks = tuple(shape), dtype, blocks
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def materialize(self) -> torch.Tensor:
+        """The whole tensor, in fresh memory."""
+        out, row = torch.empty(self.shape, dtype=self.dtype), 0
+        for block in self.blocks():
+            out.narrow(0, row, block.shape[0]).copy_(block)
+            row += block.shape[0]
+        if row != self.shape[0]:
+            raise RuntimeError(f"row blocks gave {row} rows, expected {self.shape[0]}")
+        return out
 
 
 class _StorageRef:
@@ -80,17 +112,53 @@ class _FileSink:
     Records go out in pieces of ``_WRITE_PIECE`` bytes: measured here (ext4, Linux 6.18), 800 MB
     written in 256 KiB calls took 0.17 s every time, in 200 MB calls 0.15 s to 0.9 s (larger
     page-cache folios to allocate), in 64 KiB calls 0.20 s.
+
+    An exception must not cross torch's C++ writer (it would lose count of its position and abort
+    the process when it is destroyed): the sink keeps the first one as ``failure``, which
+    :meth:`check` raises once the writer's call has returned, and writes nothing more.
     """
 
     def __init__(self, path: Path):
         self._file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed by close())
+        self._skipped: Optional[Iterable[torch.Tensor]] = None
+        self.failure: Optional[BaseException] = None
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):
-            done += self._file.write(view[done:done + _WRITE_PIECE])
-        return done
+        try:
+            done = 0
+            while done < len(view) and self.failure is None:
+                done += self._file.write(view[done:done + _WRITE_PIECE])
+        except BaseException as exc:  # noqa: BLE001 (raised by check())
+            self.failure = self.failure or exc
+        return len(view)
+
+    def fill_next_skip(self, pieces: Iterable[torch.Tensor]) -> None:
+        """Write ``pieces`` (contiguous tensors) where the zip writer next skips a record's data
+        (``write_record_metadata`` writes the record's header, then seeks past its data)."""
+        self._skipped = pieces
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        pieces, self._skipped = self._skipped, None
+        try:
+            if whence != os.SEEK_CUR or pieces is None:
+                raise io.UnsupportedOperation("the zip writer seeks only past data given to it")
+            done = 0
+            for piece in pieces:
+                if self.failure is not None:
+                    break
+                done += self.write(byte_view(piece))
+            if done != offset and self.failure is None:
+                raise RuntimeError(f"{self._file.name}: a record's pieces hold {done} bytes, "
+                                   f"its header says {offset}")
+        except BaseException as exc:  # noqa: BLE001 (raised by check())
+            self.failure = self.failure or exc
+        return offset
+
+    def check(self) -> None:
+        """Raise the exception a write met, if any."""
+        if self.failure is not None:
+            raise self.failure
 
     def close(self) -> None:
         self._file.close()
@@ -111,10 +179,10 @@ class StreamingWriter:
                  checksums: Optional[bool] = None):
         self.path = Path(path)
         self.protocol = pickle_protocol
-        crc32 = torch.serialization.get_crc32_options() if checksums is None else checksums
+        self._crc32 = torch.serialization.get_crc32_options() if checksums is None else checksums
         alignment = torch.serialization._get_storage_alignment()
         self._stream = _FileSink(self.path)
-        self._zip = torch._C.PyTorchFileWriter(self._stream, crc32, alignment)
+        self._zip = torch._C.PyTorchFileWriter(self._stream, self._crc32, alignment)
         self._keys = 0
         self._written: dict[int, tuple[torch.Tensor, _WrittenTensor]] = {}  # id -> same object
         self.bytes_written = 0
@@ -140,13 +208,37 @@ class StreamingWriter:
         self._keys += 1
         return key
 
-    def write_tensor(self, tensor: torch.Tensor, remember: bool = True) -> Any:
+    def _write_record(self, data: torch.Tensor | RowBlocks) -> str:
+        """Write ``data`` (a contiguous tensor, or row blocks) as the next storage record; returns
+        its key. Without checksums the bytes go from the tensors to the file (torch's writer
+        writes the header and skips the data, which the sink fills); with them, through torch's
+        writer, which computes the CRC32 over the whole record in memory."""
+        key, nbytes = self._next_key(), data.nbytes
+        if nbytes and not self._crc32:
+            self._stream.fill_next_skip(data.blocks() if isinstance(data, RowBlocks) else [data])
+            self._zip.write_record_metadata(f"data/{key}", nbytes)
+        elif nbytes:
+            tensor = data.materialize() if isinstance(data, RowBlocks) else data
+            if tensor.storage_offset() or tensor.untyped_storage().nbytes() != nbytes:
+                tensor = tensor.clone()  # a view: the record holds its own elements only
+            self._zip.write_record(f"data/{key}", tensor.untyped_storage(), nbytes)
+        else:
+            self._zip.write_record(f"data/{key}", b"", 0)
+        self._stream.check()
+        self.bytes_written += nbytes
+        return key
+
+    def write_tensor(self, tensor: torch.Tensor | RowBlocks, remember: bool = True) -> Any:
         """Write ``tensor``'s data now; returns what to put in the object in its place.
 
         ``remember``: keep the tensor alive so that meeting the same object again writes no second
         record (as torch.save); False for tensors produced once, which are then freed as soon as
-        the caller drops them.
+        the caller drops them. Row blocks are written as the tensor they make up.
         """
+        if isinstance(tensor, RowBlocks):
+            key = self._write_record(tensor)
+            stride = torch.empty(tensor.shape, device="meta").stride()
+            return _written(key, "cpu", tensor.shape, stride, False, tensor.dtype, tensor.nbytes)
         if (type(tensor) is not torch.Tensor or tensor.layout != torch.strided
                 or tensor.is_quantized or tensor.device.type == "meta"):
             return tensor  # subclasses (nn.Parameter...), sparse...: torch's own reducers
@@ -158,28 +250,11 @@ class StreamingWriter:
         tensor = tensor.detach().resolve_conj().resolve_neg()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        nbytes = tensor.numel() * tensor.element_size()
         if not tensor.is_contiguous():
             tensor = tensor.clone(memory_format=torch.contiguous_format)
-        key = self._next_key()
-        # straight from the tensor's memory (a contiguous view writes its own elements only)
-        if nbytes:
-            self._zip.write_record(f"data/{key}", tensor.data_ptr(), nbytes)
-        else:
-            self._zip.write_record(f"data/{key}", b"", 0)
-        self.bytes_written += nbytes
-        hooks = collections.OrderedDict()
-        shape, stride = tuple(tensor.size()), tensor.stride()
-        if tensor.dtype in torch.storage._new_dtypes():
-            ref = _StorageRef(torch.UntypedStorage, key, location, nbytes)
-            reduced = (torch._utils._rebuild_tensor_v3,
-                       (ref, 0, shape, stride, original.requires_grad, hooks, tensor.dtype))
-        else:
-            storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[tensor.dtype])
-            ref = _StorageRef(storage_type, key, location, tensor.numel())
-            reduced = (torch._utils._rebuild_tensor_v2,
-                       (ref, 0, shape, stride, original.requires_grad, hooks))
-        written = _WrittenTensor(reduced, nbytes)
+        key = self._write_record(tensor)
+        written = _written(key, location, tuple(tensor.size()), tensor.stride(),
+                           original.requires_grad, tensor.dtype, tensor.nbytes)
         if remember:  # keeping it alive, so its id stays its own, to write it once only
             self._written[id(original)] = (original, written)
         return written
@@ -255,9 +330,26 @@ class StreamingWriter:
             zf.write_record(f"data/{key}", storage, storage.nbytes())
             self.bytes_written += storage.nbytes()
         zf.write_end_of_file()
+        self._stream.check()
         self._stream.close()
         self.finished = True
         return self.bytes_written
+
+
+def _written(key: str, location: str, shape: tuple, stride: tuple, requires_grad: bool,
+             dtype: torch.dtype, nbytes: int) -> _WrittenTensor:
+    """The stand-in for a tensor written as record ``data/<key>``, as ``Tensor.__reduce_ex__``
+    reduces it."""
+    hooks = collections.OrderedDict()
+    if dtype in torch.storage._new_dtypes():
+        ref = _StorageRef(torch.UntypedStorage, key, location, nbytes)
+        reduced = (torch._utils._rebuild_tensor_v3,
+                   (ref, 0, shape, stride, requires_grad, hooks, dtype))
+    else:
+        storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[dtype])
+        ref = _StorageRef(storage_type, key, location, nbytes // dtype.itemsize)
+        reduced = (torch._utils._rebuild_tensor_v2, (ref, 0, shape, stride, requires_grad, hooks))
+    return _WrittenTensor(reduced, nbytes)
 
 
 def save_streaming(obj: Any, path: str | Path, checksums: Optional[bool] = None) -> int:

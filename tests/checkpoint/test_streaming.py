@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
+import subprocess
+import sys
 import weakref
 import zipfile
 
@@ -11,8 +14,9 @@ import pytest
 import torch
 
 from mlmega.checkpoint.layout import ShardLayout
-from mlmega.checkpoint.streaming import LazyTensor, StreamingWriter, save_streaming
+from mlmega.checkpoint.streaming import LazyTensor, RowBlocks, StreamingWriter, save_streaming
 from mlmega.checkpoint.torch_format import TorchCheckpoint, load_file, write_rank_file
+from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.models.params import iter_params, param_shapes
 
@@ -71,11 +75,12 @@ def _assert_same(a, b):
         assert type(a) is type(b) and a == b
 
 
+@pytest.mark.parametrize("checksums", [None, False])  # through torch's writer / straight
 @pytest.mark.parametrize("mmap", [False, True])
-def test_file_loads_with_torch_load_and_matches(tmp_path, mmap):
+def test_file_loads_with_torch_load_and_matches(tmp_path, mmap, checksums):
     content = _content()
     path = tmp_path / "model_optim_rng.pt"
-    nbytes = save_streaming(content, path)
+    nbytes = save_streaming(content, path, checksums=checksums)
     assert nbytes == sum(t.numel() * t.element_size() for t in _tensors(content))
     _assert_same(content, _load(path, mmap))
 
@@ -157,6 +162,76 @@ def test_a_failing_producer_leaves_no_file(tmp_path):
         with StreamingWriter(path) as writer:
             writer.write_tensor(torch.ones(3))
             raise ValueError("caller failed")
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_blocks_are_written_as_the_tensor_they_make_up(tmp_path, checksums, dtype):
+    """Same file as writing the whole tensor (record bytes, pickle), blocks made one at a time."""
+    whole = torch.randn(10, 6, generator=torch.Generator().manual_seed(1)).to(dtype)
+    made = []
+
+    def blocks():
+        for start in range(0, 10, 4):
+            made.append(start)
+            yield whole[start:start + 4].clone()
+
+    save_streaming({"w": whole}, tmp_path / "whole.pt", checksums=checksums)
+    with StreamingWriter(tmp_path / "rows.pt", checksums=checksums) as writer:
+        writer.finish({"w": writer.write_tensor(RowBlocks((10, 6), dtype, blocks))})
+    assert made == [0, 4, 8]
+    a, b = (torch._C.PyTorchFileReader(str(tmp_path / f)) for f in ("whole.pt", "rows.pt"))
+    for name in ("data/0", "data.pkl"):  # (this reader does not check CRC32s)
+        assert a.get_record(name) == b.get_record(name), name
+    if checksums:
+        with zipfile.ZipFile(tmp_path / "rows.pt") as z:
+            assert z.testzip() is None
+    loaded = _load(tmp_path / "rows.pt", mmap=True)["w"]
+    assert loaded.dtype == dtype and torch.equal(loaded, whole)
+    assert torch.equal(RowBlocks((10, 6), dtype, blocks).materialize(), whole)
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_failing_or_short_row_blocks_raise_and_leave_no_file(tmp_path, checksums):
+    def failing():
+        yield torch.zeros(2, 3)
+        raise ConfigError("block failed")
+
+    def short():
+        yield torch.zeros(2, 3)
+
+    path = tmp_path / "f.pt"
+    short_error = "gave 2 rows, expected 4|hold 24 bytes, its header says 48"
+    for blocks, error in ((failing, "block failed"), (short, short_error)):
+        with pytest.raises((ConfigError, RuntimeError), match=error):
+            with StreamingWriter(path, checksums=checksums) as writer:
+                writer.write_tensor(torch.ones(3))
+                writer.write_tensor(RowBlocks((4, 3), torch.float32, blocks))
+        assert not path.exists()
+
+
+_FILE_SIZE_LIMITED = """
+import resource, signal, sys, torch
+from mlmega.checkpoint.streaming import save_streaming
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit: write() fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    save_streaming({"a": torch.ones(1 << 19)}, sys.argv[1], checksums=sys.argv[2] == "1")
+except OSError as exc:
+    print("raised", exc.errno)
+"""
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_a_failing_write_raises_and_leaves_no_file(tmp_path, checksums):
+    """A write error (here: over the process's file size limit, as a full disk would) comes out as
+    the OSError, not as an abort inside torch's C++ writer."""
+    path = tmp_path / "f.pt"
+    run = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMITED, str(path), str(int(checksums))],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == f"raised {errno.EFBIG}"
     assert not path.exists()
 
 
