@@ -3,9 +3,11 @@
 To produce target rank (tp, pp) a worker reads only the source tensors it needs (with pread from
 the shard files, whose metadata is loaded lazily), one parameter at a time: gather over the
 source's TP ranks, apply the operator (identity, coalesce, de-coalesce, de-coalesce +
-interpolate), split for the target TP rank. Target ranks run in parallel worker processes (or as
-the tasks of one SLURM job), each writing its own file into a staging directory; the coordinator
-writes the ``latest`` marker last and renames the staging directory into place. Sources in
+interpolate), split for the target TP rank; the tensors TP splits on the vocabulary (embeddings,
+output layer) go block by block of rows, from the source's rows into the target file's record.
+Target ranks run in parallel worker processes (or as the tasks of one SLURM job), each writing its
+own file into a staging directory; the coordinator writes the ``latest`` marker last and renames
+the staging directory into place. Sources in
 either format (torch: ``mp_rank_*`` files; torch_dist: megatron-core's distributed checkpoint) are
 detected; ``format="torch_dist"`` writes torch_dist output: each target rank writes its own
 ``.distcp`` file and index part, and the coordinator merges the parts into ``.metadata`` (plus
@@ -32,7 +34,8 @@ from mlmega.checkpoint.atomic import check_destination, publish, staging_dir, wr
 from mlmega.checkpoint.dist_format import (finalize_dist, open_checkpoint, save_dist_full_state,
                                            write_dist_rank)
 from mlmega.checkpoint.layout import ShardLayout
-from mlmega.checkpoint.streaming import LazyTensor, StreamingWriter, reuse_freed_memory
+from mlmega.checkpoint.streaming import (LazyTensor, RowBlocks, StreamingWriter,
+                                           reuse_freed_memory)
 from mlmega.checkpoint.torch_format import (TRACKER, TorchCheckpoint, iteration_dir_name,
                                            rank_file_path, shard_content, write_rank_file)
 from mlmega.config.errors import ConfigError
@@ -135,32 +138,17 @@ class _Producer:
         if op == "reshard":
             return self.source.read(param.global_name)
         if op == "coalesce":
-            if param.layer is None and _vocab_split(param.spec):
-                return self._coalesced_by_rows(param)
             return level.coalesced_param(param.spec, param.layer, self.source.read)
         read = self.source.read if param.layer is None else self._read_kept
         return level.decoalesced_param(param.spec, param.layer, read)
 
-    def _coalesced_by_rows(self, param) -> torch.Tensor:
-        """Coalescing of an embedding-like tensor (rows: the vocab, which width maps leave
-        alone) block by block of rows: the large tensor is never whole in memory."""
-        spec, level = param.spec, self.plan.level
-        rows, total = self._rows(param.global_name), self.plan.target.cfg.padded_vocab_size(1)
-        out = None
-        for start in range(0, total, _ROWS_PER_BLOCK):
-            count = min(_ROWS_PER_BLOCK, total - start)
-            block = level.coalesce_tensor(spec, rows(start, count))
-            if out is None:
-                out = torch.empty((total, *block.shape[1:]), dtype=block.dtype)
-            out.narrow(0, start, count).copy_(block)
-        return out
-
-    def _rows(self, name: str) -> Callable[[int, int], torch.Tensor]:
-        """(start, count) -> those rows of the source's canonical tensor ``name``: read from the
-        shard files (torch format), else narrowed from the whole tensor read once."""
-        if isinstance(self.source, TorchCheckpoint):
-            return functools.partial(self.source.read_rows, name)
-        whole = self.source.read(name)
+    @staticmethod
+    def _rows(ckpt, name: str) -> Callable[[int, int], torch.Tensor]:
+        """(start, count) -> those rows of checkpoint ``ckpt``'s canonical tensor ``name``: read
+        from the shard files (torch format), else narrowed from the whole tensor read now."""
+        if isinstance(ckpt, TorchCheckpoint):
+            return functools.partial(ckpt.read_rows, name)
+        whole = ckpt.read(name)
         return lambda start, count: whole.narrow(0, start, count)
 
     def _read_kept(self, name: str) -> torch.Tensor:
@@ -174,10 +162,12 @@ class _Producer:
             self._last_read = (name, self.source.read(name))
         return self._last_read[1]
 
-    def shards(self, param, tp_ranks: Sequence[int]) -> list[torch.Tensor]:
-        """Target TP ranks ``tp_ranks``' shards of ``param`` (a LocalParam), each fresh memory;
-        the full tensor is gathered and mapped once for all of them (interpolation: see
-        :meth:`_interpolated`)."""
+    def shards(self, param, tp_ranks: Sequence[int]) -> list[torch.Tensor | RowBlocks]:
+        """Target TP ranks ``tp_ranks``' shards of ``param`` (a LocalParam), each fresh memory (or
+        row blocks, see :meth:`_row_blocks`); the full tensor is gathered and mapped once for all
+        of them (interpolation: see :meth:`_interpolated`)."""
+        if param.layer is None and _vocab_split(param.spec):
+            return self._row_blocks(param, tp_ranks)
         if self.plan.op == "interpolate":
             return self._interpolated(param, tp_ranks)
         target, spec = self.plan.target, param.spec
@@ -187,6 +177,40 @@ class _Producer:
             return [full]  # fresh memory in the target's shape already: splitting only copies it
         return [target.split(spec, full, r) for r in tp_ranks]
 
+    def _row_blocks(self, param, tp_ranks: Sequence[int]) -> list[RowBlocks]:
+        """Shards of a tensor TP splits on the vocab (word embeddings, output layer), as blocks of
+        rows made when the writer takes them: the operators map rows independently (width maps
+        act on the hidden dim), so neither the source's nor the target's whole tensor is made.
+        Rows past the vocabulary are zero padding."""
+        op, level, target, spec = self.plan.op, self.plan.level, self.plan.target, param.spec
+        rows = self._rows(self.source, param.global_name)
+        large_rows = self._rows(self.large, param.global_name) if op == "interpolate" else None
+
+        def mapped(start: int, count: int) -> torch.Tensor:
+            block = rows(start, count)
+            if op == "reshard":
+                return block
+            if op == "coalesce":
+                return level.coalesce_tensor(spec, block)
+            view = level.decoalesce_broadcast(spec, block) if op == "interpolate" else None
+            decoalesced = level.decoalesce_tensor(spec, block) if view is None else view
+            if op == "decoalesce":
+                return decoalesced
+            large = large_rows(start, count)  # fresh memory: mixed in place
+            self._mix(large, decoalesced)
+            return large
+
+        shape, dtype = target.local_shape(spec), mapped(0, 0).dtype
+
+        def blocks(tp_rank: int):
+            start, _, keep = target.vocab_rows(tp_rank)
+            for row in range(0, keep, _ROWS_PER_BLOCK):
+                yield mapped(start + row, min(_ROWS_PER_BLOCK, keep - row))
+            if keep < shape[0]:
+                yield torch.zeros((shape[0] - keep, *shape[1:]), dtype=dtype)
+
+        return [RowBlocks(shape, dtype, functools.partial(blocks, r)) for r in tp_ranks]
+
     def _interpolated(self, param, tp_ranks: Sequence[int]) -> list[torch.Tensor]:
         """interpolate is elementwise: each large shard (fresh memory of its own) takes the mix
         of its elements in place, which are the same values as mixing the full tensors and
@@ -194,32 +218,18 @@ class _Producer:
 
         Where de-coalescing is a broadcast (regular schemes), each shard is mixed from a
         broadcast view of the small tensor restricted to the shard's elements, and no large
-        de-coalesced tensor is made: embeddings block by block of rows (each block's small rows
-        read for it), other tensors whole. Otherwise the de-coalesced full tensor is made once
-        and split."""
-        target, spec, level = self.plan.target, param.spec, self.plan.level
-        full = rows = None
-        if param.layer is None and _vocab_split(spec):
-            rows = self._rows(param.global_name)
-            if level.decoalesce_broadcast(spec, rows(0, 0)) is None:  # no rows: nothing read
-                rows, full = None, level.decoalesce_tensor(spec,
-                                                           self.source.read(param.global_name))
-        out = []
+        de-coalesced tensor is made. Otherwise the de-coalesced full tensor is made once and
+        split."""
+        target, spec = self.plan.target, param.spec
+        full, out = None, []
         for r, large in zip(tp_ranks, self._large_shards(param, tp_ranks)):
-            if rows is not None:
-                start, _, keep = target.vocab_rows(r)  # rows past keep: zero padding, stay zero
-                for row in range(0, keep, _ROWS_PER_BLOCK):
-                    n = min(_ROWS_PER_BLOCK, keep - row)
-                    self._mix(large.narrow(0, row, n),
-                              level.decoalesce_broadcast(spec, rows(start + row, n)))
+            view = None if full is not None else self._decoalesced_view(param, r)
+            if view is not None:
+                self._mix(large, view)
             else:
-                view = None if full is not None else self._decoalesced_view(param, r)
-                if view is not None:
-                    self._mix(large, view)
-                else:
-                    full = self.mapped(param) if full is None else full
-                    interpolate_tensor(large, target.shard_of(spec, full, r), self.plan.alpha,
-                                       out=large)
+                full = self.mapped(param) if full is None else full
+                interpolate_tensor(large, target.shard_of(spec, full, r), self.plan.alpha,
+                                   out=large)
             out.append(large)
         return out
 
@@ -262,7 +272,8 @@ def stage_tensors(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int]):
     ``pp_rank``, one parameter at a time.
 
     Each yielded list holds fresh memory that the generator does not keep: once the consumer drops
-    it, it is freed.
+    it, it is freed. Shards may be :class:`RowBlocks`, whose blocks are made (from the source
+    checkpoints, which allow this from another thread) when the consumer iterates them.
     """
     producer = _Producer(plan)
     for param in plan.target.stage_params(pp_rank):
@@ -274,7 +285,8 @@ def rank_tensors(plan: ConversionPlan, tp_rank: int, pp_rank: int):
     """Yield (local name, tensor) for every tensor target rank (tp_rank, pp_rank) holds, one at a
     time (see :func:`stage_tensors`): what training loads when it starts from another level."""
     for name, shards in stage_tensors(plan, pp_rank, [tp_rank]):
-        yield name, shards.pop()
+        shard = shards.pop()
+        yield name, shard.materialize() if isinstance(shard, RowBlocks) else shard
 
 
 def convert_ranks(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int],
@@ -317,7 +329,7 @@ def convert_ranks(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int],
             for r in tp_ranks:
                 shard = shards.pop(0)
                 written[r][name] = writers[r].write_tensor(shard, remember=False)
-                nbytes[r] += shard.numel() * shard.element_size()
+                nbytes[r] += shard.nbytes
                 del shard
                 progress.update(1)
 

@@ -18,6 +18,7 @@ import argparse
 import functools
 import pickle
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -119,6 +120,9 @@ class TorchCheckpoint:
     args: argparse.Namespace
     _shards: dict[tuple[int, int], dict] = field(default_factory=dict, repr=False)
     _files: dict[tuple[int, int], RecordFile] = field(default_factory=dict, repr=False)
+    # files are opened on first use, from any thread (a converter's writer makes row blocks)
+    _opening: threading.RLock = field(default_factory=threading.RLock, repr=False,
+                                      compare=False)
 
     @property
     def directory(self) -> Path:
@@ -172,18 +176,20 @@ class TorchCheckpoint:
     def shard(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
         """The whole (lazily mmapped) content of one rank's file."""
         key = (tp_rank, pp_rank)
-        if key not in self._shards:
-            self._shards[key] = load_file(self.shard_path(tp_rank, pp_rank))
-        return self._shards[key]
+        with self._opening:
+            if key not in self._shards:
+                self._shards[key] = load_file(self.shard_path(tp_rank, pp_rank))
+            return self._shards[key]
 
     def _record_file(self, tp_rank: int, pp_rank: int) -> RecordFile:
         """The reader of a rank's file whose content :meth:`shard` loaded (opened on first use:
         opening and validating a checkpoint reads no tensor)."""
         key = (tp_rank, pp_rank)
-        if key not in self._files:
-            self.shard(tp_rank, pp_rank)  # mapped first: RecordFile looks up the mapping
-            self._files[key] = RecordFile(self.shard_path(tp_rank, pp_rank))
-        return self._files[key]
+        with self._opening:
+            if key not in self._files:
+                self.shard(tp_rank, pp_rank)  # mapped first: RecordFile looks up the mapping
+                self._files[key] = RecordFile(self.shard_path(tp_rank, pp_rank))
+            return self._files[key]
 
     def model_state(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
         shard = self.shard(tp_rank, pp_rank)

@@ -119,3 +119,37 @@ def test_interpolate_conversion_matches_the_operators(tmp_path, model_parallel, 
     deco, _ = decoalesce(small_state, small_cfg, schemes)
     expected = interpolate(large_state, deco, large, 0.25)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("op", ["reshard", "coalesce", "decoalesce", "interpolate"])
+def test_every_stored_shard_is_the_split_of_the_operators_result(tmp_path, model_parallel, op):
+    """The files hold, rank by rank, exactly what splitting the unsharded result gives: vocab
+    shards (made block by block of rows) included, with their zero padding (vocab 200 at TP=4:
+    ranks 2 and 3 hold padding only; untied: the output layer too)."""
+    large = MODELS["gpt-gqa-swiglu-untied"].replace(num_query_groups=8)  # small: 4 groups
+    schemes = LevelSchemes.from_factors(width_factor=2, depth_factor=2)
+    large_state = make_model_state(large, seed=4)
+    coalesced, small_cfg = coalesce(large_state, large, schemes)
+    small_state = {k: v + 0.01 for k, v in coalesced.items()}
+    save_full_state(large_state, ShardLayout(large, 2, 2), tmp_path / "large")
+    save_full_state(small_state, ShardLayout(small_cfg, 1, 1), tmp_path / "small")
+    decoalesced = decoalesce(small_state, small_cfg, schemes)[0]
+    src, cfg, expected = {
+        "reshard": (tmp_path / "large", large, large_state),
+        "coalesce": (tmp_path / "large", small_cfg, coalesced),
+        "decoalesce": (tmp_path / "small", large, decoalesced),
+        "interpolate": (tmp_path / "small", large,
+                        interpolate(large_state, decoalesced, large, 0.25)),
+    }[op]
+    run_conversion(plan_conversion(op, src, tmp_path / "out", target_tp=4, target_pp=2,
+                                   schemes=None if op == "reshard" else schemes, alpha=0.25,
+                                   large=tmp_path / "large" if op == "interpolate" else None),
+                   workers=2)
+    out = TorchCheckpoint.open(tmp_path / "out")
+    layout = ShardLayout(cfg, 4, 2)
+    assert out.layout.cfg.replace(source="") == cfg.replace(source="")
+    for tp_rank, pp_rank in layout.ranks:
+        stored = out.model_state(tp_rank, pp_rank)
+        for p in layout.stage_params(pp_rank):
+            want = layout.split(p.spec, expected[p.global_name], tp_rank)
+            assert torch.equal(stored[p.local_name], want), (tp_rank, pp_rank, p.local_name)
