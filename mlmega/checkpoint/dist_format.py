@@ -49,7 +49,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 
 from mlmega.checkpoint.atomic import atomic_directory, write_text_atomic
-from mlmega.checkpoint.layout import ShardLayout, _pad_rows
+from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.torch_format import (CHECKPOINT_VERSION, TRACKER, TorchCheckpoint,
                                             _layers_per_stage, iteration_dir_name,
                                             latest_directory, load_file)
@@ -579,3 +579,12 @@ def save_dist_full_state(state: Mapping[str, torch.Tensor], layout: ShardLayout,
         finalize_dist(directory, layout, iteration, extra_args)
         write_text_atomic(staging / TRACKER, str(iteration))
 
+
+def _pad_rows(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Trim or zero-pad ``tensor`` along ``dim`` to ``size`` rows."""
+    have = tensor.shape[dim]
+    if have >= size:
+        return tensor.narrow(dim, 0, size)
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = size - have
+    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)

@@ -185,13 +185,3 @@ class ShardLayout:
             args.update(decoder_first_pipeline_num_layers=self.layers_per_stage[0],
                         decoder_last_pipeline_num_layers=self.layers_per_stage[-1])
         return args
-
-
-def _pad_rows(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """Trim or zero-pad ``tensor`` along ``dim`` to ``size`` rows."""
-    have = tensor.shape[dim]
-    if have >= size:
-        return tensor.narrow(dim, 0, size)
-    pad_shape = list(tensor.shape)
-    pad_shape[dim] = size - have
-    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
