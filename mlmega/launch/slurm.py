@@ -7,8 +7,9 @@ only when the previous stage's job *succeeded*. Job ids and statuses go to ``RUN
 ``refresh`` reads them back from ``sacct`` (one call for all jobs) and from the checkpoints.
 
 Every task of a job runs :class:`StageJob`: it exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
-MASTER_PORT (submitit's ``TorchDistributedEnvironment``: the first node of the allocation, a port
-seeded from the job id) and runs the stage's ``mlmega train`` in-process.
+MASTER_PORT (submitit's ``TorchDistributedEnvironment``: the first node of the allocation; a port
+seeded from the job id below the ephemeral port range, :func:`rendezvous_port`, unless
+``cluster.env`` sets MASTER_PORT) and runs the stage's ``mlmega train`` in-process.
 
 Signals and requeue (end to end):
   * sbatch: ``--signal=USR2@90`` (submitit's preemption warning, 90 s before the time limit; also
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
 import shlex
 import signal
@@ -105,6 +107,8 @@ class StageJob:
         signals.catch_early()  # submitit's USR2 handler would requeue and exit on its own
         dist_env = TorchDistributedEnvironment()
         dist_env.master_addr = rendezvous_address(dist_env.master_addr)
+        if not os.environ.get("MASTER_PORT"):  # cluster.env may set it: then as given
+            dist_env.master_port = rendezvous_port(os.environ.get("SLURM_JOB_ID", "0"))
         dist_env.export(set_cuda_visible_devices=False, overwrite=True)
         rank, job_id = dist_env.rank, os.environ.get("SLURM_JOB_ID", "?")
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
@@ -153,6 +157,17 @@ def rendezvous_address(host: str) -> str:
         return host
     except (OSError, UnicodeError):
         return "127.0.0.1"
+
+
+def rendezvous_port(job_id: str) -> int:
+    """The job's rendezvous port, the same on every task: seeded by the job id (jobs sharing a
+    node get different ports) within [20000, 32768), below Linux's default ephemeral range.
+    (submitit's seeded port spans 20000-60000: in CI one collided with a socket of SLURM's that
+    the kernel had given an ephemeral port, and the job failed with EADDRINUSE.)"""
+    return random.Random(job_id).randrange(*_RENDEZVOUS_PORTS)
+
+
+_RENDEZVOUS_PORTS = (20000, 32768)
 
 
 def _tracker_step(save_dir: Path) -> Optional[int]:

@@ -64,9 +64,25 @@ def test_exports_rendezvous_and_trains(tmp_path, job_env, monkeypatch):
     assert config.endswith("0-pre-L0.yaml")
     # n1 does not resolve here: rendez-vous on 127.0.0.1; the port is seeded from the job id
     assert env["MASTER_ADDR"] == "127.0.0.1" and env["RANK"] == "0" and env["WORLD_SIZE"] == "2"
-    assert 20000 <= int(env["MASTER_PORT"]) <= 60000
+    assert env["MASTER_PORT"] == str(slurm.rendezvous_port(os.environ["SLURM_JOB_ID"]))
     # submitit's USR2 handler (checkpoint + requeue + exit) no longer answers the signals
     assert all(signal.getsignal(sig) is signals._record_early for sig in signals.SIGNALS)
+
+
+def test_rendezvous_port_is_per_job_and_below_the_ephemeral_range():
+    """Every task of a job computes the same port; jobs get different ones; none is in Linux's
+    default ephemeral range (32768-60999), where the kernel gives other sockets their ports."""
+    ports = [slurm.rendezvous_port(str(job)) for job in range(1000)]
+    assert ports[:10] == [slurm.rendezvous_port(str(job)) for job in range(10)]
+    assert all(20000 <= port < 32768 for port in ports) and len(set(ports)) > 950
+
+
+def test_master_port_from_the_environment_is_kept(tmp_path, job_env, monkeypatch):
+    seen = []
+    fake_training(monkeypatch, 0, seen=seen)
+    monkeypatch.setenv("MASTER_PORT", "45678")  # e.g. from cluster.env
+    stage_job(tmp_path)()
+    assert seen[0][1]["MASTER_PORT"] == "45678"
 
 
 def test_resolvable_master_is_kept():
