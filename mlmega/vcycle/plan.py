@@ -5,6 +5,7 @@ Stages of a K-level V-cycle (level 0 = the full model):
                           level k > 0 starts from pre k-1 coalesced
   bottom    (level K-1)   bottom_steps from pre K-2 coalesced; no warm-up, bottom_decay (linear)
   post k    (k = K-2..0)  from interpolate(pre k, de-coalesce(previous stage), alpha); linear decay
+                          at level 0; bottom_decay at the levels in between (de-coalesced again)
 The baseline is the full model trained alone for the same number of tokens (or baseline_steps).
 """
 
@@ -99,7 +100,8 @@ def plan_vcycle(recipe: Recipe) -> Plan:
     for k in reversed(range(last)):
         init = StageInit("interpolate", previous, recipe.levels[k], large=pre[k],
                          alpha=sched.alpha)
-        previous = add("post", k, sched.decoalesce_steps[k], 0, "linear", init)
+        previous = add("post", k, sched.decoalesce_steps[k], 0,
+                       "linear" if k == 0 else sched.bottom_decay, init)
     baseline_steps = sched.baseline_steps or sum(s.steps for s in stages)
     baseline = _stage(recipe, "baseline", 0, "baseline", models[0], baseline_steps, sched.lr[0],
                       train.warmup_steps, "linear", None)

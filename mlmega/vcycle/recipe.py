@@ -56,7 +56,8 @@ class ScheduleConfig:
     ``coalesce_steps[k]``: steps at level k before coalescing to level k+1 (ends at peak LR).
     ``bottom_steps``: steps at the smallest level (no warm-up; ``bottom_decay``: linear, or
     constant to keep the peak LR: de-coalescing re-warms the LR, undoing an annealed minimum).
-    ``decoalesce_steps[k]``: steps at level k after de-coalescing + interpolation (linear decay).
+    ``decoalesce_steps[k]``: steps at level k after de-coalescing + interpolation (linear decay at
+    level 0; levels in between are de-coalesced again, so they decay as ``bottom_decay`` says).
     ``lr[k]``: peak learning rate of level k (smaller levels use higher LRs).
     ``baseline_steps``: the full model trained alone for the comparison (default: the V-cycle's
     steps at level 0).

@@ -122,9 +122,15 @@ def test_overrides_from_the_command_line():
         load_recipe(CONFIGS / "tiny-gpt.yaml", ["schedule.alpha"])
 
 
-def test_bottom_decay_sets_the_smallest_levels_schedule():
+def test_bottom_decay_sets_the_schedule_of_every_stage_that_is_de_coalesced():
     default = plan_vcycle(load_recipe(CONFIGS / "tiny-gpt.yaml"))
     constant = plan_vcycle(load_recipe(CONFIGS / "tiny-gpt.yaml",
                                        ["schedule.bottom_decay=constant"]))
     assert [s.decay_style for s in default.stages] == ["constant", "linear", "linear"]
     assert [s.decay_style for s in constant.stages] == ["constant", "constant", "linear"]
+    # 3 levels: the middle level's post stage is de-coalesced again, so it keeps its LR too
+    three = plan_vcycle(load_recipe(CONFIGS / "bert-large-3level.yaml",
+                                    ["schedule.bottom_decay=constant"]))
+    assert [(s.kind, s.level, s.decay_style) for s in three.stages] == [
+        ("pre", 0, "constant"), ("pre", 1, "constant"), ("bottom", 2, "constant"),
+        ("post", 1, "constant"), ("post", 0, "linear")]
