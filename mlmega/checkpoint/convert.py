@@ -7,11 +7,11 @@ interpolate), split for the target TP rank; the tensors TP splits on the vocabul
 output layer) go block by block of rows, from the source's rows into the target file's record.
 Target ranks run in parallel worker processes (or as the tasks of one SLURM job), each writing its
 own file into a staging directory; the coordinator writes the ``latest`` marker last and renames
-the staging directory into place. Sources in
-either format (torch: ``mp_rank_*`` files; torch_dist: megatron-core's distributed checkpoint) are
-detected; ``format="torch_dist"`` writes torch_dist output: each target rank writes its own
-``.distcp`` file and index part, and the coordinator merges the parts into ``.metadata`` (plus
-``common.pt``, ``metadata.json``) before the marker.
+the staging directory into place. Sources in either format (torch: ``mp_rank_*`` files;
+torch_dist: megatron-core's distributed checkpoint) are detected; ``format="torch_dist"`` writes
+torch_dist output: each target rank writes its own ``.distcp`` file and index part, and the
+coordinator merges the parts into ``.metadata`` (plus ``common.pt``, ``metadata.json``) before
+the marker.
 """
 
 from __future__ import annotations

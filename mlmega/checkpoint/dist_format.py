@@ -55,7 +55,7 @@ from mlmega.checkpoint.torch_format import (CHECKPOINT_VERSION, TRACKER, TorchCh
                                             latest_directory, load_file)
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
-from mlmega.models.params import ParamSpec, global_shape, iter_params, space_layout
+from mlmega.models.params import ParamSpec, global_shape, iter_params, param_index, space_layout
 
 BACKEND = "torch_dist"
 CONFIG_FILE = "metadata.json"  # megatron-core's marker of a distributed checkpoint
@@ -159,7 +159,6 @@ class DistCheckpoint:
     metadata: Any = field(repr=False)  # torch.distributed.checkpoint Metadata
     common: dict = field(default_factory=dict, repr=False)
     _reader: Any = field(default=None, repr=False)
-    _params: dict = field(default_factory=dict, repr=False)  # global name -> (spec, layer)
 
     @property
     def directory(self) -> Path:
@@ -224,7 +223,7 @@ class DistCheckpoint:
     # -- locating and reading -----------------------------------------------------------------
     def locate(self, global_name: str) -> Location:
         """The key (and layer index) holding ``global_name``; ConfigError if it is not stored."""
-        spec, layer = self._lookup(global_name)
+        spec, layer = param_index(self.layout.cfg)[global_name]
         keys = self.metadata.state_dict_metadata
         block = block_name(self.layout.cfg)
         candidates: list[tuple[str, Optional[int]]] = []
@@ -246,22 +245,13 @@ class DistCheckpoint:
 
     def read(self, global_name: str) -> torch.Tensor:
         """The canonical full tensor of ``global_name`` (TP=1 layout, vocab padded for TP=1)."""
-        spec, _ = self._lookup(global_name)
+        spec, _ = param_index(self.layout.cfg)[global_name]
         where = self.locate(global_name)
         parts = [self._read_key(key, where.layer) for key in (where.parts or (where.key,))]
         full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.tp_dim)
         if spec.tp_dim is not None and spec.dims[spec.tp_dim] == "vocab":
             full = _pad_rows(full, spec.tp_dim, self.layout.cfg.padded_vocab_size(1))
         return full
-
-    def _lookup(self, global_name: str) -> tuple[ParamSpec, Optional[int]]:
-        if not self._params:
-            self._params = {name: (spec, layer)
-                            for name, spec, layer in iter_params(self.layout.cfg)}
-        try:
-            return self._params[global_name]
-        except KeyError:
-            raise KeyError(global_name) from None
 
     def _read_key(self, key: str, layer: Optional[int]) -> torch.Tensor:
         size = tuple(self.metadata.state_dict_metadata[key].size)

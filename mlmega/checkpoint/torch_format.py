@@ -15,7 +15,6 @@ tensors it asks for and keeps none of the files resident.
 from __future__ import annotations
 
 import argparse
-import functools
 import pickle
 import re
 import threading
@@ -30,7 +29,7 @@ from mlmega.checkpoint.records import RecordFile
 from mlmega.checkpoint.streaming import save_streaming
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
-from mlmega.models.params import ParamSpec, iter_params
+from mlmega.models.params import ParamSpec, param_index
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
@@ -219,7 +218,7 @@ class TorchCheckpoint:
 
     def _stored(self, global_name: str) -> tuple[ParamSpec, int, str]:
         """(spec, pipeline stage, local name) under which this checkpoint stores ``global_name``."""
-        spec, layer = _lookup(self.layout.cfg, global_name)
+        spec, layer = param_index(self.layout.cfg)[global_name]
         pp_rank = 0 if layer is None and spec.stage == "first" else \
             self.layout.pp - 1 if layer is None else self.layout.stage_of_layer(layer)
         local = global_name if layer is None else \
@@ -260,21 +259,13 @@ class TorchCheckpoint:
 
     def read_shard(self, global_name: str, tp_rank: int) -> torch.Tensor:
         """TP rank ``tp_rank``'s stored shard of ``global_name`` (at this checkpoint's own layout),
-        in fresh memory: what ``layout.split(read(global_name), tp_rank)`` gives, without a gather."""
+        in fresh memory: what ``layout.split(read(global_name), tp_rank)`` gives, without a
+        gather."""
         spec, pp_rank, local = self._stored(global_name)
         stored = self.model_state(tp_rank, pp_rank)[local]
         out = torch.empty(stored.shape, dtype=stored.dtype)
         self._record_file(tp_rank, pp_rank).read_into(out, stored)
         return self.layout.zero_padding(spec, out, tp_rank)
-
-
-@functools.lru_cache(maxsize=8)
-def _params_by_name(cfg: ModelConfig) -> dict[str, tuple[ParamSpec, Optional[int]]]:
-    return {name: (spec, layer) for name, spec, layer in iter_params(cfg)}
-
-
-def _lookup(cfg: ModelConfig, global_name: str) -> tuple[ParamSpec, Optional[int]]:
-    return _params_by_name(cfg)[global_name]
 
 
 def _arch_from_keys(shard: dict) -> Optional[str]:

@@ -19,6 +19,7 @@ U = number of query groups (= heads for MHA): the unit a width scheme groups.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -129,6 +130,12 @@ def iter_params(cfg: ModelConfig) -> Iterator[tuple[str, ParamSpec, Optional[int
                 yield spec.name(layer), spec, layer
         else:
             yield spec.name(), spec, None
+
+
+@functools.lru_cache(maxsize=8)
+def param_index(cfg: ModelConfig) -> dict[str, tuple[ParamSpec, Optional[int]]]:
+    """Name -> (spec, layer) of every parameter of the full model (cached: read-only)."""
+    return {name: (spec, layer) for name, spec, layer in iter_params(cfg)}
 
 
 def global_shape(cfg: ModelConfig, spec: ParamSpec, tp: int = 1) -> tuple[int, ...]:
