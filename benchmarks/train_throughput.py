@@ -430,7 +430,7 @@ def main(argv=None) -> int:
 
     from mlmega.models.flops import training_flops_per_token
     from mlmega.parallel.setup import init_model_parallel, init_process_group, teardown
-    from mlmega.train.config import OptimizerConfig, TrainConfig
+    from mlmega.config.train import OptimizerConfig, TrainConfig
 
     model_cfg, seq, micro, global_batch, lr = preset(size)
     seq = args.seq_length or seq

@@ -1,3 +1,3 @@
-from mlmega.cli import main
+from mlmega.cli.main import main
 
 raise SystemExit(main())

@@ -39,7 +39,8 @@ from mlmega.checkpoint.streaming import (LazyTensor, RowBlocks, StreamingWriter,
 from mlmega.checkpoint.torch_format import (TRACKER, TorchCheckpoint, iteration_dir_name,
                                            rank_file_path, shard_content, write_rank_file)
 from mlmega.config.errors import ConfigError
-from mlmega.operators import LevelMap, LevelSchemes, interpolate_tensor
+from mlmega.config.schemes import LevelSchemes
+from mlmega.operators import LevelMap, interpolate_tensor
 from mlmega.progress import Progress, format_seconds
 
 OPS = ("reshard", "coalesce", "decoalesce", "interpolate")

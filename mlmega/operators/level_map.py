@@ -17,7 +17,7 @@ from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.models.params import ParamSpec, global_shape, iter_params
 from mlmega.models.state import StateDict, check_state_dict
-from mlmega.operators.schemes import Grouping, LevelSchemes
+from mlmega.config.schemes import Grouping, LevelSchemes
 from mlmega.operators.width import (COALESCE, DECOALESCE, broadcast_copies, map_width,
                                     unit_matrices, width_config)
 

@@ -20,7 +20,7 @@ import torch
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.models.params import IN, OUT, WIDTH_SPACES, ParamSpec, space_layout
-from mlmega.operators.schemes import Grouping
+from mlmega.config.schemes import Grouping
 
 COALESCE, DECOALESCE = "coalesce", "decoalesce"
 

@@ -25,7 +25,7 @@ from mlmega.models.build import build_model
 from mlmega.models.flops import training_flops_per_token
 from mlmega.parallel.setup import init_model_parallel, init_process_group
 from mlmega.train import checkpointing
-from mlmega.train.config import TrainConfig
+from mlmega.config.train import TrainConfig
 from mlmega.train.data import Batches, check_vocabulary, open_datasets
 from mlmega.train.metrics import MetricsLog, StepTimer
 from mlmega.train.signals import StopFlag

@@ -17,7 +17,7 @@ from typing import Optional
 from mlmega.config.model import ModelConfig
 from mlmega.models.flops import training_flops_per_token
 from mlmega.models.params import num_parameters
-from mlmega.operators import LevelSchemes
+from mlmega.config.schemes import LevelSchemes
 from mlmega.vcycle.recipe import Recipe
 from mlmega.vcycle.sizing import Resources, fixed_resources, size_stage
 

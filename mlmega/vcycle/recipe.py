@@ -17,8 +17,9 @@ import yaml
 from mlmega.config.errors import ConfigError
 from mlmega.config.sections import section_from_mapping
 from mlmega.config.model import ModelConfig
-from mlmega.operators import LevelMap, LevelSchemes
-from mlmega.train.config import DECAY_STYLES
+from mlmega.config.schemes import LevelSchemes
+from mlmega.operators import LevelMap
+from mlmega.config.train import DECAY_STYLES
 
 
 @dataclass(frozen=True)

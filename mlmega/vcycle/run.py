@@ -22,7 +22,7 @@ import yaml
 from mlmega.checkpoint.atomic import write_text_atomic
 from mlmega.checkpoint.torch_format import TRACKER
 from mlmega.config.errors import ConfigError
-from mlmega.train.config import TrainConfig
+from mlmega.config.train import TrainConfig
 from mlmega.vcycle.plan import Plan, Stage
 from mlmega.vcycle.recipe import Recipe
 
@@ -92,7 +92,7 @@ def stage_finished(run_dir: Path, stage: Stage) -> bool:
 def train_config(plan: Plan, stage: Stage, run_dir: Path, data_dir: Path,
                  flops_offset: float) -> TrainConfig:
     """The ``mlmega train`` config of one stage of the run."""
-    from mlmega.train.config import InitConfig, OptimizerConfig
+    from mlmega.config.train import InitConfig, OptimizerConfig
 
     recipe, train, res = plan.recipe, plan.recipe.training, stage.resources
     init = None

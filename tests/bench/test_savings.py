@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mlmega.bench.savings import Curve, compare, reach
+from benchmarks.savings import Curve, compare, reach
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import mlmega.cli
+import mlmega.cli.main
 from mlmega.config.errors import ConfigError
 from mlmega.data import PrepareOptions, Tokenizer, prepare
 
@@ -83,20 +83,20 @@ def test_hf_dataset_checks_field_and_split(tmp_path):
 
 
 def test_cli_reports_config_error_with_exit_code_2(tmp, monkeypatch, capsys):
-    monkeypatch.setattr(mlmega.cli, "COMMAND_MODULES", ["mlmega.data.cli"])
-    code = mlmega.cli.main(["data", "prepare", "--input", str(tmp / "missing.txt"), "--out", str(tmp / "o")])
+    monkeypatch.setattr(mlmega.cli.main, "COMMAND_MODULES", ["mlmega.cli.data"])
+    code = mlmega.cli.main.main(["data", "prepare", "--input", str(tmp / "missing.txt"), "--out", str(tmp / "o")])
     assert code == 2
     assert "mlmega: error: --input" in capsys.readouterr().err
 
 
 def test_cli_prepares_then_is_up_to_date(tmp, monkeypatch, capsys):
-    monkeypatch.setattr(mlmega.cli, "COMMAND_MODULES", ["mlmega.data.cli"])
+    monkeypatch.setattr(mlmega.cli.main, "COMMAND_MODULES", ["mlmega.cli.data"])
     argv = ["data", "prepare", "--input", str(tmp / "ok.txt"), "--doc-mode", "paragraph",
             "--vocab-size", "300", "--val-fraction", "0.3", "--out", str(tmp / "o"), "--arch", "bert"]
-    assert mlmega.cli.main(argv) == 0
+    assert mlmega.cli.main.main(argv) == 0
     out = capsys.readouterr().out
     assert "bert data" in out and "train 2 documents" in out and "val 1 documents" in out
-    assert mlmega.cli.main(argv) == 0
+    assert mlmega.cli.main.main(argv) == 0
     assert "up to date, nothing to do" in capsys.readouterr().out
     assert Tokenizer.load(tmp / "o" / "tokenizer.json").vocab_size <= 300
 

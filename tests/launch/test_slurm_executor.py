@@ -188,7 +188,7 @@ def test_cli_refuses_before_writing_the_run_dir(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
     run_dir = tmp_path / "run"
-    from mlmega.cli import main
+    from mlmega.cli.main import main
 
     assert main(["run", str(recipe), "--executor", "slurm", "--run-dir", str(run_dir)]) == 2
     assert not run_dir.exists()

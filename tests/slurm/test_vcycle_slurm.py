@@ -318,7 +318,7 @@ def test_signalled_and_requeued_stages_keep_their_job_and_resume(tmp_path, gpt_d
 ])
 def test_bad_recipes_fail_before_anything_is_submitted(tmp_path, gpt_data, capsys, change,
                                                       message):
-    from mlmega.cli import main
+    from mlmega.cli.main import main
 
     name = f"bad-{uuid.uuid4().hex[:8]}"
     base = yaml.safe_load(write_recipe(tmp_path, gpt_data, name=name).read_text())

@@ -18,7 +18,7 @@ from mlmega.config.model import ModelConfig
 from mlmega.models.build import build_model
 from mlmega.models.state import load_full_state_dict
 from mlmega.operators import LevelSchemes, coalesce, decoalesce, interpolate
-from mlmega.train.config import TrainConfig
+from mlmega.config.train import TrainConfig
 from mlmega.train.data import Batches, open_datasets
 from tests.helpers import make_model_state
 from tests.train.conftest import losses, model_section, run_stage, stage_config

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from mlmega.checkpoint.convert import FORMATS, OPS, plan_conversion, run_conversion
-from mlmega.operators import LevelSchemes
+from mlmega.config.schemes import LevelSchemes
 
 
 def register(sub) -> None:

@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 from mlmega.config.errors import ConfigError
 
 # Modules that contribute sub-commands, in the order they appear in --help.
-COMMAND_MODULES: list[str] = ["mlmega.vcycle.cli", "mlmega.data.cli", "mlmega.train.cli",
-                               "mlmega.checkpoint.cli", "mlmega.bench.cli"]
+COMMAND_MODULES: list[str] = ["mlmega.cli.vcycle", "mlmega.cli.data", "mlmega.cli.train",
+                               "mlmega.cli.checkpoint", "mlmega.cli.bench"]
 
 
 def _cmd_test(args: argparse.Namespace) -> int:

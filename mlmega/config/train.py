@@ -12,7 +12,7 @@ import yaml
 from mlmega.config.errors import ConfigError
 from mlmega.config.sections import section_from_mapping
 from mlmega.config.model import ModelConfig
-from mlmega.operators import LevelSchemes
+from mlmega.config.schemes import LevelSchemes
 
 DECAY_STYLES = ("linear", "cosine", "constant")
 INIT_OPS = ("reshard", "coalesce", "decoalesce", "interpolate")

@@ -1,1 +1,0 @@
-"""Benchmarks that need the whole package (the V-cycle against its baseline)."""

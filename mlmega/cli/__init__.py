@@ -1,0 +1,1 @@
+"""The application: the ``mlmega`` command line, on top of every other package and imported by none."""
