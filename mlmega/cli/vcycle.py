@@ -50,7 +50,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mlmega.launch.executor import make_executor
+    from mlmega.cli.executors import make_executor
     from mlmega.vcycle.run import create_run
     from mlmega.vcycle.tables import print_plan
 
@@ -104,7 +104,7 @@ def _report(state, plan) -> int:
 
 
 def _reload(run_dir: str):
-    from mlmega.launch.executor import make_executor
+    from mlmega.cli.executors import make_executor
     from mlmega.vcycle.run import RunState
 
     state = RunState.load(run_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mlmega.config.errors import ConfigError
-from mlmega.launch.slurm import check_line, python_executable, submit
+from mlmega.launch.sbatch import check_line, python_executable, submit
 
 
 @dataclass(frozen=True)

@@ -108,12 +108,3 @@ def _alive(job_id: str) -> bool:
     except (OSError, ValueError, IndexError):
         return False
 
-
-def make_executor(name: str) -> Executor:
-    if name == "local":
-        return LocalExecutor()
-    if name == "slurm":
-        from mlmega.launch.slurm import SlurmExecutor
-
-        return SlurmExecutor()
-    raise ValueError(f"unknown executor {name!r}")

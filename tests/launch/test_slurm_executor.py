@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from mlmega.config.errors import ConfigError
-from mlmega.launch import slurm
+from mlmega.launch import sbatch, slurm_queue
 from mlmega.launch.slurm import SlurmExecutor
 from mlmega.vcycle.plan import plan_vcycle
 from mlmega.vcycle.recipe import load_recipe
@@ -107,7 +107,7 @@ def test_rendered_script_runs_inert(tmp_path):
     cluster = dict(HOSTILE, env={"EVIL": f"$(touch {pwned})`touch {pwned}`;touch {pwned}"})
     plan = make_plan(tmp_path, recipe_dict(**cluster))
     script = tmp_path / "job.sh"
-    script.write_text(slurm.render(plan, plan.stages[0], tmp_path / "run"))
+    script.write_text(sbatch.render(plan, plan.stages[0], tmp_path / "run"))
     stub = tmp_path / "bin"
     stub.mkdir()
     (stub / "srun").write_text('#!/bin/sh\nprintf "EVIL=%s\\n" "$EVIL"\n'
@@ -140,10 +140,10 @@ def test_script_is_what_submitit_submits(tmp_path, monkeypatch):
     plan = make_plan(tmp_path, recipe_dict(**HOSTILE))
     run_dir = tmp_path / "run"
     for stage, dep in zip(plan.stages, (None, "afterok:41", "afterok:42")):
-        executor = submitit.SlurmExecutor(folder=slurm.submitit_folder(run_dir, stage))
-        executor.update_parameters(**slurm.sbatch_parameters(plan, stage, run_dir, dep))
+        executor = submitit.SlurmExecutor(folder=sbatch.submitit_folder(run_dir, stage))
+        executor.update_parameters(**sbatch.sbatch_parameters(plan, stage, run_dir, dep))
         submitted = executor._make_submission_file_text(executor._submitit_command_str, "uid")
-        assert submitted == slurm.render(plan, stage, run_dir, dep)
+        assert submitted == sbatch.render(plan, stage, run_dir, dep)
 
 
 # ---------------------------------------------------------------- refused before anything runs
@@ -223,7 +223,7 @@ def test_refresh_requeued_job_is_not_failed(tmp_path, monkeypatch):
                           "12|PENDING|Dependency|0:0|Unknown|Unknown",
                           "13|PENDING|Dependency|0:0|Unknown|Unknown"])
     fake.sacct_rows = [_sacct_order(r) for r in fake.sacct_rows]
-    monkeypatch.setattr(slurm, "_run", fake)
+    monkeypatch.setattr(slurm_queue, "_run", fake)
     SlurmExecutor().refresh(state, plan)
     assert [s.status for s in state.stages] == [SUBMITTED] * 3
     assert [c[0] for c in fake.calls] == ["sacct"]  # one call for all jobs
@@ -237,7 +237,7 @@ def test_refresh_cancels_jobs_left_behind_a_failed_stage(tmp_path, monkeypatch):
         "11|FAILED|None|1:0|2026-11-25T00:34:46|2026-11-25T00:35:56",
         "12|PENDING|DependencyNeverSatisfied|0:0|Unknown|Unknown",
         "13|PENDING|Dependency|0:0|Unknown|Unknown")])
-    monkeypatch.setattr(slurm, "_run", fake)
+    monkeypatch.setattr(slurm_queue, "_run", fake)
     SlurmExecutor().refresh(state, plan)
     assert [s.status for s in state.stages] == [FAILED, CANCELLED, CANCELLED]
     assert state.stages[0].exit_code == 1 and state.stages[0].ended > state.stages[0].started
@@ -259,7 +259,7 @@ def test_refresh_completed_needs_the_last_checkpoint(tmp_path, monkeypatch):
         "11|COMPLETED|None|0:0|2026-11-25T00:34:46|2026-11-25T00:35:56",
         "12|COMPLETED|Dependency|0:0|2026-11-25T00:35:56|2026-11-25T00:36:56",
         "13|RUNNING|Dependency|0:0|2026-11-25T00:36:56|Unknown")])
-    monkeypatch.setattr(slurm, "_run", fake)
+    monkeypatch.setattr(slurm_queue, "_run", fake)
     SlurmExecutor().refresh(state, plan)
     # job 12 exited 0 without the stage's last checkpoint: not completed
     assert [s.status for s in state.stages] == [COMPLETED, FAILED, RUNNING]
@@ -269,7 +269,7 @@ def test_cancel_scancels_every_unfinished_job(tmp_path, monkeypatch):
     plan = make_plan(tmp_path, recipe_dict())
     state = fake_state(tmp_path, plan, [COMPLETED, RUNNING, SUBMITTED])
     fake = FakeScheduler([])
-    monkeypatch.setattr(slurm, "_run", fake)
+    monkeypatch.setattr(slurm_queue, "_run", fake)
     SlurmExecutor().cancel(state)
     assert fake.calls == [["scancel", "13", "12"]]
     assert [s.status for s in state.stages] == [COMPLETED, CANCELLED, CANCELLED]
@@ -279,7 +279,7 @@ def _sacct_order(row: str) -> str:
     """Test rows are JobID|State|Reason|ExitCode|Start|End; sacct prints SACCT_FIELDS' order."""
     job, state, reason, code, start, end = row.split("|")
     values = dict(JobID=job, State=state, Reason=reason, ExitCode=code, Start=start, End=end)
-    return "|".join(values[f] for f in slurm.SACCT_FIELDS)
+    return "|".join(values[f] for f in slurm_queue.SACCT_FIELDS)
 
 
 @pytest.mark.parametrize("profile", sorted((Path(__file__).resolve().parents[2] / "slurm" /
@@ -310,7 +310,7 @@ def test_launch_chains_every_stage(tmp_path, monkeypatch):
     plan = make_plan(tmp_path, recipe_dict())
     state = fake_state(tmp_path, plan, ["pending"] * 3, ids=(None, None, None))
     submitted = fake_submit(monkeypatch)
-    monkeypatch.setattr(slurm, "_run", FakeScheduler([]))
+    monkeypatch.setattr(slurm_queue, "_run", FakeScheduler([]))
     SlurmExecutor().launch(state, plan, log=lambda *a: None)
     assert submitted == [("0-pre-L0", None), ("1-bottom-L1", "afterok:100"),
                          ("2-post-L0", "afterok:101")]
@@ -325,7 +325,7 @@ def test_resume_keeps_live_jobs_and_resubmits_the_rest(tmp_path, monkeypatch):
     state = fake_state(tmp_path, plan, [COMPLETED, "pending", "pending"])
     submitted = fake_submit(monkeypatch)
     fake = FakeScheduler([], ["12|RUNNING|None"])
-    monkeypatch.setattr(slurm, "_run", fake)
+    monkeypatch.setattr(slurm_queue, "_run", fake)
     SlurmExecutor().launch(state, plan, log=lambda *a: None)
     assert submitted == [("2-post-L0", "afterok:12")]
     assert [(s.status, s.job_id) for s in state.stages] == \
@@ -340,7 +340,7 @@ def test_resume_replaces_jobs_that_wait_for_a_replaced_job(tmp_path, monkeypatch
     state = fake_state(tmp_path, plan, [COMPLETED, "pending", "pending"])
     submitted = fake_submit(monkeypatch)
     fake = FakeScheduler([], ["13|PENDING|Dependency"])
-    monkeypatch.setattr(slurm, "_run", fake)
+    monkeypatch.setattr(slurm_queue, "_run", fake)
     SlurmExecutor().launch(state, plan, log=lambda *a: None)
     assert submitted == [("1-bottom-L1", None), ("2-post-L0", "afterok:100")]
     assert ["scancel", "13"] in fake.calls
@@ -352,6 +352,6 @@ def test_resume_waits_for_an_ending_job(tmp_path, monkeypatch):
     plan = make_plan(tmp_path, recipe_dict())
     state = fake_state(tmp_path, plan, [COMPLETED, "pending", "pending"])
     submitted = fake_submit(monkeypatch)
-    monkeypatch.setattr(slurm, "_run", FakeScheduler([], ["12|COMPLETING|None"]))
+    monkeypatch.setattr(slurm_queue, "_run", FakeScheduler([], ["12|COMPLETING|None"]))
     SlurmExecutor().launch(state, plan, log=lambda *a: None)
     assert submitted == [("1-bottom-L1", "afterany:12"), ("2-post-L0", "afterok:100")]

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from mlmega.checkpoint.torch_format import TRACKER
-from mlmega.launch import slurm
+from mlmega.launch import slurm_job
 from mlmega.train import signals
 
 DIST = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -29,15 +29,15 @@ def job_env(monkeypatch, tmp_path):
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(signals, "last_received", None)
     calls = []
-    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
+    monkeypatch.setattr(slurm_job.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
                         subprocess.CompletedProcess(cmd, 0))
     yield calls
     for sig, handler in saved.items():
         signal.signal(sig, handler)
 
 
-def stage_job(tmp_path, **changes) -> slurm.StageJob:
-    return slurm.StageJob(**dict(dict(run_dir=str(tmp_path), stage="0-pre-L0",
+def stage_job(tmp_path, **changes) -> slurm_job.StageJob:
+    return slurm_job.StageJob(**dict(dict(run_dir=str(tmp_path), stage="0-pre-L0",
                                       config=str(tmp_path / "0-pre-L0.yaml"),
                                       save_dir=str(tmp_path / "0-pre-L0"), steps=4,
                                       requeue_grace_s=0.0), **changes))
@@ -64,7 +64,7 @@ def test_exports_rendezvous_and_trains(tmp_path, job_env, monkeypatch):
     assert config.endswith("0-pre-L0.yaml")
     # n1 does not resolve here: rendez-vous on 127.0.0.1; the port is seeded from the job id
     assert env["MASTER_ADDR"] == "127.0.0.1" and env["RANK"] == "0" and env["WORLD_SIZE"] == "2"
-    assert env["MASTER_PORT"] == str(slurm.rendezvous_port(os.environ["SLURM_JOB_ID"]))
+    assert env["MASTER_PORT"] == str(slurm_job.rendezvous_port(os.environ["SLURM_JOB_ID"]))
     # submitit's USR2 handler (checkpoint + requeue + exit) no longer answers the signals
     assert all(signal.getsignal(sig) is signals._record_early for sig in signals.SIGNALS)
 
@@ -72,8 +72,8 @@ def test_exports_rendezvous_and_trains(tmp_path, job_env, monkeypatch):
 def test_rendezvous_port_is_per_job_and_below_the_ephemeral_range():
     """Every task of a job computes the same port; jobs get different ones; none is in Linux's
     default ephemeral range (32768-60999), where the kernel gives other sockets their ports."""
-    ports = [slurm.rendezvous_port(str(job)) for job in range(1000)]
-    assert ports[:10] == [slurm.rendezvous_port(str(job)) for job in range(10)]
+    ports = [slurm_job.rendezvous_port(str(job)) for job in range(1000)]
+    assert ports[:10] == [slurm_job.rendezvous_port(str(job)) for job in range(10)]
     assert all(20000 <= port < 32768 for port in ports) and len(set(ports)) > 950
 
 
@@ -86,14 +86,14 @@ def test_master_port_from_the_environment_is_kept(tmp_path, job_env, monkeypatch
 
 
 def test_resolvable_master_is_kept():
-    assert slurm.rendezvous_address("localhost") == "localhost"
-    assert slurm.rendezvous_address("n1.invalid") == "127.0.0.1"
+    assert slurm_job.rendezvous_address("localhost") == "localhost"
+    assert slurm_job.rendezvous_address("n1.invalid") == "127.0.0.1"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGUSR1])
 def test_preemption_warning_requeues_the_job(tmp_path, job_env, monkeypatch, sig):
     fake_training(monkeypatch, 3, received=sig)
-    with pytest.raises(slurm.StageInterrupted, match="not stopped by its requeue"):
+    with pytest.raises(slurm_job.StageInterrupted, match="not stopped by its requeue"):
         stage_job(tmp_path)()  # (SLURM stops the task during the grace period)
     assert job_env == [["scontrol", "requeue", "77"]]
 
@@ -101,7 +101,7 @@ def test_preemption_warning_requeues_the_job(tmp_path, job_env, monkeypatch, sig
 def test_only_rank_0_requeues(tmp_path, job_env, monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "1")
     fake_training(monkeypatch, 3, received=signal.SIGUSR2)
-    with pytest.raises(slurm.StageInterrupted):
+    with pytest.raises(slurm_job.StageInterrupted):
         stage_job(tmp_path)()
     assert job_env == []
 
@@ -109,7 +109,7 @@ def test_only_rank_0_requeues(tmp_path, job_env, monkeypatch):
 def test_requeues_are_capped(tmp_path, job_env, monkeypatch):
     monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
     fake_training(monkeypatch, 3, received=signal.SIGUSR2)
-    with pytest.raises(slurm.StageInterrupted, match="not requeued again"):
+    with pytest.raises(slurm_job.StageInterrupted, match="not requeued again"):
         stage_job(tmp_path, max_requeues=3)()
     assert job_env == []
 
@@ -117,7 +117,7 @@ def test_requeues_are_capped(tmp_path, job_env, monkeypatch):
 def test_sigterm_fails_the_job_without_requeue(tmp_path, job_env, monkeypatch):
     """scancel / time limit: the job must not succeed (afterok would start the next stage)."""
     fake_training(monkeypatch, 3, received=signal.SIGTERM)
-    with pytest.raises(slurm.StageInterrupted, match="SIGTERM"):
+    with pytest.raises(slurm_job.StageInterrupted, match="SIGTERM"):
         stage_job(tmp_path)()
     assert job_env == []
 
