@@ -60,7 +60,8 @@ def build_checkpoint(cfg, root: Path, tp: int, pp: int, iteration: int = 100) ->
 
     from mlmega.checkpoint.layout import ShardLayout
     from mlmega.checkpoint.streaming import LazyTensor, reuse_freed_memory
-    from mlmega.checkpoint.torch_format import TRACKER, write_rank_file
+    from mlmega.checkpoint.directory import TRACKER
+    from mlmega.checkpoint.torch_format import write_rank_file
 
     reuse_freed_memory()
     layout = ShardLayout(cfg, tp, pp)
@@ -166,7 +167,8 @@ def measure(cmd: list[str]) -> dict:
 def run_one(spec: dict) -> None:
     """Subprocess entry: one conversion through the Python API the CLI uses; prints JSON."""
     t0 = time.monotonic()
-    from mlmega.checkpoint.convert import plan_conversion, run_conversion
+    from mlmega.checkpoint.convert import run_conversion
+    from mlmega.checkpoint.convert_plan import plan_conversion
     from mlmega.operators import LevelSchemes
 
     imported = time.monotonic()

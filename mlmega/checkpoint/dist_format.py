@@ -44,17 +44,20 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from mlmega.checkpoint.atomic import atomic_directory, write_text_atomic
+from mlmega.checkpoint.atomic import write_text_atomic
+from mlmega.checkpoint.interface import CheckpointReader, CheckpointWriter, StageTensors
 from mlmega.checkpoint.layout import ShardLayout
-from mlmega.checkpoint.torch_format import (CHECKPOINT_VERSION, TRACKER, TorchCheckpoint,
-                                            _layers_per_stage, iteration_dir_name,
-                                            latest_directory, load_file)
+from mlmega.checkpoint.streaming import LazyTensor, materialized
+from mlmega.checkpoint.directory import (CHECKPOINT_VERSION, TRACKER, iteration_dir_name,
+                                         latest_directory, layers_per_stage, load_file)
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
+from mlmega.models.naming import (EXTRA_STATE_MODULES, MODEL_PREFIXES, OUTPUT_LAYER,
+                                  arch_from_keys, block_name)
 from mlmega.models.params import ParamSpec, global_shape, iter_params, param_index, space_layout
 
 BACKEND = "torch_dist"
@@ -67,11 +70,6 @@ _INDEX_PART = ".mlmega-index-{rank}.json"  # a writer rank's part of .metadata (
 # (its sharded_state_dict_keys_map).
 _NORM_KEYS = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
               ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
-# Per-layer modules that carry an ``_extra_state`` object (megatron's parallel linears).
-_EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv",
-                        "mlp.linear_fc1", "mlp.linear_fc2")
-_MODEL_PREFIXES = ("embedding.", "decoder.", "encoder.", "output_layer.", "lm_head.", "pooler.",
-                   "binary_head.")
 # What Megatron-LM (0.16) records as the content metadata of the sharded state dict it saves.
 CONTENT_METADATA = {"singleton_local_shards": False,
                     "distrib_optim_sharding_type": "dp_reshardable",
@@ -79,10 +77,6 @@ CONTENT_METADATA = {"singleton_local_shards": False,
 
 
 # -- keys ------------------------------------------------------------------------------------------
-def block_name(cfg: ModelConfig) -> str:
-    return "decoder" if cfg.arch == "gpt" else "encoder"
-
-
 def _layer_module(cfg: ModelConfig, spec: ParamSpec, fused_norm_names: bool = True) -> str:
     """The part of a per-layer template after ``<block>.layers.{}.``, in torch_dist naming."""
     prefix = f"{block_name(cfg)}.layers.{{}}."
@@ -117,16 +111,6 @@ def is_dist_directory(directory: Path) -> bool:
         or any(directory.glob(f"*{DATA_SUFFIX}"))
 
 
-def open_checkpoint(root: str | Path, arch: Optional[str] = None,
-                    cfg: Optional[ModelConfig] = None) -> "TorchCheckpoint | DistCheckpoint":
-    """Open a Megatron checkpoint in either format (told apart by its iteration directory)."""
-    root = Path(root)
-    _, _, directory = latest_directory(root)
-    if is_dist_directory(directory):
-        return DistCheckpoint.open(root, arch=arch, cfg=cfg)
-    return TorchCheckpoint.open(root, arch=arch, cfg=cfg)
-
-
 class _RegionPlanner:
     """The part of a torch.distributed.checkpoint LoadPlanner that ``read_data`` calls: copy every
     read chunk into its place in ``out`` (which covers the requested region only)."""
@@ -148,8 +132,10 @@ class _RegionPlanner:
 
 
 @dataclass
-class DistCheckpoint:
+class DistCheckpoint(CheckpointReader):
     """An opened torch_dist checkpoint: its layout (from ``args``), index and files, read lazily."""
+
+    format: ClassVar[str] = BACKEND
 
     root: Path
     iteration: int
@@ -159,10 +145,6 @@ class DistCheckpoint:
     metadata: Any = field(repr=False)  # torch.distributed.checkpoint Metadata
     common: dict = field(default_factory=dict, repr=False)
     _reader: Any = field(default=None, repr=False)
-
-    @property
-    def directory(self) -> Path:
-        return self.root / iteration_dir_name(self.iteration, self.release)
 
     @property
     def tensor_keys(self) -> dict[str, tuple[int, ...]]:
@@ -207,13 +189,13 @@ class DistCheckpoint:
             layout = ShardLayout(cfg)
         else:
             found = ModelConfig.from_megatron_args(
-                args, arch=arch or _arch_from_keys(metadata.state_dict_metadata), source=source)
+                args, arch=arch or arch_from_keys(metadata.state_dict_metadata), source=source)
             if cfg is not None and cfg.replace(source=found.source) != found:
                 raise ConfigError(f"{source}: checkpoint args describe {found.to_dict()}, which "
                                   f"does not match the given model config {cfg.to_dict()}")
             tp = getattr(args, "tensor_model_parallel_size", 1) or 1
             pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
-            layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp))
+            layout = ShardLayout(found, tp, pp, layers_per_stage(args, found, pp))
         stored = common.get("iteration")
         if not release and isinstance(stored, int) and stored != iteration:
             raise ConfigError(f"{common_path}: iteration {stored} differs from {iteration} "
@@ -252,6 +234,26 @@ class DistCheckpoint:
         if spec.tp_dim is not None and spec.dims[spec.tp_dim] == "vocab":
             full = _pad_rows(full, spec.tp_dim, self.layout.cfg.padded_vocab_size(1))
         return full
+
+    def read_rows(self, global_name: str, start: int, count: int) -> torch.Tensor:
+        spec, _ = param_index(self.layout.cfg)[global_name]
+        if spec.tp_dim is not None and spec.dims[spec.tp_dim] != "vocab":
+            raise ValueError(f"{global_name}: TP splits it on dim {spec.tp_dim}, not on rows")
+        where = self.locate(global_name)
+        if where.layer is not None or where.parts:
+            return self.read(global_name).narrow(0, start, count)
+        size = tuple(self.metadata.state_dict_metadata[where.key].size)
+        out = torch.zeros((count, *size[1:]), dtype=self.metadata.state_dict_metadata[
+            where.key].properties.dtype)
+        stored = max(0, min(count, size[0] - start))  # rows past the stored ones: padding
+        if stored:
+            out[:stored] = self.read_region(where.key, (start,) + (0,) * (len(size) - 1),
+                                            (stored,) + size[1:])
+        return out
+
+    def read_shard(self, global_name: str, tp_rank: int) -> torch.Tensor:
+        spec, _ = param_index(self.layout.cfg)[global_name]
+        return self.layout.split(spec, self.read(global_name), tp_rank)
 
     def _read_key(self, key: str, layer: Optional[int]) -> torch.Tensor:
         size = tuple(self.metadata.state_dict_metadata[key].size)
@@ -320,7 +322,7 @@ class DistCheckpoint:
                 if shape != want:
                     raise ConfigError(f"{index}: {key} (for {name}) has shape {tuple(shape)}, "
                                       f"expected {tuple(want)} for the args' model")
-        extra = sorted(k for k in shapes if k.startswith(_MODEL_PREFIXES) and k not in used)
+        extra = sorted(k for k in shapes if k.startswith(MODEL_PREFIXES) and k not in used)
         if extra:
             raise ConfigError(f"{index}: model tensors that the args' model does not have: "
                               f"{extra[:5]}{'...' if len(extra) > 5 else ''}")
@@ -355,14 +357,6 @@ def _check_data_files(directory: Path, metadata) -> None:
         if size < end:
             raise ConfigError(f"{path}: truncated: {size} bytes, but {directory / METADATA_FILE} "
                               f"places data up to byte {end}")
-
-
-def _arch_from_keys(keys: Mapping[str, Any]) -> Optional[str]:
-    if any(k.startswith(("encoder.", "lm_head.")) for k in keys):
-        return "bert"
-    if any(k.startswith("decoder.") for k in keys):
-        return "gpt"
-    return None
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -443,11 +437,11 @@ def rank_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int,
     torch.save([None], no_state)  # what megatron stores for a module without extra state
     block = block_name(cfg)
     for layer in layout.stage_layers(pp_rank):
-        for module in _EXTRA_STATE_MODULES:
+        for module in EXTRA_STATE_MODULES:
             yield Chunk(f"{block}.layers.{module}._extra_state/shard_{layer}_{cfg.num_layers}",
                         no_state.getvalue())
     if cfg.arch == "bert" and pp_rank == layout.pp - 1:  # GPTModel drops its output layer's
-        yield Chunk("output_layer._extra_state/shard_0_1", no_state.getvalue())
+        yield Chunk(f"{OUTPUT_LAYER}._extra_state/shard_0_1", no_state.getvalue())
 
 
 def write_dist_rank(directory: str | Path, layout: ShardLayout, tp_rank: int, pp_rank: int,
@@ -555,19 +549,40 @@ def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
          "common_backend_version": 1}))
 
 
-def save_dist_full_state(state: Mapping[str, torch.Tensor], layout: ShardLayout, dst: str | Path,
-                         iteration: int = 0, overwrite: bool = False,
-                         extra_args: Optional[dict] = None) -> None:
-    """Write a full (TP=1 canonical) state dict as a torch_dist checkpoint saved at ``layout``
-    (atomically: staged, the tracker written last, then renamed into place)."""
-    with atomic_directory(dst, overwrite) as staging:
-        directory = staging / iteration_dir_name(iteration)
-        for tp_rank, pp_rank in layout.ranks:
-            model = {p.local_name: layout.split(p.spec, state[p.global_name], tp_rank)
-                     for p in layout.stage_params(pp_rank)}
-            write_dist_rank(directory, layout, tp_rank, pp_rank, model)
-        finalize_dist(directory, layout, iteration, extra_args)
-        write_text_atomic(staging / TRACKER, str(iteration))
+class DistWriter(CheckpointWriter):
+    """Each rank its own ``.distcp`` file and index part; :meth:`finish` merges the parts."""
+
+    name = BACKEND
+
+    def write_rank(self, root: Path, layout: ShardLayout, tp_rank: int, pp_rank: int,
+                   model: Mapping[str, Any], iteration: int,
+                   extra_args: Optional[dict] = None) -> Path:
+        return write_dist_rank(Path(root) / iteration_dir_name(iteration), layout, tp_rank,
+                               pp_rank, model)
+
+    def write_stage(self, root: Path, layout: ShardLayout, pp_rank: int, tp_ranks: Sequence[int],
+                    tensors: StageTensors, iteration: int, extra_args: Optional[dict],
+                    written: Callable[[int, int], None], checksums: bool = False) -> None:
+        """Rank by rank, each tensor produced when :func:`write_dist_rank` takes it."""
+        names = [p.local_name for p in layout.stage_params(pp_rank)]
+        for tp_rank in tp_ranks:
+            stream = ((name, materialized(shards.pop())) for name, shards in tensors([tp_rank]))
+
+            def produce(expected: str, tp_rank=tp_rank, stream=stream):
+                def next_tensor() -> torch.Tensor:
+                    name, shard = next(stream)
+                    assert name == expected, (name, expected)  # the writer walks in order
+                    written(tp_rank, shard.numel() * shard.element_size())
+                    return shard
+                return next_tensor
+
+            self.write_rank(root, layout, tp_rank, pp_rank,
+                            {name: LazyTensor(produce(name)) for name in names}, iteration)
+            next(stream, None)  # run the generator to its end
+
+    def finish(self, root: Path, layout: ShardLayout, iteration: int,
+               extra_args: Optional[dict] = None) -> None:
+        finalize_dist(Path(root) / iteration_dir_name(iteration), layout, iteration, extra_args)
 
 
 def _pad_rows(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:

@@ -18,11 +18,8 @@ import torch
 
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
+from mlmega.models.naming import TIED_OUTPUT, WORD_EMBEDDINGS
 from mlmega.models.params import FIRST, LAST, ParamSpec, parameter_table, space_layout
-
-# The shared-embedding copy held by the last stage when tied embeddings meet PP > 1.
-TIED_OUTPUT = "output_layer.weight"
-WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ import torch
 
 from mlmega.checkpoint.records import byte_view
 
-__all__ = ["LazyTensor", "RowBlocks", "StreamingWriter", "save_streaming", "reuse_freed_memory"]
+__all__ = ["LazyTensor", "RowBlocks", "StreamingWriter", "materialized", "save_streaming",
+           "reuse_freed_memory"]
 
 
 class LazyTensor:
@@ -81,6 +82,11 @@ class RowBlocks:
         if row != self.shape[0]:
             raise RuntimeError(f"row blocks gave {row} rows, expected {self.shape[0]}")
         return out
+
+
+def materialized(shard: "torch.Tensor | RowBlocks") -> torch.Tensor:
+    """``shard`` as one tensor (row blocks made whole)."""
+    return shard.materialize() if isinstance(shard, RowBlocks) else shard
 
 
 class _StorageRef:

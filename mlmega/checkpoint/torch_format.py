@@ -15,102 +15,40 @@ tensors it asks for and keeps none of the files resident.
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
+from mlmega.checkpoint.directory import (CHECKPOINT_VERSION, iteration_dir_name, latest_directory,
+                                         layers_per_stage, load_file)
+from mlmega.checkpoint.interface import CheckpointReader, CheckpointWriter, StageTensors
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.records import RecordFile
-from mlmega.checkpoint.streaming import save_streaming
+from mlmega.checkpoint.streaming import StreamingWriter, save_streaming
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
+from mlmega.models.naming import OUTPUT_LAYER, arch_from_keys, has_extra_state
 from mlmega.models.params import ParamSpec, param_index
 
-TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
-CHECKPOINT_VERSION = 3.0
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-# Modules whose state dict carries an ``_extra_state`` entry (megatron's parallel linears).
-_EXTRA_STATE_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer")
-
-
-def safe_globals() -> list:
-    """Classes Megatron checkpoints pickle besides tensors (megatron-core's own allow-list)."""
-    from megatron.core.safe_globals import SAFE_GLOBALS
-
-    return list(SAFE_GLOBALS)
-
-
-def _stdlib_safe_globals() -> list:
-    """The standard-library part of megatron-core's allow-list (all that args of mlmega's own and
-    most Megatron-LM checkpoints need): loading with it avoids importing megatron-core (seconds)."""
-    import io
-    import pathlib
-    import signal
-    import types
-
-    return [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, io.BytesIO,
-            signal.Signals]
-
-
-def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
-    """``torch.load`` one shard file safely; corrupt or truncated files raise ConfigError."""
-    try:
-        try:
-            with torch.serialization.safe_globals(_stdlib_safe_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError as err:
-            if "Unsupported global" not in str(err):
-                raise
-        with torch.serialization.safe_globals(safe_globals()):  # megatron enums, numpy, ...
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file is missing") from None
-    except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
-        raise ConfigError(f"{path}: cannot load checkpoint shard ({type(err).__name__}: {err})") \
-            from None
 
 
 def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
     return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
-def iteration_dir_name(iteration: int, release: bool = False) -> str:
-    return "release" if release else f"iter_{iteration:07d}"
-
-
-def read_tracker(root: Path) -> tuple[int, bool]:
-    """(iteration, release) from ROOT/latest_checkpointed_iteration.txt."""
-    tracker = root / TRACKER
-    try:
-        text = tracker.read_text().strip()
-    except FileNotFoundError:
-        raise ConfigError(f"{root}: not a Megatron torch checkpoint (no {TRACKER})") from None
-    if text == "release":
-        return 0, True
-    if not text.isdigit():
-        raise ConfigError(f"{tracker}: expected an iteration number or 'release', got {text!r}")
-    return int(text), False
-
-
-def latest_directory(root: Path) -> tuple[int, bool, Path]:
-    """(iteration, release, directory) that ROOT's ``latest`` marker names; it must exist."""
-    iteration, release = read_tracker(root)
-    directory = root / iteration_dir_name(iteration, release)
-    if not directory.is_dir():
-        raise ConfigError(f"{root / TRACKER} names iteration {iteration} but {directory} "
-                          f"does not exist")
-    return iteration, release, directory
-
-
 @dataclass
-class TorchCheckpoint:
+class TorchCheckpoint(CheckpointReader):
     """An opened, validated torch-format checkpoint: its layout, args and shard files."""
+
+    format: ClassVar[str] = "torch"
 
     root: Path
     iteration: int
@@ -122,10 +60,6 @@ class TorchCheckpoint:
     # files are opened on first use, from any thread (a converter's writer makes row blocks)
     _opening: threading.RLock = field(default_factory=threading.RLock, repr=False,
                                       compare=False)
-
-    @property
-    def directory(self) -> Path:
-        return self.root / iteration_dir_name(self.iteration, self.release)
 
     def shard_path(self, tp_rank: int, pp_rank: int) -> Path:
         return self.directory / rank_dir_name(tp_rank, pp_rank, self.layout.pp) / SHARD_FILE
@@ -150,14 +84,14 @@ class TorchCheckpoint:
             raise ConfigError(f"{ranks[first] / SHARD_FILE}: no 'args' key; cannot tell the "
                               f"model configuration")
         source = str(ranks[first] / SHARD_FILE)
-        found = ModelConfig.from_megatron_args(args, arch=arch or _arch_from_keys(shard0),
+        found = ModelConfig.from_megatron_args(args, arch=arch or _arch_from_shard(shard0),
                                                source=source)
         if cfg is not None and cfg.replace(source=found.source) != found:
             raise ConfigError(f"{source}: checkpoint args describe {found.to_dict()}, which does "
                               f"not match the given model config {cfg.to_dict()}")
         tp = getattr(args, "tensor_model_parallel_size", 1)
         pp = getattr(args, "pipeline_model_parallel_size", 1)
-        layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp))
+        layout = ShardLayout(found, tp, pp, layers_per_stage(args, found, pp))
         expected = {(t, p) for t, p in layout.ranks}
         if set(ranks) != expected:
             missing = sorted(expected - set(ranks))
@@ -257,6 +191,9 @@ class TorchCheckpoint:
                                                                       hi - lo))
         return out
 
+    def stores_shards_of(self, layout: ShardLayout) -> bool:
+        return layout.tp == self.layout.tp and layout.layers_per_stage == self.layout.layers_per_stage
+
     def read_shard(self, global_name: str, tp_rank: int) -> torch.Tensor:
         """TP rank ``tp_rank``'s stored shard of ``global_name`` (at this checkpoint's own layout),
         in fresh memory: what ``layout.split(read(global_name), tp_rank)`` gives, without a
@@ -268,28 +205,8 @@ class TorchCheckpoint:
         return self.layout.zero_padding(spec, out, tp_rank)
 
 
-def _arch_from_keys(shard: dict) -> Optional[str]:
-    keys = shard.get("model", {}).keys() if isinstance(shard.get("model"), dict) else ()
-    if any(k.startswith("encoder.") or k.startswith("lm_head.") for k in keys):
-        return "bert"
-    if any(k.startswith("decoder.") for k in keys):
-        return "gpt"
-    return None
-
-
-def _layers_per_stage(args: argparse.Namespace, cfg: ModelConfig, pp: int) -> Optional[tuple]:
-    first = getattr(args, "decoder_first_pipeline_num_layers", None)
-    last = getattr(args, "decoder_last_pipeline_num_layers", None)
-    if pp == 1 or (first is None and last is None):
-        return None
-    middle_stages = pp - (first is not None) - (last is not None)
-    rest = cfg.num_layers - (first or 0) - (last or 0)
-    if middle_stages <= 0 or rest % middle_stages:
-        raise ConfigError(f"args: decoder_first/last_pipeline_num_layers={first}/{last} do not "
-                          f"split {cfg.num_layers} layers over PP={pp}")
-    middle = rest // middle_stages
-    return tuple(([first] if first is not None else []) + [middle] * middle_stages
-                 + ([last] if last is not None else []))
+def _arch_from_shard(shard: dict) -> Optional[str]:
+    return arch_from_keys(shard["model"]) if isinstance(shard.get("model"), dict) else None
 
 
 def shard_content(layout: ShardLayout, pp_rank: int, model: dict[str, torch.Tensor],
@@ -298,10 +215,10 @@ def shard_content(layout: ShardLayout, pp_rank: int, model: dict[str, torch.Tens
     model = dict(model)
     for name in list(model):
         module = name.rsplit(".", 1)[0]
-        if module.rsplit(".", 1)[-1] in _EXTRA_STATE_MODULES:
+        if has_extra_state(module):
             model.setdefault(f"{module}._extra_state", None)
     if pp_rank == layout.pp - 1:  # the output layer module exists even when its weight is tied
-        model.setdefault("output_layer._extra_state", None)
+        model.setdefault(f"{OUTPUT_LAYER}._extra_state", None)
     args = argparse.Namespace(**{**layout.megatron_args(), **(extra_args or {}),
                                  "iteration": iteration})
     return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
@@ -330,3 +247,47 @@ def rank_file_path(root: Path, layout: ShardLayout, tp_rank: int, pp_rank: int,
     path = root / iteration_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, layout.pp)
     path.mkdir(parents=True, exist_ok=True)
     return path / SHARD_FILE
+
+
+class TorchWriter(CheckpointWriter):
+    """One ``model_optim_rng.pt`` per rank, written tensor by tensor (lazy values produced as
+    they are written)."""
+
+    name = "torch"
+
+    def write_rank(self, root: Path, layout: ShardLayout, tp_rank: int, pp_rank: int,
+                   model: Mapping[str, Any], iteration: int,
+                   extra_args: Optional[dict] = None) -> Path:
+        return write_rank_file(root, layout, tp_rank, pp_rank, dict(model), iteration, extra_args)
+
+    def write_stage(self, root: Path, layout: ShardLayout, pp_rank: int, tp_ranks: Sequence[int],
+                    tensors: StageTensors, iteration: int, extra_args: Optional[dict],
+                    written: Callable[[int, int], None], checksums: bool = False) -> None:
+        """The ranks' files side by side (one StreamingWriter each): every full tensor is made once
+        for all of them, and memory stays at a parameter's full tensor plus its shards."""
+        paths = {r: rank_file_path(root, layout, r, pp_rank, iteration) for r in tp_ranks}
+        records: dict[int, dict] = {r: {} for r in tp_ranks}
+
+        def write(name: str, shards: list) -> None:
+            for r in tp_ranks:
+                shard = shards.pop(0)
+                records[r][name] = writers[r].write_tensor(shard, remember=False)
+                written(r, shard.nbytes)
+                del shard
+
+        # One parameter is written (a thread: the writer's os.write releases the GIL) while the
+        # next is gathered and mapped: at most two parameters' shards are alive.
+        with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as io:
+            writers = {r: stack.enter_context(StreamingWriter(paths[r], checksums=checksums))
+                       for r in tp_ranks}
+            pending = None
+            for name, shards in tensors(tp_ranks):
+                if pending is not None:
+                    pending.result()
+                pending = io.submit(write, name, shards)
+                del shards
+            if pending is not None:
+                pending.result()
+            for r in tp_ranks:
+                writers[r].finish(shard_content(layout, pp_rank, records[r], iteration,
+                                                extra_args))

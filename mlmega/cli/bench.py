@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 SAVINGS = Path(__file__).resolve().parents[2] / "benchmarks" / "savings.py"
@@ -12,6 +13,7 @@ def _savings():
     """benchmarks/ ships with the checkout, not the wheel, so it is loaded by path."""
     spec = importlib.util.spec_from_file_location("mlmega_bench_savings", SAVINGS)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

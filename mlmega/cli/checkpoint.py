@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from mlmega.checkpoint.convert import FORMATS, OPS, plan_conversion, run_conversion
+from mlmega.checkpoint.convert import run_conversion
+from mlmega.checkpoint.convert_plan import OPS, plan_conversion
+from mlmega.checkpoint.formats import FORMATS
 from mlmega.config.schemes import LevelSchemes
 
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from mlmega.launch.local import run_ranks_locally
-from mlmega.vcycle.plan import Plan, Stage
+from mlmega.vcycle.plan import Plan
 from mlmega.vcycle.run import (CANCELLED, COMPLETED, FAILED, FINAL_STATES, RUNNING, RunState,
                                stage_config_path, stage_finished)
 

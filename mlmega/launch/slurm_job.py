@@ -126,7 +126,7 @@ _RENDEZVOUS_PORTS = (20000, 32768)
 
 
 def _tracker_step(save_dir: Path) -> Optional[int]:
-    from mlmega.checkpoint.torch_format import TRACKER
+    from mlmega.checkpoint.directory import TRACKER
 
     try:
         return int((save_dir / TRACKER).read_text().strip())

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from mlmega.config.model import ModelConfig
+from mlmega.models.naming import block_name
 
 WIDTH_SPACES = ("embed", "qkv", "heads", "ffn", "ffn_gated")
 OUT, IN = "out", "in"
@@ -73,7 +74,7 @@ def space_size(cfg: ModelConfig, space: str, tp: int = 1) -> int:
 
 def parameter_table(cfg: ModelConfig) -> list[ParamSpec]:
     """The rows for ``cfg``: only the parameters this configuration actually has."""
-    block = "decoder" if cfg.arch == "gpt" else "encoder"
+    block = block_name(cfg)
     layer = f"{block}.layers.{{}}."
     emb_side = IN if cfg.tie_embeddings else OUT  # tied: the embedding is also the LM head's input map
     has_norm_bias = cfg.normalization == "LayerNorm"

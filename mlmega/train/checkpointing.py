@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from mlmega.checkpoint.atomic import write_text_atomic
 from mlmega.checkpoint.layout import ShardLayout
-from mlmega.checkpoint.torch_format import (TRACKER, TorchCheckpoint, iteration_dir_name,
-                                            write_rank_file)
+from mlmega.checkpoint.directory import TRACKER, iteration_dir_name
+from mlmega.checkpoint.torch_format import TorchCheckpoint, write_rank_file
 from mlmega.config.errors import ConfigError
 
 

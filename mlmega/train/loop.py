@@ -252,7 +252,8 @@ def _load_model(model, state: dict, source: str) -> None:
 
 def _load_init(model, cfg: TrainConfig, layout: ShardLayout, tp_rank: int, pp_rank: int) -> None:
     """Load the previous level's checkpoint, transformed for this rank, into the model."""
-    from mlmega.checkpoint.convert import plan_conversion, rank_tensors
+    from mlmega.checkpoint.convert_plan import plan_conversion
+    from mlmega.checkpoint.convert_tensors import rank_tensors
 
     init = cfg.init
     plan = plan_conversion(init.op, init.checkpoint, None, target_tp=cfg.tp, target_pp=cfg.pp,

@@ -20,7 +20,7 @@ from typing import Optional
 import yaml
 
 from mlmega.checkpoint.atomic import write_text_atomic
-from mlmega.checkpoint.torch_format import TRACKER
+from mlmega.checkpoint.directory import TRACKER
 from mlmega.config.errors import ConfigError
 from mlmega.config.train import TrainConfig
 from mlmega.vcycle.plan import Plan, Stage

@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlmega.checkpoint.convert import plan_conversion, run_conversion, save_full_state
+from mlmega.checkpoint.convert import run_conversion
+from mlmega.checkpoint.convert_plan import plan_conversion
+from mlmega.checkpoint.formats import save_full_state
 from mlmega.checkpoint.layout import ShardLayout
-from mlmega.checkpoint.torch_format import TRACKER, TorchCheckpoint
+from mlmega.checkpoint.directory import TRACKER
+from mlmega.checkpoint.torch_format import TorchCheckpoint
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.operators import LevelSchemes

@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlmega.checkpoint.convert import (load_full_state, plan_conversion, run_conversion,
-                                       save_full_state)
-from mlmega.checkpoint.dist_format import (COMMON_FILE, CONFIG_FILE, METADATA_FILE, DistCheckpoint,
-                                           finalize_dist, open_checkpoint, rank_chunks,
-                                           save_dist_full_state, write_dist_rank)
+from mlmega.checkpoint.convert import run_conversion
+from mlmega.checkpoint.convert_plan import plan_conversion
+from mlmega.checkpoint.dist_format import (COMMON_FILE, CONFIG_FILE, DistCheckpoint,
+                                           METADATA_FILE, finalize_dist, rank_chunks,
+                                           write_dist_rank)
+from mlmega.checkpoint.formats import load_full_state, open_checkpoint, save_full_state
 from mlmega.checkpoint.layout import ShardLayout
-from mlmega.checkpoint.torch_format import TRACKER, TorchCheckpoint, iteration_dir_name
+from mlmega.checkpoint.directory import TRACKER, iteration_dir_name
+from mlmega.checkpoint.torch_format import TorchCheckpoint
 from mlmega.config.errors import ConfigError
 from mlmega.models.params import param_shapes
 from tests.helpers import VARIANTS, variant
@@ -103,7 +105,7 @@ def test_torch_to_dist_and_back_is_exact(tmp_path, name):
 def test_reader_reads_one_layer_at_a_time(tmp_path, monkeypatch):
     cfg = variant(GPT, layers=4)
     state = random_state(cfg, seed=2)
-    save_dist_full_state(state, ShardLayout(cfg, 2, 2), tmp_path / "ckpt")
+    save_full_state(state, ShardLayout(cfg, 2, 2), tmp_path / "ckpt", fmt="torch_dist")
     ckpt = DistCheckpoint.open(tmp_path / "ckpt")
     loaded = []
     original = torch.load
@@ -125,7 +127,7 @@ def test_failed_writes_leave_nothing(tmp_path):
     state = random_state(cfg, seed=3)
     del state["binary_head.bias"]
     with pytest.raises(KeyError):
-        save_dist_full_state(state, ShardLayout(cfg, 2, 1), tmp_path / "out")
+        save_full_state(state, ShardLayout(cfg, 2, 1), tmp_path / "out", fmt="torch_dist")
     assert list(tmp_path.iterdir()) == []
     # finalizing before every rank has written names the missing rank's index part
     layout = ShardLayout(cfg, 2, 1)
@@ -158,8 +160,8 @@ def _scramble(path: Path) -> None:
 ])
 def test_damaged_checkpoints_raise_config_error_naming_the_file(tmp_path, damage, target, match):
     cfg = variant(GPT)
-    save_dist_full_state(random_state(cfg, seed=4), ShardLayout(cfg, 2, 1), tmp_path / "ckpt",
-                         iteration=3)
+    save_full_state(random_state(cfg, seed=4), ShardLayout(cfg, 2, 1), tmp_path / "ckpt",
+                         iteration=3, fmt="torch_dist")
     damage(tmp_path / "ckpt" / iteration_dir_name(3) / target)
     with pytest.raises(ConfigError, match=match):
         load_full_state(tmp_path / "ckpt")  # open, validate, read every tensor
@@ -171,7 +173,7 @@ def test_damaged_checkpoints_raise_config_error_naming_the_file(tmp_path, damage
 
 def test_wrong_model_tensors_are_config_errors(tmp_path):
     gpt = variant(GPT)
-    save_dist_full_state(random_state(gpt, seed=5), ShardLayout(gpt), tmp_path / "ckpt")
+    save_full_state(random_state(gpt, seed=5), ShardLayout(gpt), tmp_path / "ckpt", fmt="torch_dist")
     with pytest.raises(ConfigError, match="does not match the given model config"):
         DistCheckpoint.open(tmp_path / "ckpt", cfg=gpt.replace(num_layers=4))
     # args that claim a model the tensors do not hold: the stacks have 2 layers, not 4
@@ -249,8 +251,8 @@ def test_megatron_core_reads_ours_and_we_read_megatron_cores(tmp_path):
     for name, (tp, pp) in WRITE_LAYOUTS.items():
         cfg = variant(name)
         states[name] = random_state(cfg, seed=6)
-        save_dist_full_state(states[name], ShardLayout(cfg, tp, pp), tmp_path / f"{name}-ours",
-                             iteration=5)
+        save_full_state(states[name], ShardLayout(cfg, tp, pp), tmp_path / f"{name}-ours",
+                             iteration=5, fmt="torch_dist")
     ranks = run_ranks(_megatron_side, 2, 1, str(tmp_path),
                       {name: tp for name, (tp, _) in WRITE_LAYOUTS.items()})
     for name in VARIANTS:
@@ -318,7 +320,7 @@ def test_every_variant_loads_into_megatron_core_pipeline_stages(tmp_path):
 
     states = {name: random_state(variant(name), seed=7) for name in VARIANTS}
     for name, state in states.items():
-        save_dist_full_state(state, ShardLayout(variant(name), 2, 1), tmp_path / name)
+        save_full_state(state, ShardLayout(variant(name), 2, 1), tmp_path / name, fmt="torch_dist")
     stages = run_ranks(_pipeline_side, 1, 2, str(tmp_path))
     for name in VARIANTS:
         layout = ShardLayout(variant(name), 1, 2)

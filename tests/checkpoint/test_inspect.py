@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mlmega.checkpoint.convert import save_full_state
+from mlmega.checkpoint.formats import save_full_state
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.config.model import ModelConfig
 from mlmega.models.params import num_parameters

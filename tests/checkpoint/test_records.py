@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mlmega.checkpoint.records import RecordFile
-from mlmega.checkpoint.torch_format import load_file
+from mlmega.checkpoint.directory import load_file
 from mlmega.config.errors import ConfigError
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
@@ -87,7 +87,7 @@ def test_checkpoint_reads_equal_the_layouts_split_and_gather(tmp_path):
     """read() gathers every parameter of a TP=2, PP=2 GQA/SwiGLU checkpoint back to the saved
     tensor; read_shard() gives exactly split(), with stored padding rows past the TP=1 padded
     vocabulary zeroed (split pads zeros there)."""
-    from mlmega.checkpoint.convert import save_full_state
+    from mlmega.checkpoint.formats import save_full_state
     from mlmega.checkpoint.layout import ShardLayout
     from mlmega.checkpoint.torch_format import TorchCheckpoint, write_rank_file
     from mlmega.config.model import ModelConfig
@@ -118,7 +118,7 @@ def test_checkpoint_reads_equal_the_layouts_split_and_gather(tmp_path):
 def test_read_rows_spans_the_vocab_shards(tmp_path):
     """read_rows() gives rows of the full tensor for vocab-split and replicated parameters, also
     rows that span both TP ranks' shards (vocab 200: 128 canonical rows per rank at TP=2)."""
-    from mlmega.checkpoint.convert import save_full_state
+    from mlmega.checkpoint.formats import save_full_state
     from mlmega.checkpoint.layout import ShardLayout
     from mlmega.checkpoint.torch_format import TorchCheckpoint
     from mlmega.config.model import ModelConfig

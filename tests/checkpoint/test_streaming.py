@@ -15,7 +15,8 @@ import torch
 
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.streaming import LazyTensor, RowBlocks, StreamingWriter, save_streaming
-from mlmega.checkpoint.torch_format import TorchCheckpoint, load_file, write_rank_file
+from mlmega.checkpoint.directory import load_file
+from mlmega.checkpoint.torch_format import TorchCheckpoint, write_rank_file
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.models.params import iter_params, param_shapes
@@ -257,8 +258,9 @@ def test_rank_file_with_lazy_model_loads_like_an_eager_one(tmp_path):
 
 @pytest.mark.parametrize("target", [(1, 1), (2, 1), (1, 4)])
 def test_streamed_reshard_is_exact(tmp_path, target):
-    from mlmega.checkpoint.convert import (load_full_state, plan_conversion, run_conversion,
-                                           save_full_state)
+    from mlmega.checkpoint.convert import run_conversion
+    from mlmega.checkpoint.convert_plan import plan_conversion
+    from mlmega.checkpoint.formats import load_full_state, save_full_state
 
     gen = torch.Generator().manual_seed(1)
     state = {name: torch.randn(shape, generator=gen) for name, shape in param_shapes(CFG).items()}
@@ -281,8 +283,9 @@ def test_streamed_level_conversions_match_the_operators(tmp_path, op, target):
     """Sharded, streamed conversion (TP=2 target: interpolation runs on the shards; at the large
     level's layout its shards are read as stored, at another one split from its gather) gives
     exactly what the full-state operators give."""
-    from mlmega.checkpoint.convert import (load_full_state, plan_conversion, run_conversion,
-                                           save_full_state)
+    from mlmega.checkpoint.convert import run_conversion
+    from mlmega.checkpoint.convert_plan import plan_conversion
+    from mlmega.checkpoint.formats import load_full_state, save_full_state
     from mlmega.operators import LevelSchemes, coalesce, decoalesce, interpolate
 
     large_cfg = CFG.replace(num_query_groups=4)

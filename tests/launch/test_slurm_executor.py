@@ -247,7 +247,7 @@ def test_refresh_cancels_jobs_left_behind_a_failed_stage(tmp_path, monkeypatch):
 
 
 def test_refresh_completed_needs_the_last_checkpoint(tmp_path, monkeypatch):
-    from mlmega.checkpoint.torch_format import TRACKER
+    from mlmega.checkpoint.directory import TRACKER
     from mlmega.vcycle.run import stage_dir
 
     plan = make_plan(tmp_path, recipe_dict())

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from mlmega.checkpoint.torch_format import TRACKER
+from mlmega.checkpoint.directory import TRACKER
 from mlmega.launch import slurm_job
 from mlmega.train import signals
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlmega.checkpoint.torch_format import TRACKER, TorchCheckpoint
+from mlmega.checkpoint.directory import TRACKER
+from mlmega.checkpoint.torch_format import TorchCheckpoint
 from mlmega.launch.slurm import SlurmExecutor
 from mlmega.vcycle.plan import plan_vcycle
 from mlmega.vcycle.recipe import load_recipe

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from mlmega.checkpoint.convert import load_full_state, save_full_state
+from mlmega.checkpoint.formats import load_full_state, save_full_state
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.torch_format import TorchCheckpoint
 from mlmega.config.model import ModelConfig

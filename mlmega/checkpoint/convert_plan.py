@@ -1,0 +1,84 @@
+"""A conversion's plan: the operator, the source(s) and the target layout, validated before any
+tensor is read or written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from mlmega.checkpoint.atomic import check_destination
+from mlmega.checkpoint.formats import FORMATS, open_checkpoint
+from mlmega.checkpoint.layout import ShardLayout
+from mlmega.config.errors import ConfigError
+from mlmega.config.schemes import LevelSchemes
+from mlmega.operators import LevelMap
+
+OPS = ("reshard", "coalesce", "decoalesce", "interpolate")
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """What to convert, validated before any tensor is read or written."""
+
+    op: str
+    src: Path
+    dst: Optional[Path]
+    target: ShardLayout
+    iteration: int
+    level: Optional[LevelMap] = None
+    large: Optional[Path] = None  # interpolate: the large level's pre-coalescing checkpoint
+    alpha: float = 0.5
+    format: str = "torch"
+    checksums: bool = False  # zip CRC32 per record (torch format): torch.load never checks them
+
+    @property
+    def ranks(self) -> list[tuple[int, int]]:
+        return self.target.ranks
+
+
+def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, target_tp: Optional[int] = None,
+                    target_pp: Optional[int] = None, schemes: Optional[LevelSchemes] = None,
+                    large: Optional[str | Path] = None, alpha: Optional[float] = None,
+                    fmt: str = "torch", overwrite: bool = False,
+                    checksums: bool = False) -> ConversionPlan:
+    """Open and validate the inputs and the target layout; raises ConfigError on bad input."""
+    if op not in OPS:
+        raise ConfigError(f"unknown conversion {op!r}; expected one of {OPS}")
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format={fmt!r}: expected one of {FORMATS}")
+    src = Path(src)
+    if dst is not None:  # None: the tensors are consumed in memory (training's initial load)
+        dst = Path(dst)
+        check_destination(dst, overwrite)
+    source = open_checkpoint(src)
+    source.validate_tensors()
+    layout = source.layout
+    level = None
+    if op != "reshard" and schemes is None:
+        raise ConfigError(f"convert {op} needs a scheme (--scheme FILE or --width-factor/"
+                          f"--depth-factor)")
+    if op == "coalesce":
+        level = LevelMap.from_large(layout.cfg, schemes)
+        cfg = level.small
+    elif op in ("decoalesce", "interpolate"):
+        level = LevelMap.from_small(layout.cfg, schemes)
+        cfg = level.large
+    else:
+        cfg = layout.cfg
+    if op == "interpolate":
+        if large is None:
+            raise ConfigError("convert interpolate needs --large DIR (the large level's checkpoint "
+                              "from before coalescing)")
+        if alpha is None or not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"--alpha={alpha!r}: expected a number in [0, 1]")
+        large_ckpt = open_checkpoint(large)
+        if large_ckpt.layout.cfg.replace(source="") != cfg.replace(source=""):
+            raise ConfigError(f"{large}: its model {large_ckpt.layout.cfg.to_dict()} is not the "
+                              f"de-coalesced model {cfg.to_dict()} of {src}")
+        large_ckpt.validate_tensors()
+        layout = large_ckpt.layout  # default target layout: the large level's own
+    target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp)
+    return ConversionPlan(op, src, dst, target, source.iteration, level,
+                          Path(large) if large else None, 0.5 if alpha is None else alpha, fmt,
+                          checksums)

@@ -1,0 +1,102 @@
+"""What both Megatron checkpoint formats share: the ``latest`` marker, iteration directories, safe
+loading of pickled files, and the pipeline split that ``args`` record.
+
+    ROOT/latest_checkpointed_iteration.txt        "1000" (or "release" -> ROOT/release/)
+    ROOT/iter_0001000/...                         (the format's files)
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mlmega.config.errors import ConfigError
+from mlmega.config.model import ModelConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+
+
+def safe_globals() -> list:
+    """Classes Megatron checkpoints pickle besides tensors (megatron-core's own allow-list)."""
+    from megatron.core.safe_globals import SAFE_GLOBALS
+
+    return list(SAFE_GLOBALS)
+
+
+def _stdlib_safe_globals() -> list:
+    """The standard-library part of megatron-core's allow-list (all that args of mlmega's own and
+    most Megatron-LM checkpoints need): loading with it avoids importing megatron-core (seconds)."""
+    import io
+    import pathlib
+    import signal
+    import types
+
+    return [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, io.BytesIO,
+            signal.Signals]
+
+
+def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
+    """``torch.load`` one shard file safely; corrupt or truncated files raise ConfigError."""
+    try:
+        try:
+            with torch.serialization.safe_globals(_stdlib_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as err:
+            if "Unsupported global" not in str(err):
+                raise
+        with torch.serialization.safe_globals(safe_globals()):  # megatron enums, numpy, ...
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file is missing") from None
+    except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
+        raise ConfigError(f"{path}: cannot load checkpoint shard ({type(err).__name__}: {err})") \
+            from None
+
+
+def iteration_dir_name(iteration: int, release: bool = False) -> str:
+    return "release" if release else f"iter_{iteration:07d}"
+
+
+def read_tracker(root: Path) -> tuple[int, bool]:
+    """(iteration, release) from ROOT/latest_checkpointed_iteration.txt."""
+    tracker = root / TRACKER
+    try:
+        text = tracker.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{root}: not a Megatron torch checkpoint (no {TRACKER})") from None
+    if text == "release":
+        return 0, True
+    if not text.isdigit():
+        raise ConfigError(f"{tracker}: expected an iteration number or 'release', got {text!r}")
+    return int(text), False
+
+
+def latest_directory(root: Path) -> tuple[int, bool, Path]:
+    """(iteration, release, directory) that ROOT's ``latest`` marker names; it must exist."""
+    iteration, release = read_tracker(root)
+    directory = root / iteration_dir_name(iteration, release)
+    if not directory.is_dir():
+        raise ConfigError(f"{root / TRACKER} names iteration {iteration} but {directory} "
+                          f"does not exist")
+    return iteration, release, directory
+
+
+def layers_per_stage(args: argparse.Namespace, cfg: ModelConfig, pp: int) -> Optional[tuple]:
+    """Layers per pipeline stage from args' uneven first/last stage sizes; None: even split."""
+    first = getattr(args, "decoder_first_pipeline_num_layers", None)
+    last = getattr(args, "decoder_last_pipeline_num_layers", None)
+    if pp == 1 or (first is None and last is None):
+        return None
+    middle_stages = pp - (first is not None) - (last is not None)
+    rest = cfg.num_layers - (first or 0) - (last or 0)
+    if middle_stages <= 0 or rest % middle_stages:
+        raise ConfigError(f"args: decoder_first/last_pipeline_num_layers={first}/{last} do not "
+                          f"split {cfg.num_layers} layers over PP={pp}")
+    middle = rest // middle_stages
+    return tuple(([first] if first is not None else []) + [middle] * middle_stages
+                 + ([last] if last is not None else []))
