@@ -1,0 +1,1 @@
+"""Megatron checkpoints: both formats behind one reader/writer interface, sharding, conversion."""
