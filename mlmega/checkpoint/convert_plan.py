@@ -10,7 +10,7 @@ from typing import Optional
 from mlmega.checkpoint.atomic import check_destination
 from mlmega.checkpoint.formats import FORMATS, open_checkpoint
 from mlmega.checkpoint.layout import ShardLayout
-from mlmega.config.errors import ConfigError
+from mlmega.config.errors import CheckpointError, ConfigError
 from mlmega.config.schemes import LevelSchemes
 from mlmega.operators import LevelMap
 
@@ -74,7 +74,7 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
             raise ConfigError(f"--alpha={alpha!r}: expected a number in [0, 1]")
         large_ckpt = open_checkpoint(large)
         if large_ckpt.layout.cfg.replace(source="") != cfg.replace(source=""):
-            raise ConfigError(f"{large}: its model {large_ckpt.layout.cfg.to_dict()} is not the "
+            raise CheckpointError(f"{large}: its model {large_ckpt.layout.cfg.to_dict()} is not the "
                               f"de-coalesced model {cfg.to_dict()} of {src}")
         large_ckpt.validate_tensors()
         layout = large_ckpt.layout  # default target layout: the large level's own

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from mlmega.config.errors import ConfigError
+from mlmega.config.errors import CheckpointError
 from mlmega.config.model import ModelConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -41,7 +41,7 @@ def _stdlib_safe_globals() -> list:
 
 
 def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
-    """``torch.load`` one shard file safely; corrupt or truncated files raise ConfigError."""
+    """``torch.load`` one shard file safely; corrupt or truncated files raise CheckpointError."""
     try:
         try:
             with torch.serialization.safe_globals(_stdlib_safe_globals()):
@@ -52,9 +52,9 @@ def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
         with torch.serialization.safe_globals(safe_globals()):  # megatron enums, numpy, ...
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file is missing") from None
+        raise CheckpointError(f"{path}: file is missing") from None
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
-        raise ConfigError(f"{path}: cannot load checkpoint shard ({type(err).__name__}: {err})") \
+        raise CheckpointError(f"{path}: cannot load checkpoint shard ({type(err).__name__}: {err})") \
             from None
 
 
@@ -68,11 +68,11 @@ def read_tracker(root: Path) -> tuple[int, bool]:
     try:
         text = tracker.read_text().strip()
     except FileNotFoundError:
-        raise ConfigError(f"{root}: not a Megatron torch checkpoint (no {TRACKER})") from None
+        raise CheckpointError(f"{root}: not a Megatron torch checkpoint (no {TRACKER})") from None
     if text == "release":
         return 0, True
     if not text.isdigit():
-        raise ConfigError(f"{tracker}: expected an iteration number or 'release', got {text!r}")
+        raise CheckpointError(f"{tracker}: expected an iteration number or 'release', got {text!r}")
     return int(text), False
 
 
@@ -81,7 +81,7 @@ def latest_directory(root: Path) -> tuple[int, bool, Path]:
     iteration, release = read_tracker(root)
     directory = root / iteration_dir_name(iteration, release)
     if not directory.is_dir():
-        raise ConfigError(f"{root / TRACKER} names iteration {iteration} but {directory} "
+        raise CheckpointError(f"{root / TRACKER} names iteration {iteration} but {directory} "
                           f"does not exist")
     return iteration, release, directory
 
@@ -95,7 +95,7 @@ def layers_per_stage(args: argparse.Namespace, cfg: ModelConfig, pp: int) -> Opt
     middle_stages = pp - (first is not None) - (last is not None)
     rest = cfg.num_layers - (first or 0) - (last or 0)
     if middle_stages <= 0 or rest % middle_stages:
-        raise ConfigError(f"args: decoder_first/last_pipeline_num_layers={first}/{last} do not "
+        raise CheckpointError(f"args: decoder_first/last_pipeline_num_layers={first}/{last} do not "
                           f"split {cfg.num_layers} layers over PP={pp}")
     middle = rest // middle_stages
     return tuple(([first] if first is not None else []) + [middle] * middle_stages

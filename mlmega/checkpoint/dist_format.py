@@ -54,7 +54,7 @@ from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.streaming import LazyTensor, materialized
 from mlmega.checkpoint.directory import (CHECKPOINT_VERSION, TRACKER, iteration_dir_name,
                                          latest_directory, layers_per_stage, load_file)
-from mlmega.config.errors import ConfigError
+from mlmega.config.errors import CheckpointError
 from mlmega.config.model import ModelConfig
 from mlmega.models.naming import (EXTRA_STATE_MODULES, MODEL_PREFIXES, OUTPUT_LAYER,
                                   arch_from_keys, block_name)
@@ -166,45 +166,45 @@ class DistCheckpoint(CheckpointReader):
         _check_backend(directory / CONFIG_FILE)
         metadata_path = directory / METADATA_FILE
         if not metadata_path.is_file():
-            raise ConfigError(f"{metadata_path}: file is missing (the torch_dist index of keys "
+            raise CheckpointError(f"{metadata_path}: file is missing (the torch_dist index of keys "
                               f"and chunks)")
         reader = FileSystemReader(str(directory))
         try:
             metadata = reader.read_metadata()
             reader.set_up_storage_reader(metadata, True)
         except Exception as err:  # pickle/EOF/attribute errors for a bad index
-            raise ConfigError(f"{metadata_path}: cannot read the checkpoint index "
+            raise CheckpointError(f"{metadata_path}: cannot read the checkpoint index "
                               f"({type(err).__name__}: {err})") from None
         _check_data_files(directory, metadata)
         common_path = directory / COMMON_FILE
         common = load_file(common_path, mmap=False)
         if not isinstance(common, dict):
-            raise ConfigError(f"{common_path}: expected a dict, got {type(common).__name__}")
+            raise CheckpointError(f"{common_path}: expected a dict, got {type(common).__name__}")
         args = common.get("args")
         source = str(common_path)
         if args is None:
             if cfg is None:
-                raise ConfigError(f"{common_path}: no 'args' key; cannot tell the model "
+                raise CheckpointError(f"{common_path}: no 'args' key; cannot tell the model "
                                   f"configuration (pass the model config)")
             layout = ShardLayout(cfg)
         else:
             found = ModelConfig.from_megatron_args(
                 args, arch=arch or arch_from_keys(metadata.state_dict_metadata), source=source)
             if cfg is not None and cfg.replace(source=found.source) != found:
-                raise ConfigError(f"{source}: checkpoint args describe {found.to_dict()}, which "
+                raise CheckpointError(f"{source}: checkpoint args describe {found.to_dict()}, which "
                                   f"does not match the given model config {cfg.to_dict()}")
             tp = getattr(args, "tensor_model_parallel_size", 1) or 1
             pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
             layout = ShardLayout(found, tp, pp, layers_per_stage(args, found, pp))
         stored = common.get("iteration")
         if not release and isinstance(stored, int) and stored != iteration:
-            raise ConfigError(f"{common_path}: iteration {stored} differs from {iteration} "
+            raise CheckpointError(f"{common_path}: iteration {stored} differs from {iteration} "
                               f"named by {root / TRACKER}")
         return cls(root, iteration, release, layout, args, metadata, common, reader)
 
     # -- locating and reading -----------------------------------------------------------------
     def locate(self, global_name: str) -> Location:
-        """The key (and layer index) holding ``global_name``; ConfigError if it is not stored."""
+        """The key (and layer index) holding ``global_name``; CheckpointError if it is not stored."""
         spec, layer = param_index(self.layout.cfg)[global_name]
         keys = self.metadata.state_dict_metadata
         block = block_name(self.layout.cfg)
@@ -222,7 +222,7 @@ class DistCheckpoint(CheckpointReader):
                 return Location(key, index)
             if gated and f"{key}_w" in keys and f"{key}_v" in keys:
                 return Location(f"{key}_w", index, (f"{key}_w", f"{key}_v"))
-        raise ConfigError(f"{self.directory / METADATA_FILE}: no tensor for {global_name} "
+        raise CheckpointError(f"{self.directory / METADATA_FILE}: no tensor for {global_name} "
                           f"(looked for {[k for k, _ in dict.fromkeys(candidates)]})")
 
     def read(self, global_name: str) -> torch.Tensor:
@@ -275,7 +275,7 @@ class DistCheckpoint(CheckpointReader):
             key, md, [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))])
         covered = sum(math.prod(item.lengths) for item in items)
         if covered != out.numel():
-            raise ConfigError(f"{self.directory / METADATA_FILE}: the stored chunks of {key} cover "
+            raise CheckpointError(f"{self.directory / METADATA_FILE}: the stored chunks of {key} cover "
                               f"{covered} of the {out.numel()} elements at offset {list(offsets)}; "
                               f"the checkpoint is incomplete")
         by_file: dict[str, list] = {}
@@ -286,10 +286,10 @@ class DistCheckpoint(CheckpointReader):
         for name, file_items in by_file.items():
             try:
                 self._reader.read_data(LoadPlan(file_items), planner).wait()
-            except ConfigError:
+            except CheckpointError:
                 raise
             except Exception as err:
-                raise ConfigError(f"{self.directory / name}: cannot read {key} "
+                raise CheckpointError(f"{self.directory / name}: cannot read {key} "
                                   f"({type(err).__name__}: {err})") from None
         return out
 
@@ -309,7 +309,7 @@ class DistCheckpoint(CheckpointReader):
                 shape = list(shapes[key])
                 if where.layer is not None:
                     if not shape or shape[0] != cfg.num_layers:
-                        raise ConfigError(f"{index}: {key} has shape {tuple(shape)}; expected a "
+                        raise CheckpointError(f"{index}: {key} has shape {tuple(shape)}; expected a "
                                           f"leading layer axis of num_layers={cfg.num_layers}")
                     shape = shape[1:]
                 want = list(expected)
@@ -320,11 +320,11 @@ class DistCheckpoint(CheckpointReader):
                         and shape[vocab_dim] >= cfg.vocab_size:
                     want[vocab_dim] = shape[vocab_dim]  # any TP's vocab padding
                 if shape != want:
-                    raise ConfigError(f"{index}: {key} (for {name}) has shape {tuple(shape)}, "
+                    raise CheckpointError(f"{index}: {key} (for {name}) has shape {tuple(shape)}, "
                                       f"expected {tuple(want)} for the args' model")
         extra = sorted(k for k in shapes if k.startswith(MODEL_PREFIXES) and k not in used)
         if extra:
-            raise ConfigError(f"{index}: model tensors that the args' model does not have: "
+            raise CheckpointError(f"{index}: model tensors that the args' model does not have: "
                               f"{extra[:5]}{'...' if len(extra) > 5 else ''}")
 
 
@@ -332,13 +332,13 @@ def _check_backend(path: Path) -> None:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file is missing; not a megatron-core distributed checkpoint "
+        raise CheckpointError(f"{path}: file is missing; not a megatron-core distributed checkpoint "
                           f"(or its save did not finish)") from None
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
     backend = config.get("sharded_backend") if isinstance(config, dict) else None
     if backend != BACKEND:
-        raise ConfigError(f"{path}: sharded_backend={backend!r}; only {BACKEND!r} is supported")
+        raise CheckpointError(f"{path}: sharded_backend={backend!r}; only {BACKEND!r} is supported")
 
 
 def _check_data_files(directory: Path, metadata) -> None:
@@ -352,10 +352,10 @@ def _check_data_files(directory: Path, metadata) -> None:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise ConfigError(f"{path}: file is missing (named by {directory / METADATA_FILE})") \
+            raise CheckpointError(f"{path}: file is missing (named by {directory / METADATA_FILE})") \
                 from None
         if size < end:
-            raise ConfigError(f"{path}: truncated: {size} bytes, but {directory / METADATA_FILE} "
+            raise CheckpointError(f"{path}: truncated: {size} bytes, but {directory / METADATA_FILE} "
                               f"places data up to byte {end}")
 
 
@@ -393,7 +393,7 @@ def rank_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int,
         try:
             value = model[param.local_name]
         except KeyError:
-            raise ConfigError(f"rank tp{tp_rank} pp{pp_rank}: no tensor for {param.local_name}") \
+            raise CheckpointError(f"rank tp{tp_rank} pp{pp_rank}: no tensor for {param.local_name}") \
                 from None
         # Lazy producers are produced in stage order even when not stored (they may be one
         # sequential stream): the tied output copy (a replica of embedding.word_embeddings.weight)
@@ -407,7 +407,7 @@ def rank_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int,
             continue
         expected = layout.local_shape(spec)
         if tuple(shard.shape) != expected:
-            raise ConfigError(f"rank tp{tp_rank} pp{pp_rank}: {param.local_name} has shape "
+            raise CheckpointError(f"rank tp{tp_rank} pp{pp_rank}: {param.local_name} has shape "
                               f"{tuple(shard.shape)}, expected {expected} for TP={layout.tp}")
         shape = global_shape(cfg, spec, layout.tp)
         pieces = [((0,) * shard.dim(), shard)]
@@ -510,7 +510,7 @@ def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
         try:
             parts[path] = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"{path}: missing: rank tp{tp_rank} pp{pp_rank} did not finish "
+            raise CheckpointError(f"{path}: missing: rank tp{tp_rank} pp{pp_rank} did not finish "
                               f"writing") from None
     tensors: dict[str, TensorStorageMetadata] = {}
     objects: dict[str, BytesStorageMetadata] = {}
@@ -527,7 +527,7 @@ def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
                 md = tensors.setdefault(key, TensorStorageMetadata(
                     TensorProperties(dtype=dtype), torch.Size(record["global_shape"]), []))
                 if list(md.size) != record["global_shape"] or md.properties.dtype != dtype:
-                    raise ConfigError(f"{path}: {key} is {record['dtype']} "
+                    raise CheckpointError(f"{path}: {key} is {record['dtype']} "
                                       f"{record['global_shape']} here but {md.properties.dtype} "
                                       f"{list(md.size)} in another rank's part")
                 md.chunks.append(ChunkStorageMetadata(torch.Size(record["offsets"]),
@@ -538,7 +538,7 @@ def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
     for key, md in tensors.items():  # chunks are disjoint by construction: check they tile the key
         covered = sum(math.prod(c.sizes) for c in md.chunks)
         if covered != math.prod(md.size):
-            raise ConfigError(f"{directory}: the ranks' chunks of {key} cover {covered} of its "
+            raise CheckpointError(f"{directory}: the ranks' chunks of {key} cover {covered} of its "
                               f"{math.prod(md.size)} elements")
     FileSystemWriter(str(directory)).finish(Metadata({**tensors, **objects}), [results])
     torch.save(common_state(layout, iteration, extra_args, **extra), directory / COMMON_FILE)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mlmega.config.errors import ConfigError
+from mlmega.config.errors import CheckpointError
 
 __all__ = ["RecordFile", "byte_view", "file_mappings"]
 
@@ -74,7 +74,7 @@ class RecordFile:
         while done < len(view):  # one read moves at most ~2 GiB
             n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
             if n == 0:
-                raise ConfigError(f"{self.path}: file ends inside a tensor record (truncated?)")
+                raise CheckpointError(f"{self.path}: file ends inside a tensor record (truncated?)")
             done += n
         if not direct:
             out.copy_(dest)

@@ -31,7 +31,7 @@ from mlmega.checkpoint.interface import CheckpointReader, CheckpointWriter, Stag
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.records import RecordFile
 from mlmega.checkpoint.streaming import StreamingWriter, save_streaming
-from mlmega.config.errors import ConfigError
+from mlmega.config.errors import CheckpointError
 from mlmega.config.model import ModelConfig
 from mlmega.models.naming import OUTPUT_LAYER, arch_from_keys, has_extra_state
 from mlmega.models.params import ParamSpec, param_index
@@ -76,18 +76,18 @@ class TorchCheckpoint(CheckpointReader):
             if child.is_dir() and match:
                 ranks[(int(match[1]), int(match[2] or 0))] = child
         if not ranks:
-            raise ConfigError(f"{directory}: no mp_rank_* shard directories")
+            raise CheckpointError(f"{directory}: no mp_rank_* shard directories")
         first = min(ranks)
         shard0 = load_file(ranks[first] / SHARD_FILE)
         args = shard0.get("args")
         if args is None:
-            raise ConfigError(f"{ranks[first] / SHARD_FILE}: no 'args' key; cannot tell the "
+            raise CheckpointError(f"{ranks[first] / SHARD_FILE}: no 'args' key; cannot tell the "
                               f"model configuration")
         source = str(ranks[first] / SHARD_FILE)
         found = ModelConfig.from_megatron_args(args, arch=arch or _arch_from_shard(shard0),
                                                source=source)
         if cfg is not None and cfg.replace(source=found.source) != found:
-            raise ConfigError(f"{source}: checkpoint args describe {found.to_dict()}, which does "
+            raise CheckpointError(f"{source}: checkpoint args describe {found.to_dict()}, which does "
                               f"not match the given model config {cfg.to_dict()}")
         tp = getattr(args, "tensor_model_parallel_size", 1)
         pp = getattr(args, "pipeline_model_parallel_size", 1)
@@ -96,12 +96,12 @@ class TorchCheckpoint(CheckpointReader):
         if set(ranks) != expected:
             missing = sorted(expected - set(ranks))
             extra = sorted(set(ranks) - expected)
-            raise ConfigError(f"{directory}: args say TP={tp}, PP={pp} but shard directories "
+            raise CheckpointError(f"{directory}: args say TP={tp}, PP={pp} but shard directories "
                               f"differ: missing {[rank_dir_name(t, p, pp) for t, p in missing]}, "
                               f"unexpected {[ranks[r].name for r in extra]}")
         for rank, path in ranks.items():
             if not (path / SHARD_FILE).is_file():
-                raise ConfigError(f"{path}: {SHARD_FILE} is missing")
+                raise CheckpointError(f"{path}: {SHARD_FILE} is missing")
         ckpt = cls(root, iteration, release, layout, args)
         ckpt._shards[first] = shard0
         return ckpt
@@ -130,7 +130,7 @@ class TorchCheckpoint(CheckpointReader):
         if not isinstance(model, dict):
             keys = sorted(k for k in shard if k.startswith("model"))
             hint = " (virtual pipeline checkpoints are not supported)" if keys else ""
-            raise ConfigError(f"{self.shard_path(tp_rank, pp_rank)}: no 'model' state dict{hint}")
+            raise CheckpointError(f"{self.shard_path(tp_rank, pp_rank)}: no 'model' state dict{hint}")
         return model
 
     def validate_tensors(self) -> None:
@@ -141,13 +141,13 @@ class TorchCheckpoint(CheckpointReader):
             expected = {p.local_name: p for p in self.layout.stage_params(pp_rank)}
             have = {k for k, v in state.items() if not k.endswith("_extra_state")}
             if set(expected) != have:
-                raise ConfigError(f"{path}: tensors do not match the args' model: missing "
+                raise CheckpointError(f"{path}: tensors do not match the args' model: missing "
                                   f"{sorted(set(expected) - have)[:5]}, unexpected "
                                   f"{sorted(have - set(expected))[:5]}")
             for name, param in expected.items():
                 shape = self.layout.local_shape(param.spec)
                 if tuple(state[name].shape) != shape:
-                    raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
+                    raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
                                       f"expected {shape} for TP={self.layout.tp}")
 
     def _stored(self, global_name: str) -> tuple[ParamSpec, int, str]:

@@ -1,7 +1,8 @@
 """The ``mlmega`` command line: one sub-command per user task, each a thin layer over the package.
 
 Each concern registers its own sub-commands (``register(subparsers)`` in its ``cli`` module); this
-file only assembles them and turns :class:`ConfigError` into a one-line message and exit code 2.
+file only assembles them and turns bad input (:class:`ConfigError`, :class:`CheckpointError`) into a
+one-line message and exit code 2.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from mlmega.config.errors import ConfigError
+from mlmega.config.errors import InputError
 
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES: list[str] = ["mlmega.cli.vcycle", "mlmega.cli.data", "mlmega.cli.train",
@@ -55,6 +56,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.extra = extra
     try:
         return args.handler(args)
-    except ConfigError as err:
+    except InputError as err:  # a config or a checkpoint: one line, exit code 2
         print(f"mlmega: error: {err}", file=sys.stderr)
         return 2

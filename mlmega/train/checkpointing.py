@@ -22,7 +22,7 @@ from mlmega.checkpoint.atomic import write_text_atomic
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.directory import TRACKER, iteration_dir_name
 from mlmega.checkpoint.torch_format import TorchCheckpoint, write_rank_file
-from mlmega.config.errors import ConfigError
+from mlmega.config.errors import CheckpointError
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,6 +88,6 @@ def check_resumable(ckpt: TorchCheckpoint, layout: ShardLayout) -> None:
     have = ckpt.layout
     if (have.tp, have.pp) != (layout.tp, layout.pp) or \
             have.cfg.replace(source="") != layout.cfg.replace(source=""):
-        raise ConfigError(f"{ckpt.root}: cannot resume: it holds {have.cfg.to_dict()} at TP="
+        raise CheckpointError(f"{ckpt.root}: cannot resume: it holds {have.cfg.to_dict()} at TP="
                           f"{have.tp}, PP={have.pp} but this stage trains {layout.cfg.to_dict()} at "
                           f"TP={layout.tp}, PP={layout.pp} (use a fresh save_dir, or convert it)")

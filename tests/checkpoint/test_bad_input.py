@@ -20,7 +20,7 @@ from mlmega.checkpoint.formats import save_full_state
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.directory import TRACKER
 from mlmega.checkpoint.torch_format import TorchCheckpoint
-from mlmega.config.errors import ConfigError
+from mlmega.config.errors import CheckpointError, ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.operators import LevelSchemes
 from tests.helpers import make_model_state
@@ -37,9 +37,9 @@ def ckpt(tmp_path, model_parallel) -> Path:
     return root
 
 
-def refused(match: str, **kwargs):
+def refused(match: str, error: type = CheckpointError, **kwargs):
     dst = kwargs.pop("dst")
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(error, match=match):
         plan_conversion(kwargs.pop("op", "reshard"), kwargs.pop("src"), dst, **kwargs)
     assert not dst.exists(), "a refused conversion must not create its destination"
 
@@ -98,11 +98,12 @@ def test_tensor_shapes_disagree_with_args(ckpt, tmp_path):
 
 
 def test_target_layout_must_divide_the_model(ckpt, tmp_path):
-    refused(r"num_attention_heads=4 is not divisible by TP=3", src=ckpt, dst=tmp_path / "o",
-            target_tp=3)
-    refused(r"num_layers=4 is not divisible by PP=3", src=ckpt, dst=tmp_path / "o", target_pp=3)
-    refused(r"num_attention_heads=2 is not divisible by TP=4", op="coalesce", src=ckpt,
-            dst=tmp_path / "o", schemes=WIDTH, target_tp=4)
+    refused(r"num_attention_heads=4 is not divisible by TP=3", ConfigError, src=ckpt,
+            dst=tmp_path / "o", target_tp=3)
+    refused(r"num_layers=4 is not divisible by PP=3", ConfigError, src=ckpt, dst=tmp_path / "o",
+            target_pp=3)
+    refused(r"num_attention_heads=2 is not divisible by TP=4", ConfigError, op="coalesce",
+            src=ckpt, dst=tmp_path / "o", schemes=WIDTH, target_tp=4)
 
 
 def test_existing_destination_is_refused_unless_overwrite(ckpt, tmp_path):
@@ -118,10 +119,11 @@ def test_existing_destination_is_refused_unless_overwrite(ckpt, tmp_path):
 
 
 def test_operator_requests_are_validated(ckpt, tmp_path):
-    refused("needs a scheme", op="coalesce", src=ckpt, dst=tmp_path / "o")
-    refused("needs --large", op="interpolate", src=ckpt, dst=tmp_path / "o", schemes=WIDTH)
-    refused(r"--alpha=1.5: expected a number in \[0, 1\]", op="interpolate", src=ckpt,
-            dst=tmp_path / "o", schemes=WIDTH, large=ckpt, alpha=1.5)
+    refused("needs a scheme", ConfigError, op="coalesce", src=ckpt, dst=tmp_path / "o")
+    refused("needs --large", ConfigError, op="interpolate", src=ckpt, dst=tmp_path / "o",
+            schemes=WIDTH)
+    refused(r"--alpha=1.5: expected a number in \[0, 1\]", ConfigError, op="interpolate",
+            src=ckpt, dst=tmp_path / "o", schemes=WIDTH, large=ckpt, alpha=1.5)
     # the de-coalesced model of ckpt is twice as wide: ckpt itself is not its large level
     refused("is not the de-coalesced model", op="interpolate", src=ckpt, dst=tmp_path / "o",
             schemes=WIDTH, large=ckpt, alpha=0.5)
@@ -145,5 +147,5 @@ def test_killed_conversion_leaves_no_valid_output(tmp_path, model_parallel):
     assert not dst.exists(), "killed before publishing: the destination must not exist"
     for staging in tmp_path.glob(".dst.tmp-*"):
         assert not (staging / TRACKER).exists()
-        with pytest.raises(ConfigError):
+        with pytest.raises(CheckpointError):
             TorchCheckpoint.open(staging)

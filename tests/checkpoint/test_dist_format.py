@@ -21,7 +21,7 @@ from mlmega.checkpoint.formats import load_full_state, open_checkpoint, save_ful
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.directory import TRACKER, iteration_dir_name
 from mlmega.checkpoint.torch_format import TorchCheckpoint
-from mlmega.config.errors import ConfigError
+from mlmega.config.errors import CheckpointError
 from mlmega.models.params import param_shapes
 from tests.helpers import VARIANTS, variant
 
@@ -135,7 +135,7 @@ def test_failed_writes_leave_nothing(tmp_path):
     model = {p.local_name: layout.split(p.spec, state[p.global_name], 0)
              for p in layout.stage_params(0)}
     write_dist_rank(tmp_path / "partial", layout, 0, 0, model)
-    with pytest.raises(ConfigError, match="mlmega-index-1.json: missing: rank tp1 pp0"):
+    with pytest.raises(CheckpointError, match="mlmega-index-1.json: missing: rank tp1 pp0"):
         finalize_dist(tmp_path / "partial", layout, 0)
 
 
@@ -163,9 +163,9 @@ def test_damaged_checkpoints_raise_config_error_naming_the_file(tmp_path, damage
     save_full_state(random_state(cfg, seed=4), ShardLayout(cfg, 2, 1), tmp_path / "ckpt",
                          iteration=3, fmt="torch_dist")
     damage(tmp_path / "ckpt" / iteration_dir_name(3) / target)
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(CheckpointError, match=match):
         load_full_state(tmp_path / "ckpt")  # open, validate, read every tensor
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(CheckpointError, match=match):
         run_conversion(plan_conversion("reshard", tmp_path / "ckpt", tmp_path / "out",
                                        target_tp=1), log=lambda *_: None)
     assert not (tmp_path / "out").exists()
@@ -174,14 +174,14 @@ def test_damaged_checkpoints_raise_config_error_naming_the_file(tmp_path, damage
 def test_wrong_model_tensors_are_config_errors(tmp_path):
     gpt = variant(GPT)
     save_full_state(random_state(gpt, seed=5), ShardLayout(gpt), tmp_path / "ckpt", fmt="torch_dist")
-    with pytest.raises(ConfigError, match="does not match the given model config"):
+    with pytest.raises(CheckpointError, match="does not match the given model config"):
         DistCheckpoint.open(tmp_path / "ckpt", cfg=gpt.replace(num_layers=4))
     # args that claim a model the tensors do not hold: the stacks have 2 layers, not 4
     common = tmp_path / "ckpt" / iteration_dir_name(0) / COMMON_FILE
     content = torch.load(common, weights_only=False)
     content["args"] = argparse.Namespace(**{**vars(content["args"]), "num_layers": 4})
     torch.save(content, common)
-    with pytest.raises(ConfigError, match="leading layer axis of num_layers=4"):
+    with pytest.raises(CheckpointError, match="leading layer axis of num_layers=4"):
         DistCheckpoint.open(tmp_path / "ckpt").validate_tensors()
 
 

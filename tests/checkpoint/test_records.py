@@ -11,7 +11,7 @@ import torch
 
 from mlmega.checkpoint.records import RecordFile
 from mlmega.checkpoint.directory import load_file
-from mlmega.config.errors import ConfigError
+from mlmega.config.errors import CheckpointError
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 
@@ -70,7 +70,7 @@ def test_a_file_truncated_after_loading_gives_a_clear_error(tmp_path):
     records = RecordFile(path)
     offset = records.offset(loaded["big"])
     os.truncate(path, offset + 1024)
-    with pytest.raises(ConfigError, match="truncated"):
+    with pytest.raises(CheckpointError, match="truncated"):
         records.read_into(torch.empty(4 << 20), loaded["big"])
 
 
