@@ -75,7 +75,7 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
         large_ckpt = open_checkpoint(large)
         if large_ckpt.layout.cfg.replace(source="") != cfg.replace(source=""):
             raise CheckpointError(f"{large}: its model {large_ckpt.layout.cfg.to_dict()} is not the "
-                              f"de-coalesced model {cfg.to_dict()} of {src}")
+                                  f"de-coalesced model {cfg.to_dict()} of {src}")
         large_ckpt.validate_tensors()
         layout = large_ckpt.layout  # default target layout: the large level's own
     target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp)

@@ -82,7 +82,7 @@ def latest_directory(root: Path) -> tuple[int, bool, Path]:
     directory = root / iteration_dir_name(iteration, release)
     if not directory.is_dir():
         raise CheckpointError(f"{root / TRACKER} names iteration {iteration} but {directory} "
-                          f"does not exist")
+                              f"does not exist")
     return iteration, release, directory
 
 
@@ -96,7 +96,7 @@ def layers_per_stage(args: argparse.Namespace, cfg: ModelConfig, pp: int) -> Opt
     rest = cfg.num_layers - (first or 0) - (last or 0)
     if middle_stages <= 0 or rest % middle_stages:
         raise CheckpointError(f"args: decoder_first/last_pipeline_num_layers={first}/{last} do not "
-                          f"split {cfg.num_layers} layers over PP={pp}")
+                              f"split {cfg.num_layers} layers over PP={pp}")
     middle = rest // middle_stages
     return tuple(([first] if first is not None else []) + [middle] * middle_stages
                  + ([last] if last is not None else []))

@@ -48,6 +48,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequenc
 
 import torch
 
+from mlmega import compat
 from mlmega.checkpoint.atomic import write_text_atomic
 from mlmega.checkpoint.interface import CheckpointReader, CheckpointWriter, StageTensors
 from mlmega.checkpoint.layout import ShardLayout
@@ -111,26 +112,6 @@ def is_dist_directory(directory: Path) -> bool:
         or any(directory.glob(f"*{DATA_SUFFIX}"))
 
 
-class _RegionPlanner:
-    """The part of a torch.distributed.checkpoint LoadPlanner that ``read_data`` calls: copy every
-    read chunk into its place in ``out`` (which covers the requested region only)."""
-
-    def __init__(self, out: torch.Tensor):
-        self.out = out
-
-    def resolve_tensor(self, read_item) -> torch.Tensor:
-        view = self.out
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            view = view.narrow(dim, start, length)
-        return view
-
-    def commit_tensor(self, read_item, tensor) -> None:
-        pass
-
-    def load_bytes(self, read_item, value) -> None:  # only tensors are read
-        raise AssertionError(f"unexpected byte item {read_item.storage_index.fqn}")
-
-
 @dataclass
 class DistCheckpoint(CheckpointReader):
     """An opened torch_dist checkpoint: its layout (from ``args``), index and files, read lazily."""
@@ -167,14 +148,14 @@ class DistCheckpoint(CheckpointReader):
         metadata_path = directory / METADATA_FILE
         if not metadata_path.is_file():
             raise CheckpointError(f"{metadata_path}: file is missing (the torch_dist index of keys "
-                              f"and chunks)")
+                                  f"and chunks)")
         reader = FileSystemReader(str(directory))
         try:
             metadata = reader.read_metadata()
             reader.set_up_storage_reader(metadata, True)
         except Exception as err:  # pickle/EOF/attribute errors for a bad index
             raise CheckpointError(f"{metadata_path}: cannot read the checkpoint index "
-                              f"({type(err).__name__}: {err})") from None
+                                  f"({type(err).__name__}: {err})") from None
         _check_data_files(directory, metadata)
         common_path = directory / COMMON_FILE
         common = load_file(common_path, mmap=False)
@@ -185,21 +166,21 @@ class DistCheckpoint(CheckpointReader):
         if args is None:
             if cfg is None:
                 raise CheckpointError(f"{common_path}: no 'args' key; cannot tell the model "
-                                  f"configuration (pass the model config)")
+                                      f"configuration (pass the model config)")
             layout = ShardLayout(cfg)
         else:
             found = ModelConfig.from_megatron_args(
                 args, arch=arch or arch_from_keys(metadata.state_dict_metadata), source=source)
             if cfg is not None and cfg.replace(source=found.source) != found:
                 raise CheckpointError(f"{source}: checkpoint args describe {found.to_dict()}, which "
-                                  f"does not match the given model config {cfg.to_dict()}")
+                                      f"does not match the given model config {cfg.to_dict()}")
             tp = getattr(args, "tensor_model_parallel_size", 1) or 1
             pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
             layout = ShardLayout(found, tp, pp, layers_per_stage(args, found, pp))
         stored = common.get("iteration")
         if not release and isinstance(stored, int) and stored != iteration:
             raise CheckpointError(f"{common_path}: iteration {stored} differs from {iteration} "
-                              f"named by {root / TRACKER}")
+                                  f"named by {root / TRACKER}")
         return cls(root, iteration, release, layout, args, metadata, common, reader)
 
     # -- locating and reading -----------------------------------------------------------------
@@ -223,7 +204,7 @@ class DistCheckpoint(CheckpointReader):
             if gated and f"{key}_w" in keys and f"{key}_v" in keys:
                 return Location(f"{key}_w", index, (f"{key}_w", f"{key}_v"))
         raise CheckpointError(f"{self.directory / METADATA_FILE}: no tensor for {global_name} "
-                          f"(looked for {[k for k, _ in dict.fromkeys(candidates)]})")
+                              f"(looked for {[k for k, _ in dict.fromkeys(candidates)]})")
 
     def read(self, global_name: str) -> torch.Tensor:
         """The canonical full tensor of ``global_name`` (TP=1 layout, vocab padded for TP=1)."""
@@ -265,32 +246,26 @@ class DistCheckpoint(CheckpointReader):
     def read_region(self, key: str, offsets: tuple[int, ...],
                     sizes: tuple[int, ...]) -> torch.Tensor:
         """Block [offsets, offsets + sizes) of global tensor ``key``, reading only its chunks."""
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
         md = self.metadata.state_dict_metadata[key]
         out = torch.empty(sizes, dtype=md.properties.dtype)
-        items = create_read_items_for_chunk_list(
-            key, md, [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))])
+        items = compat.chunk_read_items(key, md, offsets, sizes)
         covered = sum(math.prod(item.lengths) for item in items)
         if covered != out.numel():
             raise CheckpointError(f"{self.directory / METADATA_FILE}: the stored chunks of {key} cover "
-                              f"{covered} of the {out.numel()} elements at offset {list(offsets)}; "
-                              f"the checkpoint is incomplete")
+                                  f"{covered} of the {out.numel()} elements at offset {list(offsets)}; "
+                                  f"the checkpoint is incomplete")
         by_file: dict[str, list] = {}
         for item in items:
             by_file.setdefault(self.metadata.storage_data[item.storage_index].relative_path,
                                []).append(item)
-        planner = _RegionPlanner(out)
         for name, file_items in by_file.items():
             try:
-                self._reader.read_data(LoadPlan(file_items), planner).wait()
+                compat.read_items(self._reader, file_items, out)
             except CheckpointError:
                 raise
             except Exception as err:
                 raise CheckpointError(f"{self.directory / name}: cannot read {key} "
-                                  f"({type(err).__name__}: {err})") from None
+                                      f"({type(err).__name__}: {err})") from None
         return out
 
     # -- validation ---------------------------------------------------------------------------
@@ -310,7 +285,7 @@ class DistCheckpoint(CheckpointReader):
                 if where.layer is not None:
                     if not shape or shape[0] != cfg.num_layers:
                         raise CheckpointError(f"{index}: {key} has shape {tuple(shape)}; expected a "
-                                          f"leading layer axis of num_layers={cfg.num_layers}")
+                                              f"leading layer axis of num_layers={cfg.num_layers}")
                     shape = shape[1:]
                 want = list(expected)
                 if where.parts:
@@ -321,11 +296,11 @@ class DistCheckpoint(CheckpointReader):
                     want[vocab_dim] = shape[vocab_dim]  # any TP's vocab padding
                 if shape != want:
                     raise CheckpointError(f"{index}: {key} (for {name}) has shape {tuple(shape)}, "
-                                      f"expected {tuple(want)} for the args' model")
+                                          f"expected {tuple(want)} for the args' model")
         extra = sorted(k for k in shapes if k.startswith(MODEL_PREFIXES) and k not in used)
         if extra:
             raise CheckpointError(f"{index}: model tensors that the args' model does not have: "
-                              f"{extra[:5]}{'...' if len(extra) > 5 else ''}")
+                                  f"{extra[:5]}{'...' if len(extra) > 5 else ''}")
 
 
 def _check_backend(path: Path) -> None:
@@ -333,7 +308,7 @@ def _check_backend(path: Path) -> None:
         config = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file is missing; not a megatron-core distributed checkpoint "
-                          f"(or its save did not finish)") from None
+                              f"(or its save did not finish)") from None
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
     backend = config.get("sharded_backend") if isinstance(config, dict) else None
@@ -356,7 +331,7 @@ def _check_data_files(directory: Path, metadata) -> None:
                 from None
         if size < end:
             raise CheckpointError(f"{path}: truncated: {size} bytes, but {directory / METADATA_FILE} "
-                              f"places data up to byte {end}")
+                                  f"places data up to byte {end}")
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -408,7 +383,7 @@ def rank_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int,
         expected = layout.local_shape(spec)
         if tuple(shard.shape) != expected:
             raise CheckpointError(f"rank tp{tp_rank} pp{pp_rank}: {param.local_name} has shape "
-                              f"{tuple(shard.shape)}, expected {expected} for TP={layout.tp}")
+                                  f"{tuple(shard.shape)}, expected {expected} for TP={layout.tp}")
         shape = global_shape(cfg, spec, layout.tp)
         pieces = [((0,) * shard.dim(), shard)]
         if spec.tp_dim is not None:
@@ -496,7 +471,6 @@ def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
     """After every rank's :func:`write_dist_rank`: check that the chunks tile every key, merge the
     index parts into ``.metadata``, then write ``common.pt`` and (last) ``metadata.json``."""
     from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
                                                        Metadata, MetadataIndex, TensorProperties,
                                                        TensorStorageMetadata)
@@ -511,14 +485,14 @@ def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
             parts[path] = json.loads(path.read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{path}: missing: rank tp{tp_rank} pp{pp_rank} did not finish "
-                              f"writing") from None
+                                  f"writing") from None
     tensors: dict[str, TensorStorageMetadata] = {}
     objects: dict[str, BytesStorageMetadata] = {}
     results = []
     for path, part in parts.items():
         for record in part["chunks"]:
             key = record["key"]
-            info = _StorageInfo(record["file"], record["offset"], record["length"])
+            info = compat.storage_info(record["file"], record["offset"], record["length"])
             if record["kind"] == "bytes":
                 objects[key] = BytesStorageMetadata()
                 index = MetadataIndex(key)
@@ -528,8 +502,8 @@ def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
                     TensorProperties(dtype=dtype), torch.Size(record["global_shape"]), []))
                 if list(md.size) != record["global_shape"] or md.properties.dtype != dtype:
                     raise CheckpointError(f"{path}: {key} is {record['dtype']} "
-                                      f"{record['global_shape']} here but {md.properties.dtype} "
-                                      f"{list(md.size)} in another rank's part")
+                                          f"{record['global_shape']} here but {md.properties.dtype} "
+                                          f"{list(md.size)} in another rank's part")
                 md.chunks.append(ChunkStorageMetadata(torch.Size(record["offsets"]),
                                                       torch.Size(record["sizes"])))
                 index = MetadataIndex(key, record["offsets"])
@@ -539,7 +513,7 @@ def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
         covered = sum(math.prod(c.sizes) for c in md.chunks)
         if covered != math.prod(md.size):
             raise CheckpointError(f"{directory}: the ranks' chunks of {key} cover {covered} of its "
-                              f"{math.prod(md.size)} elements")
+                                  f"{math.prod(md.size)} elements")
     FileSystemWriter(str(directory)).finish(Metadata({**tensors, **objects}), [results])
     torch.save(common_state(layout, iteration, extra_args, **extra), directory / COMMON_FILE)
     for path in parts:

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from mlmega import compat
 from mlmega.checkpoint.records import byte_view
 
 __all__ = ["LazyTensor", "RowBlocks", "StreamingWriter", "materialized", "save_streaming",
@@ -186,9 +187,9 @@ class StreamingWriter:
         self.path = Path(path)
         self.protocol = pickle_protocol
         self._crc32 = torch.serialization.get_crc32_options() if checksums is None else checksums
-        alignment = torch.serialization._get_storage_alignment()
         self._stream = _FileSink(self.path)
-        self._zip = torch._C.PyTorchFileWriter(self._stream, self._crc32, alignment)
+        self._zip = compat.PyTorchFileWriter(self._stream, self._crc32,
+                                             compat.storage_alignment())
         self._keys = 0
         self._written: dict[int, tuple[torch.Tensor, _WrittenTensor]] = {}  # id -> same object
         self.bytes_written = 0
@@ -298,9 +299,8 @@ class StreamingWriter:
             if isinstance(item, torch.storage.TypedStorage) or torch.is_storage(item):
                 # exactly torch.serialization._save's handling
                 if isinstance(item, torch.storage.TypedStorage):
-                    storage, dtype = item._untyped_storage, item.dtype
-                    storage_type = getattr(torch, item._pickle_storage_type())
-                    numel = item._size()
+                    storage, storage_type, numel = compat.typed_storage_parts(item)
+                    dtype = item.dtype
                 else:
                     storage, dtype = item, torch.uint8
                     storage_type = torch.serialization.normalize_storage_type(type(item))
@@ -309,9 +309,9 @@ class StreamingWriter:
                     if dtypes.setdefault(storage.data_ptr(), dtype) != dtype:
                         raise RuntimeError("Cannot save multiple tensors or storages that view "
                                            "the same data as different types")
-                key = late_ids.get(storage._cdata)
+                key = late_ids.get(compat.storage_key(storage))
                 if key is None:
-                    key = late_ids[storage._cdata] = self._next_key()
+                    key = late_ids[compat.storage_key(storage)] = self._next_key()
                     late[key] = storage
                 return ("storage", storage_type, key, torch.serialization.location_tag(storage),
                         numel)
@@ -327,7 +327,7 @@ class StreamingWriter:
         zf = self._zip
         zf.write_record("data.pkl", data, len(data))
         zf.write_record(".format_version", "1", len("1"))
-        alignment = str(torch.serialization._get_storage_alignment())
+        alignment = str(compat.storage_alignment())
         zf.write_record(".storage_alignment", alignment, len(alignment))
         zf.write_record("byteorder", sys.byteorder, len(sys.byteorder))
         for key, storage in late.items():
@@ -347,14 +347,14 @@ def _written(key: str, location: str, shape: tuple, stride: tuple, requires_grad
     """The stand-in for a tensor written as record ``data/<key>``, as ``Tensor.__reduce_ex__``
     reduces it."""
     hooks = collections.OrderedDict()
-    if dtype in torch.storage._new_dtypes():
+    if compat.uses_untyped_storage(dtype):
         ref = _StorageRef(torch.UntypedStorage, key, location, nbytes)
-        reduced = (torch._utils._rebuild_tensor_v3,
+        reduced = (compat.rebuild_tensor_v3,
                    (ref, 0, shape, stride, requires_grad, hooks, dtype))
     else:
-        storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[dtype])
+        storage_type = getattr(torch, compat.typed_storage_name(dtype))
         ref = _StorageRef(storage_type, key, location, nbytes // dtype.itemsize)
-        reduced = (torch._utils._rebuild_tensor_v2, (ref, 0, shape, stride, requires_grad, hooks))
+        reduced = (compat.rebuild_tensor_v2, (ref, 0, shape, stride, requires_grad, hooks))
     return _WrittenTensor(reduced, nbytes)
 
 

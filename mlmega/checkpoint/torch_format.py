@@ -82,13 +82,13 @@ class TorchCheckpoint(CheckpointReader):
         args = shard0.get("args")
         if args is None:
             raise CheckpointError(f"{ranks[first] / SHARD_FILE}: no 'args' key; cannot tell the "
-                              f"model configuration")
+                                  f"model configuration")
         source = str(ranks[first] / SHARD_FILE)
         found = ModelConfig.from_megatron_args(args, arch=arch or _arch_from_shard(shard0),
                                                source=source)
         if cfg is not None and cfg.replace(source=found.source) != found:
             raise CheckpointError(f"{source}: checkpoint args describe {found.to_dict()}, which does "
-                              f"not match the given model config {cfg.to_dict()}")
+                                  f"not match the given model config {cfg.to_dict()}")
         tp = getattr(args, "tensor_model_parallel_size", 1)
         pp = getattr(args, "pipeline_model_parallel_size", 1)
         layout = ShardLayout(found, tp, pp, layers_per_stage(args, found, pp))
@@ -97,8 +97,8 @@ class TorchCheckpoint(CheckpointReader):
             missing = sorted(expected - set(ranks))
             extra = sorted(set(ranks) - expected)
             raise CheckpointError(f"{directory}: args say TP={tp}, PP={pp} but shard directories "
-                              f"differ: missing {[rank_dir_name(t, p, pp) for t, p in missing]}, "
-                              f"unexpected {[ranks[r].name for r in extra]}")
+                                  f"differ: missing {[rank_dir_name(t, p, pp) for t, p in missing]}, "
+                                  f"unexpected {[ranks[r].name for r in extra]}")
         for rank, path in ranks.items():
             if not (path / SHARD_FILE).is_file():
                 raise CheckpointError(f"{path}: {SHARD_FILE} is missing")
@@ -142,13 +142,13 @@ class TorchCheckpoint(CheckpointReader):
             have = {k for k, v in state.items() if not k.endswith("_extra_state")}
             if set(expected) != have:
                 raise CheckpointError(f"{path}: tensors do not match the args' model: missing "
-                                  f"{sorted(set(expected) - have)[:5]}, unexpected "
-                                  f"{sorted(have - set(expected))[:5]}")
+                                      f"{sorted(set(expected) - have)[:5]}, unexpected "
+                                      f"{sorted(have - set(expected))[:5]}")
             for name, param in expected.items():
                 shape = self.layout.local_shape(param.spec)
                 if tuple(state[name].shape) != shape:
                     raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
-                                      f"expected {shape} for TP={self.layout.tp}")
+                                          f"expected {shape} for TP={self.layout.tp}")
 
     def _stored(self, global_name: str) -> tuple[ParamSpec, int, str]:
         """(spec, pipeline stage, local name) under which this checkpoint stores ``global_name``."""

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from mlmega import compat
 from mlmega.config.errors import ConfigError
 from mlmega.launch.slurm_job import DEFAULT_MAX_REQUEUES, MAX_REQUEUES_ENV
 from mlmega.vcycle.plan import Plan, Stage
@@ -50,7 +51,8 @@ def python_executable() -> str:
 
 def _command(folder: Path) -> str:
     """What submitit runs under srun (``SlurmExecutor._submitit_command_str``)."""
-    return " ".join([python_executable(), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return " ".join([python_executable(), f"-u -m {compat.SUBMITIT_ENTRY}",
+                     shlex.quote(str(folder))])
 
 
 def submit(executor, fn, what: str, hint: str = ""):
@@ -224,8 +226,6 @@ def check(plan: Plan, run_dir: Path) -> None:
 
 def render(plan: Plan, stage: Stage, run_dir: Path, dependency: Optional[str] = None) -> str:
     """The sbatch script submitit submits for ``stage`` (the same function renders both)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     folder = submitit_folder(run_dir, stage)
-    return _make_sbatch_string(command=_command(folder), folder=folder,
+    return compat.make_sbatch_string(command=_command(folder), folder=folder,
                                **sbatch_parameters(plan, stage, run_dir, dependency))

@@ -89,5 +89,5 @@ def check_resumable(ckpt: TorchCheckpoint, layout: ShardLayout) -> None:
     if (have.tp, have.pp) != (layout.tp, layout.pp) or \
             have.cfg.replace(source="") != layout.cfg.replace(source=""):
         raise CheckpointError(f"{ckpt.root}: cannot resume: it holds {have.cfg.to_dict()} at TP="
-                          f"{have.tp}, PP={have.pp} but this stage trains {layout.cfg.to_dict()} at "
-                          f"TP={layout.tp}, PP={layout.pp} (use a fresh save_dir, or convert it)")
+                              f"{have.tp}, PP={have.pp} but this stage trains {layout.cfg.to_dict()} at "
+                              f"TP={layout.tp}, PP={layout.pp} (use a fresh save_dir, or convert it)")
