@@ -96,10 +96,10 @@ def run_locally(tasks: Sequence[ConversionTask], workers: int, log=print) -> lis
     if workers <= 1:
         return convert_share(tasks)
     start, results = time.monotonic(), []
-    # fork: workers start in milliseconds instead of re-importing torch (2-3 s each); the
-    # parent has only read checkpoint metadata, like a DataLoader's parent. Frozen objects are
-    # left out of the workers' garbage collections, which would otherwise write to (and so
-    # copy) every page of the parent's objects: measured, 29k page faults, 9% of interpolate.
+    # fork: workers start in milliseconds instead of re-importing torch; the parent has only
+    # read checkpoint metadata, like a DataLoader's parent. Frozen objects are left out of the
+    # workers' garbage collections, which would otherwise copy every page of the parent's
+    # objects (docs/performance-notes.md).
     gc.freeze()
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:

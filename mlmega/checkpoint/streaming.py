@@ -116,9 +116,8 @@ class _FileSink:
     it writes a record; through this sink ``os.write`` releases it while the kernel copies, so
     another thread (producing the next tensor) runs meanwhile. Takes any path (torch's: ASCII).
 
-    Records go out in pieces of ``_WRITE_PIECE`` bytes: measured here (ext4, Linux 6.18), 800 MB
-    written in 256 KiB calls took 0.17 s every time, in 200 MB calls 0.15 s to 0.9 s (larger
-    page-cache folios to allocate), in 64 KiB calls 0.20 s.
+    Records go out in pieces of ``_WRITE_PIECE`` bytes, the fastest and steadiest size measured
+    (docs/performance-notes.md).
 
     An exception must not cross torch's C++ writer (it would lose count of its position and abort
     the process when it is destroyed): the sink keeps the first one as ``failure``, which
@@ -179,7 +178,7 @@ class StreamingWriter:
 
     Use as a context manager; on an exception the partial file is removed. ``checksums``: whether
     to store each record's zip CRC32 (None: as torch.save is configured). torch.load never checks
-    them, and computing them is the writer's main cost (0.3 GB/s against 1.6 GB/s without).
+    them, and computing them is the writer's main cost (docs/performance-notes.md).
     """
 
     def __init__(self, path: str | Path, pickle_protocol: int = 2,
@@ -377,7 +376,7 @@ def reuse_freed_memory() -> None:
     trimmed: the next tensors reuse freed blocks without page faults, and RSS stays at the
     high-water mark of live tensors. Larger blocks are mmapped and given back when freed. (glibc's
     default moves its mmap threshold up as large blocks are freed, so which tensors cost fresh,
-    page-faulting memory - about 0.3 s per GB here - would depend on the order they come in.)
+    page-faulting memory would depend on the order they come in.)
     """
     if sys.platform.startswith("linux"):
         try:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from mlmega.checkpoint.atomic import write_text_atomic
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.directory import TRACKER, iteration_dir_name
-from mlmega.checkpoint.torch_format import TorchCheckpoint, write_rank_file
+from mlmega.checkpoint.torch_format import TorchCheckpoint, rank_file_path, shard_content
 from mlmega.config.errors import CheckpointError
 
 
@@ -63,10 +63,13 @@ def save(save_dir: Path, layout: ShardLayout, iteration: int, model_state: dict,
         staging.mkdir(parents=True)
     dist.barrier()
     if dp_rank == 0:
-        write_rank_file(staging, layout, tp_rank, pp_rank, model_state, iteration,
-                        extra_args={**extra_args, "consumed_train_samples": consumed_samples},
-                        optimizer=optimizer_state, opt_param_scheduler=scheduler_state,
-                        rng_state=rng_state(), num_floating_point_operations_so_far=0)
+        # The model is whole in memory: torch.save is as fast as the streaming writer here
+        # (docs/performance-notes.md), and it is torch's own.
+        torch.save(shard_content(layout, pp_rank, model_state, iteration,
+                                 extra_args={**extra_args, "consumed_train_samples": consumed_samples},
+                                 optimizer=optimizer_state, opt_param_scheduler=scheduler_state,
+                                 rng_state=rng_state(), num_floating_point_operations_so_far=0),
+                   rank_file_path(staging, layout, tp_rank, pp_rank, iteration))
     dist.barrier()
     if rank == 0:
         if final.exists():  # re-saving an iteration (a resumed run that stopped again)
