@@ -72,7 +72,7 @@ def build_checkpoint(cfg, root: Path, tp: int, pp: int, iteration: int = 100) ->
 
     for tp_rank, pp_rank in layout.ranks:
         model = {p.local_name: random(layout.local_shape(p.spec))
-                 for p in layout.stage_params(pp_rank)}
+                 for p in layout.pp_stage_params(pp_rank)}
         write_rank_file(root, layout, tp_rank, pp_rank, model, iteration)
     (root / TRACKER).write_text(str(iteration))
 

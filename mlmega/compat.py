@@ -11,8 +11,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch._utils import _rebuild_tensor_v2 as rebuild_tensor_v2  # noqa: F401 (pickled by name)
-from torch._utils import _rebuild_tensor_v3 as rebuild_tensor_v3  # noqa: F401 (pickled by name)
+from torch._utils import _rebuild_tensor_v2 as rebuild_tensor_v2  # pickled by name
+from torch._utils import _rebuild_tensor_v3 as rebuild_tensor_v3  # pickled by name
+
+__all__ = ["PyTorchFileWriter", "SUBMITIT_ENTRY", "chunk_read_items", "make_sbatch_string",
+           "read_items", "rebuild_tensor_v2", "rebuild_tensor_v3", "storage_alignment",
+           "storage_info", "storage_key", "typed_storage_name", "typed_storage_parts",
+           "uses_untyped_storage"]
 
 # -- torch.save's zip writer and storage pickling (checkpoint/streaming.py) ------------------------
 PyTorchFileWriter = torch._C.PyTorchFileWriter  # (file-like sink, crc32: bool, alignment: int)

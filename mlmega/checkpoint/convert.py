@@ -22,7 +22,7 @@ import torch
 
 from mlmega.checkpoint.atomic import publish, staging_dir, write_text_atomic
 from mlmega.checkpoint.convert_plan import ConversionPlan
-from mlmega.checkpoint.convert_tensors import stage_tensors
+from mlmega.checkpoint.convert_tensors import pp_stage_tensors
 from mlmega.checkpoint.directory import TRACKER
 from mlmega.checkpoint.formats import writer
 from mlmega.checkpoint.layout import ShardLayout
@@ -42,10 +42,10 @@ class RankResult:
 def convert_ranks(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int],
                   staging: Path) -> list[RankResult]:
     """Write the checkpoint files of target ranks (tp, ``pp_rank``) for tp in ``tp_ranks`` into
-    ``staging``, tensor by tensor (the format's :meth:`CheckpointWriter.write_stage`)."""
+    ``staging``, tensor by tensor (the format's :meth:`CheckpointWriter.write_pp_stage`)."""
     start = time.monotonic()
     target = plan.target
-    names = [p.local_name for p in target.stage_params(pp_rank)]
+    names = [p.local_name for p in target.pp_stage_params(pp_rank)]
     label = ",".join(map(str, tp_ranks))
     progress = Progress(f"ranks tp{label} pp{pp_rank}", total=len(names) * len(tp_ranks),
                         unit="tensors", scale=1.0, every=5.0)
@@ -55,8 +55,8 @@ def convert_ranks(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int],
         nbytes[tp_rank] += size
         progress.update(1)
 
-    writer(plan.format).write_stage(
-        staging, target, pp_rank, tp_ranks, lambda ranks: stage_tensors(plan, pp_rank, ranks),
+    writer(plan.format).write_pp_stage(
+        staging, target, pp_rank, tp_ranks, lambda ranks: pp_stage_tensors(plan, pp_rank, ranks),
         plan.iteration, {"mlmega_converted_by": plan.op}, written, plan.checksums)
     seconds = time.monotonic() - start
     return [RankResult(r, pp_rank, len(names), nbytes[r], seconds) for r in tp_ranks]

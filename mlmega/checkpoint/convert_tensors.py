@@ -156,7 +156,7 @@ def _vocab_split(spec) -> bool:
     return spec.tp_dim == 0 and spec.dims[0] == "vocab"
 
 
-def stage_tensors(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int]):
+def pp_stage_tensors(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int]):
     """Yield (local name, [shard per rank of ``tp_ranks``]) for every tensor of target stage
     ``pp_rank``, one parameter at a time.
 
@@ -165,13 +165,13 @@ def stage_tensors(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int]):
     checkpoints, which allow this from another thread) when the consumer iterates them.
     """
     producer = _Producer(plan)
-    for param in plan.target.stage_params(pp_rank):
+    for param in plan.target.pp_stage_params(pp_rank):
         out = [producer.shards(param, tp_ranks)]
         yield param.local_name, out.pop()  # hold no tensor while suspended at the yield
 
 
 def rank_tensors(plan: ConversionPlan, tp_rank: int, pp_rank: int):
     """Yield (local name, tensor) for every tensor target rank (tp_rank, pp_rank) holds, one at a
-    time (see :func:`stage_tensors`): what training loads when it starts from another level."""
-    for name, shards in stage_tensors(plan, pp_rank, [tp_rank]):
+    time (see :func:`pp_stage_tensors`): what training loads when it starts from another level."""
+    for name, shards in pp_stage_tensors(plan, pp_rank, [tp_rank]):
         yield name, materialized(shards.pop())

@@ -86,7 +86,7 @@ def latest_directory(root: Path) -> tuple[int, bool, Path]:
     return iteration, release, directory
 
 
-def layers_per_stage(args: argparse.Namespace, cfg: ModelConfig, pp: int) -> Optional[tuple]:
+def layers_per_pp_stage(args: argparse.Namespace, cfg: ModelConfig, pp: int) -> Optional[tuple]:
     """Layers per pipeline stage from args' uneven first/last stage sizes; None: even split."""
     first = getattr(args, "decoder_first_pipeline_num_layers", None)
     last = getattr(args, "decoder_last_pipeline_num_layers", None)

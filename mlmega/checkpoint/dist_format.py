@@ -54,7 +54,7 @@ from mlmega.checkpoint.interface import CheckpointReader, CheckpointWriter, Stag
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.streaming import LazyTensor, materialized
 from mlmega.checkpoint.directory import (CHECKPOINT_VERSION, TRACKER, iteration_dir_name,
-                                         latest_directory, layers_per_stage, load_file)
+                                         latest_directory, layers_per_pp_stage, load_file)
 from mlmega.config.errors import CheckpointError
 from mlmega.config.model import ModelConfig
 from mlmega.models.naming import (EXTRA_STATE_MODULES, MODEL_PREFIXES, OUTPUT_LAYER,
@@ -176,7 +176,7 @@ class DistCheckpoint(CheckpointReader):
                                       f"does not match the given model config {cfg.to_dict()}")
             tp = getattr(args, "tensor_model_parallel_size", 1) or 1
             pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
-            layout = ShardLayout(found, tp, pp, layers_per_stage(args, found, pp))
+            layout = ShardLayout(found, tp, pp, layers_per_pp_stage(args, found, pp))
         stored = common.get("iteration")
         if not release and isinstance(stored, int) and stored != iteration:
             raise CheckpointError(f"{common_path}: iteration {stored} differs from {iteration} "
@@ -360,10 +360,10 @@ def rank_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int,
     replicas only (replicated tensors from TP rank 0; a tied embedding's last-stage copy never),
     SwiGLU fc1 [gate_r; up_r] as two chunks of the global [G; U], layer stacks with the layer axis.
 
-    ``model`` maps the rank's local names (``layout.stage_params``) to its TP shards.
+    ``model`` maps the rank's local names (``layout.pp_stage_params``) to its TP shards.
     """
     cfg = layout.cfg
-    for param in layout.stage_params(pp_rank):
+    for param in layout.pp_stage_params(pp_rank):
         spec = param.spec
         try:
             value = model[param.local_name]
@@ -411,7 +411,7 @@ def rank_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int,
     no_state = io.BytesIO()
     torch.save([None], no_state)  # what megatron stores for a module without extra state
     block = block_name(cfg)
-    for layer in layout.stage_layers(pp_rank):
+    for layer in layout.pp_stage_layers(pp_rank):
         for module in EXTRA_STATE_MODULES:
             yield Chunk(f"{block}.layers.{module}._extra_state/shard_{layer}_{cfg.num_layers}",
                         no_state.getvalue())
@@ -534,11 +534,11 @@ class DistWriter(CheckpointWriter):
         return write_dist_rank(Path(root) / iteration_dir_name(iteration), layout, tp_rank,
                                pp_rank, model)
 
-    def write_stage(self, root: Path, layout: ShardLayout, pp_rank: int, tp_ranks: Sequence[int],
+    def write_pp_stage(self, root: Path, layout: ShardLayout, pp_rank: int, tp_ranks: Sequence[int],
                     tensors: StageTensors, iteration: int, extra_args: Optional[dict],
                     written: Callable[[int, int], None], checksums: bool = False) -> None:
         """Rank by rank, each tensor produced when :func:`write_dist_rank` takes it."""
-        names = [p.local_name for p in layout.stage_params(pp_rank)]
+        names = [p.local_name for p in layout.pp_stage_params(pp_rank)]
         for tp_rank in tp_ranks:
             stream = ((name, materialized(shards.pop())) for name, shards in tensors([tp_rank]))
 

@@ -46,7 +46,7 @@ def save_full_state(state: dict[str, torch.Tensor], layout: ShardLayout, dst: st
     with atomic_directory(dst, overwrite) as staging:
         for tp_rank, pp_rank in layout.ranks:
             model = {p.local_name: layout.split(p.spec, state[p.global_name], tp_rank)
-                     for p in layout.stage_params(pp_rank)}
+                     for p in layout.pp_stage_params(pp_rank)}
             out.write_rank(staging, layout, tp_rank, pp_rank, model, iteration)
         out.finish(staging, layout, iteration)
         write_text_atomic(staging / TRACKER, str(iteration))

@@ -14,15 +14,15 @@ def describe(path: str | Path, tensors: bool = False) -> dict:
     ckpt.validate_tensors()
     layout, cfg = ckpt.layout, ckpt.layout.cfg
     info = dict(format=ckpt.format, arch=cfg.arch, iteration=ckpt.iteration, tp=layout.tp,
-                pp=layout.pp, layers_per_stage=list(layout.layers_per_stage),
+                pp=layout.pp, layers_per_pp_stage=list(layout.layers_per_pp_stage),
                 parameters=num_parameters(cfg), model=cfg.to_dict())
     if tensors:
         rows = []
         for name, spec, layer in iter_params(cfg):
-            pp_rank = layout.stage_of_layer(layer) if layer is not None else \
-                (0 if spec.stage == "first" else layout.pp - 1)
+            pp_rank = layout.pp_stage_of_layer(layer) if layer is not None else \
+                (0 if spec.pp_stage == "first" else layout.pp - 1)
             dtype = str(ckpt.read(name).dtype).replace("torch.", "")
             rows.append(dict(name=name, shape=list(global_shape(cfg, spec, layout.tp)),
-                             tp_dim=spec.tp_dim, stage=pp_rank, dtype=dtype))
+                             tp_dim=spec.tp_dim, pp_rank=pp_rank, dtype=dtype))
         info["tensors"] = rows
     return info

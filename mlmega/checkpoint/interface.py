@@ -71,7 +71,7 @@ class CheckpointWriter(abc.ABC):
         """Write rank (tp_rank, pp_rank)'s tensors ``model`` (local names -> TP shards)."""
 
     @abc.abstractmethod
-    def write_stage(self, root: Path, layout: ShardLayout, pp_rank: int, tp_ranks: Sequence[int],
+    def write_pp_stage(self, root: Path, layout: ShardLayout, pp_rank: int, tp_ranks: Sequence[int],
                     tensors: StageTensors, iteration: int, extra_args: Optional[dict],
                     written: Callable[[int, int], None], checksums: bool = False) -> None:
         """Write ranks (tp, ``pp_rank``) for tp in ``tp_ranks`` from ``tensors`` (made one

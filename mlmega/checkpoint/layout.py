@@ -39,7 +39,7 @@ class ShardLayout:
     cfg: ModelConfig
     tp: int = 1
     pp: int = 1
-    layers_per_stage: Optional[tuple[int, ...]] = None  # None: an even split
+    layers_per_pp_stage: Optional[tuple[int, ...]] = None  # None: an even split
 
     def __post_init__(self) -> None:
         cfg, tp, pp = self.cfg, self.tp, self.pp
@@ -50,14 +50,14 @@ class ShardLayout:
                             ("ffn_hidden_size", cfg.ffn_hidden_size)):
             if value % tp:
                 raise ConfigError(f"{cfg.source}: {what}={value} is not divisible by TP={tp}")
-        stages = self.layers_per_stage
+        stages = self.layers_per_pp_stage
         if stages is None:
             if cfg.num_layers % pp:
                 raise ConfigError(f"{cfg.source}: num_layers={cfg.num_layers} is not divisible by "
-                                  f"PP={pp}; give layers_per_stage for an uneven split")
-            object.__setattr__(self, "layers_per_stage", (cfg.num_layers // pp,) * pp)
+                                  f"PP={pp}; give layers_per_pp_stage for an uneven split")
+            object.__setattr__(self, "layers_per_pp_stage", (cfg.num_layers // pp,) * pp)
         elif len(stages) != pp or sum(stages) != cfg.num_layers or min(stages) < 1:
-            raise ConfigError(f"layers_per_stage={list(stages)}: expected {pp} positive counts "
+            raise ConfigError(f"layers_per_pp_stage={list(stages)}: expected {pp} positive counts "
                               f"summing to num_layers={cfg.num_layers}")
 
     # -- pipeline placement -------------------------------------------------------------------
@@ -66,27 +66,27 @@ class ShardLayout:
         """All (tp_rank, pp_rank) pairs, pipeline stage major."""
         return [(t, p) for p in range(self.pp) for t in range(self.tp)]
 
-    def stage_layers(self, pp_rank: int) -> range:
-        start = sum(self.layers_per_stage[:pp_rank])
-        return range(start, start + self.layers_per_stage[pp_rank])
+    def pp_stage_layers(self, pp_rank: int) -> range:
+        start = sum(self.layers_per_pp_stage[:pp_rank])
+        return range(start, start + self.layers_per_pp_stage[pp_rank])
 
-    def stage_params(self, pp_rank: int) -> Iterator[LocalParam]:
+    def pp_stage_params(self, pp_rank: int) -> Iterator[LocalParam]:
         """The parameters pipeline stage ``pp_rank`` holds, with local layer numbering."""
         first, last = pp_rank == 0, pp_rank == self.pp - 1
         table = parameter_table(self.cfg)
         for spec in table:
             if spec.per_layer:
-                for local, layer in enumerate(self.stage_layers(pp_rank)):
+                for local, layer in enumerate(self.pp_stage_layers(pp_rank)):
                     yield LocalParam(spec.template.format(local), spec.name(layer), spec, layer)
-            elif (spec.stage == FIRST and first) or (spec.stage == LAST and last):
+            elif (spec.pp_stage == FIRST and first) or (spec.pp_stage == LAST and last):
                 yield LocalParam(spec.template, spec.template, spec, None)
         if self.cfg.tie_embeddings and last and not first:
             embedding = next(s for s in table if s.template == WORD_EMBEDDINGS)
             yield LocalParam(TIED_OUTPUT, WORD_EMBEDDINGS, embedding, None)
 
-    def stage_of_layer(self, layer: int) -> int:
+    def pp_stage_of_layer(self, layer: int) -> int:
         for pp_rank in range(self.pp):
-            if layer in self.stage_layers(pp_rank):
+            if layer in self.pp_stage_layers(pp_rank):
                 return pp_rank
         raise IndexError(f"layer {layer} is outside the model's {self.cfg.num_layers} layers")
 
@@ -178,7 +178,7 @@ class ShardLayout:
         args = self.cfg.to_megatron_args()
         args.update(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
                     padded_vocab_size=self.cfg.padded_vocab_size(self.tp))
-        if len(set(self.layers_per_stage)) > 1:
-            args.update(decoder_first_pipeline_num_layers=self.layers_per_stage[0],
-                        decoder_last_pipeline_num_layers=self.layers_per_stage[-1])
+        if len(set(self.layers_per_pp_stage)) > 1:
+            args.update(decoder_first_pipeline_num_layers=self.layers_per_pp_stage[0],
+                        decoder_last_pipeline_num_layers=self.layers_per_pp_stage[-1])
         return args

@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 import torch
 
 from mlmega.checkpoint.directory import (CHECKPOINT_VERSION, iteration_dir_name, latest_directory,
-                                         layers_per_stage, load_file)
+                                         layers_per_pp_stage, load_file)
 from mlmega.checkpoint.interface import CheckpointReader, CheckpointWriter, StageTensors
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.records import RecordFile
@@ -91,7 +91,7 @@ class TorchCheckpoint(CheckpointReader):
                                   f"not match the given model config {cfg.to_dict()}")
         tp = getattr(args, "tensor_model_parallel_size", 1)
         pp = getattr(args, "pipeline_model_parallel_size", 1)
-        layout = ShardLayout(found, tp, pp, layers_per_stage(args, found, pp))
+        layout = ShardLayout(found, tp, pp, layers_per_pp_stage(args, found, pp))
         expected = {(t, p) for t, p in layout.ranks}
         if set(ranks) != expected:
             missing = sorted(expected - set(ranks))
@@ -138,7 +138,7 @@ class TorchCheckpoint(CheckpointReader):
         for tp_rank, pp_rank in self.layout.ranks:
             state = self.model_state(tp_rank, pp_rank)
             path = self.shard_path(tp_rank, pp_rank)
-            expected = {p.local_name: p for p in self.layout.stage_params(pp_rank)}
+            expected = {p.local_name: p for p in self.layout.pp_stage_params(pp_rank)}
             have = {k for k, v in state.items() if not k.endswith("_extra_state")}
             if set(expected) != have:
                 raise CheckpointError(f"{path}: tensors do not match the args' model: missing "
@@ -153,10 +153,10 @@ class TorchCheckpoint(CheckpointReader):
     def _stored(self, global_name: str) -> tuple[ParamSpec, int, str]:
         """(spec, pipeline stage, local name) under which this checkpoint stores ``global_name``."""
         spec, layer = param_index(self.layout.cfg)[global_name]
-        pp_rank = 0 if layer is None and spec.stage == "first" else \
-            self.layout.pp - 1 if layer is None else self.layout.stage_of_layer(layer)
+        pp_rank = 0 if layer is None and spec.pp_stage == "first" else \
+            self.layout.pp - 1 if layer is None else self.layout.pp_stage_of_layer(layer)
         local = global_name if layer is None else \
-            spec.template.format(layer - self.layout.stage_layers(pp_rank).start)
+            spec.template.format(layer - self.layout.pp_stage_layers(pp_rank).start)
         return spec, pp_rank, local
 
     def read(self, global_name: str) -> torch.Tensor:
@@ -192,7 +192,7 @@ class TorchCheckpoint(CheckpointReader):
         return out
 
     def stores_shards_of(self, layout: ShardLayout) -> bool:
-        return layout.tp == self.layout.tp and layout.layers_per_stage == self.layout.layers_per_stage
+        return layout.tp == self.layout.tp and layout.layers_per_pp_stage == self.layout.layers_per_pp_stage
 
     def read_shard(self, global_name: str, tp_rank: int) -> torch.Tensor:
         """TP rank ``tp_rank``'s stored shard of ``global_name`` (at this checkpoint's own layout),
@@ -260,7 +260,7 @@ class TorchWriter(CheckpointWriter):
                    extra_args: Optional[dict] = None) -> Path:
         return write_rank_file(root, layout, tp_rank, pp_rank, dict(model), iteration, extra_args)
 
-    def write_stage(self, root: Path, layout: ShardLayout, pp_rank: int, tp_ranks: Sequence[int],
+    def write_pp_stage(self, root: Path, layout: ShardLayout, pp_rank: int, tp_ranks: Sequence[int],
                     tensors: StageTensors, iteration: int, extra_args: Optional[dict],
                     written: Callable[[int, int], None], checksums: bool = False) -> None:
         """The ranks' files side by side (one StreamingWriter each): every full tensor is made once

@@ -90,17 +90,17 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     console = wide_console()
     summary = Table(title=str(args.path), show_header=False)
-    for key in ("format", "arch", "iteration", "tp", "pp", "layers_per_stage", "parameters"):
+    for key in ("format", "arch", "iteration", "tp", "pp", "layers_per_pp_stage", "parameters"):
         summary.add_row(key, f"{info[key]:,}" if key == "parameters" else str(info[key]))
     for key, value in info["model"].items():
         summary.add_row(f"model.{key}", str(value))
     console.print(summary)
     if args.tensors:
         table = Table(title="tensors (global shapes)")
-        for column in ("name", "shape", "TP dim", "stage", "dtype"):
+        for column in ("name", "shape", "TP dim", "PP rank", "dtype"):
             table.add_column(column)
         for row in info["tensors"]:
-            table.add_row(row["name"], str(row["shape"]), str(row["tp_dim"]), str(row["stage"]),
+            table.add_row(row["name"], str(row["shape"]), str(row["tp_dim"]), str(row["pp_rank"]),
                           row["dtype"])
         console.print(table)
     return 0

@@ -39,12 +39,12 @@ class ParamSpec:
     dims: tuple[str, ...]  # the space each tensor dim indexes
     sides: tuple[Optional[str], ...]  # width side per dim: OUT, IN or None (not width-scaled)
     tp_dim: Optional[int] = None  # tensor dim split across TP ranks; None = replicated
-    stage: str = LAYER  # FIRST / LAST pipeline stage, or LAYER (per transformer layer)
+    pp_stage: str = LAYER  # FIRST / LAST pipeline stage, or LAYER (per transformer layer)
     residual: bool = False  # adds into the residual stream (attention proj, FFN fc2)
 
     @property
     def per_layer(self) -> bool:
-        return self.stage == LAYER
+        return self.pp_stage == LAYER
 
     def name(self, layer: Optional[int] = None) -> str:
         return self.template.format(layer) if self.per_layer else self.template
@@ -82,13 +82,13 @@ def parameter_table(cfg: ModelConfig) -> list[ParamSpec]:
     fc1_space = "ffn_gated" if cfg.gated else "ffn"
     rows: list[ParamSpec] = []
 
-    def add(template, dims, sides, tp_dim=None, stage=LAYER, when=True, residual=False):
+    def add(template, dims, sides, tp_dim=None, pp_stage=LAYER, when=True, residual=False):
         if when:
-            rows.append(ParamSpec(template, tuple(dims), tuple(sides), tp_dim, stage, residual))
+            rows.append(ParamSpec(template, tuple(dims), tuple(sides), tp_dim, pp_stage, residual))
 
-    def norm(prefix, stage):
-        add(prefix + ".weight", ["embed"], [OUT], stage=stage)
-        add(prefix + ".bias", ["embed"], [OUT], stage=stage, when=has_norm_bias)
+    def norm(prefix, pp_stage):
+        add(prefix + ".weight", ["embed"], [OUT], pp_stage=pp_stage)
+        add(prefix + ".bias", ["embed"], [OUT], pp_stage=pp_stage, when=has_norm_bias)
 
     add("embedding.word_embeddings.weight", ["vocab", "embed"], [None, emb_side], 0, FIRST)
     add("embedding.position_embeddings.weight", ["positions", "embed"], [None, emb_side], None,
@@ -110,15 +110,15 @@ def parameter_table(cfg: ModelConfig) -> list[ParamSpec]:
     norm(f"{block}.final_layernorm", LAST)
 
     if cfg.arch == "bert":
-        add("lm_head.dense.weight", ["embed", "embed"], [OUT, IN], stage=LAST)
-        add("lm_head.dense.bias", ["embed"], [OUT], stage=LAST)
+        add("lm_head.dense.weight", ["embed", "embed"], [OUT, IN], pp_stage=LAST)
+        add("lm_head.dense.bias", ["embed"], [OUT], pp_stage=LAST)
         norm("lm_head.layer_norm", LAST)
         add("output_layer.bias", ["vocab"], [None], 0, LAST)
         if cfg.bert_binary_head:
-            add("pooler.dense.weight", ["embed", "embed"], [OUT, IN], stage=LAST)
-            add("pooler.dense.bias", ["embed"], [OUT], stage=LAST)
-            add("binary_head.weight", ["binary", "embed"], [None, IN], stage=LAST)
-            add("binary_head.bias", ["binary"], [None], stage=LAST)
+            add("pooler.dense.weight", ["embed", "embed"], [OUT, IN], pp_stage=LAST)
+            add("pooler.dense.bias", ["embed"], [OUT], pp_stage=LAST)
+            add("binary_head.weight", ["binary", "embed"], [None, IN], pp_stage=LAST)
+            add("binary_head.bias", ["binary"], [None], pp_stage=LAST)
     add("output_layer.weight", ["vocab", "embed"], [None, IN], 0, LAST, when=not cfg.tie_embeddings)
     return rows
 

@@ -48,7 +48,7 @@ def stage_param_counts(cfg: ModelConfig, pp: int) -> int:
         count = math.prod(cfg.vocab_size if d == "vocab" else space_size(cfg, d) for d in spec.dims)
         if layer == 0:
             per_layer += count
-        elif layer is None and spec.stage == "first":
+        elif layer is None and spec.pp_stage == "first":
             first += count
         elif layer is None:
             last += count

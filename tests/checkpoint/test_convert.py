@@ -152,6 +152,6 @@ def test_every_stored_shard_is_the_split_of_the_operators_result(tmp_path, model
     assert out.layout.cfg.replace(source="") == cfg.replace(source="")
     for tp_rank, pp_rank in layout.ranks:
         stored = out.model_state(tp_rank, pp_rank)
-        for p in layout.stage_params(pp_rank):
+        for p in layout.pp_stage_params(pp_rank):
             want = layout.split(p.spec, expected[p.global_name], tp_rank)
             assert torch.equal(stored[p.local_name], want), (tp_rank, pp_rank, p.local_name)

@@ -59,7 +59,7 @@ def mcore_chunks(sharded_state_dict) -> set[tuple]:
 
 def our_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int) -> set[tuple]:
     model = {p.local_name: torch.zeros(layout.local_shape(p.spec))
-             for p in layout.stage_params(pp_rank)}
+             for p in layout.pp_stage_params(pp_rank)}
     return {(c.key, c.global_shape, c.offsets, tuple(c.data.shape)) if c.is_tensor else (c.key,)
             for c in rank_chunks(layout, tp_rank, pp_rank, model)}
 
@@ -133,7 +133,7 @@ def test_failed_writes_leave_nothing(tmp_path):
     layout = ShardLayout(cfg, 2, 1)
     state = random_state(cfg, seed=3)
     model = {p.local_name: layout.split(p.spec, state[p.global_name], 0)
-             for p in layout.stage_params(0)}
+             for p in layout.pp_stage_params(0)}
     write_dist_rank(tmp_path / "partial", layout, 0, 0, model)
     with pytest.raises(CheckpointError, match="mlmega-index-1.json: missing: rank tp1 pp0"):
         finalize_dist(tmp_path / "partial", layout, 0)
@@ -266,7 +266,7 @@ def test_megatron_core_reads_ours_and_we_read_megatron_cores(tmp_path):
             # our checkpoint loaded into the TP=2 model: its parameters are the split canonical ones
             loaded = result[name, "loaded"]
             expected = {p.local_name: layout.split(p.spec, states[name][p.global_name], tp_rank)
-                        for p in layout.stage_params(0)}
+                        for p in layout.pp_stage_params(0)}
             assert set(loaded) == set(expected)
             for key, tensor in expected.items():
                 assert torch.equal(loaded[key], tensor), f"{name}: {key} (TP rank {tp_rank})"
@@ -279,7 +279,7 @@ def test_megatron_core_reads_ours_and_we_read_megatron_cores(tmp_path):
             assert (ckpt.layout.tp, ckpt.layout.pp, ckpt.iteration) == (2, 1, 9)
             assert ckpt.layout.cfg == cfg
             ckpt.validate_tensors()
-            for p in layout.stage_params(0):
+            for p in layout.pp_stage_params(0):
                 full = layout.gather(p.spec, [shards[p.local_name] for shards in saved])
                 assert torch.equal(ckpt.read(p.global_name), full), \
                     f"{name} {suffix}: {p.global_name}"
@@ -328,7 +328,7 @@ def test_every_variant_loads_into_megatron_core_pipeline_stages(tmp_path):
             theirs, ours = result[name, "chunks"]
             assert ours == theirs, f"{name}: stage {stage} stores other chunks than megatron"
             expected = {p.local_name: layout.split(p.spec, states[name][p.global_name], 0)
-                        for p in layout.stage_params(stage)}
+                        for p in layout.pp_stage_params(stage)}
             loaded = result[name, "loaded"]
             assert set(loaded) == set(expected), name
             for key, tensor in expected.items():

@@ -31,7 +31,7 @@ def test_inspect_describes_the_checkpoint(tmp_path, fmt, model_parallel):
     assert info["parameters"] == num_parameters(CFG)
     rows = {row["name"]: row for row in info["tensors"]}
     assert rows["encoder.layers.3.mlp.linear_fc1.weight"]["shape"] == [128, 32]
-    assert rows["encoder.layers.3.mlp.linear_fc1.weight"]["stage"] == 1
+    assert rows["encoder.layers.3.mlp.linear_fc1.weight"]["pp_rank"] == 1
     assert rows["embedding.word_embeddings.weight"]["shape"] == [256, 32]  # padded for TP=2
     table = subprocess.run([sys.executable, "-m", "mlmega", "inspect", str(tmp_path / "ck"),
                             "--tensors"], capture_output=True, text=True, timeout=120)

@@ -245,7 +245,7 @@ def test_rank_file_with_lazy_model_loads_like_an_eager_one(tmp_path):
     gen = torch.Generator().manual_seed(3)
     for tp_rank, pp_rank in layout.ranks:
         eager = {p.local_name: torch.randn(layout.local_shape(p.spec), generator=gen)
-                 for p in layout.stage_params(pp_rank)}
+                 for p in layout.pp_stage_params(pp_rank)}
         lazy = {k: LazyTensor(lambda v=v: v.clone()) for k, v in eager.items()}
         a = write_rank_file(tmp_path / "eager", layout, tp_rank, pp_rank, eager, 3)
         b = write_rank_file(tmp_path / "lazy", layout, tp_rank, pp_rank, lazy, 3)
