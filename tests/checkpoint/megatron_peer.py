@@ -1,0 +1,86 @@
+"""Megatron-LM at tag core_v0.16.1 (the peer in ``shared/peers``) as the judge of mlmega's checkpoints:
+find it, and run its checkpoint converter (``run_convert_on_cpu.py``) in a subprocess.
+
+Run as a script, this module is ``run_convert_on_cpu.py`` plus one import patch for BERT (none touches
+a tensor): ``pretrain_bert.py`` imports ``bert_layer_with_transformer_engine_spec`` at module level,
+which raises ImportError where TransformerEngine is not installed (this CPU machine) although the
+checkpoints' ``args.spec == ['local']`` makes it build the local spec; the name is bound to None first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+PEER = "megatron-lm-core_v0.16.1"
+ENV = "MLMEGA_MEGATRON_LM"  # the peer's folder, where it is not in shared/peers above the repo
+TIMEOUT_S = 600  # the converter waits forever when its loader finds nothing to load
+_REQUIRED = ("six", "regex", "pydantic")  # what Megatron-LM's training package imports
+
+
+def peer_root() -> Optional[Path]:
+    """The peer's folder: $MLMEGA_MEGATRON_LM, else shared/peers/<PEER> in the repo or above it."""
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV])
+    repo = Path(__file__).resolve().parents[2]
+    for base in (repo, *repo.parents):
+        candidate = base / "shared" / "peers" / PEER
+        if (candidate / "run_convert_on_cpu.py").is_file():
+            return candidate
+    return None
+
+
+def require_peer() -> Path:
+    """The peer's folder, or skip the test saying what is missing."""
+    root = peer_root()
+    if root is None or not (root / "run_convert_on_cpu.py").is_file():
+        pytest.skip(f"Megatron-LM {PEER} not found (set ${ENV} or put it in shared/peers/ above "
+                    f"the repository)")
+    missing = [m for m in _REQUIRED if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"Megatron-LM's training package needs {missing}: pip install -e '.[test]'")
+    return root
+
+
+def megatron_convert(src: Path, dst: Path, model_type: str, tp: int, pp: int,
+                     true_vocab_size: Optional[int] = None) -> Path:
+    """Convert ``src`` into ``dst`` (TP ``tp``, PP ``pp``, torch format) with Megatron-LM's own
+    converter (loader core, saver core, local transformer implementation); returns ``dst``."""
+    root = require_peer()
+    command = [sys.executable, "-W", "ignore", __file__, str(root / "run_convert_on_cpu.py"),
+               "--model-type", model_type, "--loader", "core", "--saver", "core",
+               "--load-dir", str(src), "--save-dir", str(dst),
+               "--target-tensor-parallel-size", str(tp),
+               "--target-pipeline-parallel-size", str(pp),
+               "--loader-transformer-impl", "local", "--saver-transformer-impl", "local"]
+    if true_vocab_size is not None:
+        command += ["--true-vocab-size", str(true_vocab_size)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the peer's megatron only
+    try:
+        done = subprocess.run(command, cwd=dst.parent, env=env, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"Megatron-LM's converter did not finish in {TIMEOUT_S} s: "
+                             f"{(err.stdout or '')[-3000:]}") from None
+    # it exits 0 even when its saver process crashes: the marker says whether it saved
+    if done.returncode != 0 or not (dst / "latest_checkpointed_iteration.txt").is_file():
+        raise AssertionError(f"Megatron-LM's converter failed (exit {done.returncode}):\n"
+                             f"{(done.stdout + done.stderr)[-4000:]}")
+    return dst
+
+
+if __name__ == "__main__":  # python megatron_peer.py .../run_convert_on_cpu.py ARGS...
+    script = sys.argv[1]
+    sys.path.insert(0, os.path.dirname(script))  # the peer's megatron ahead of the installed one
+    import megatron.core.models.bert.bert_layer_specs as bert_specs  # noqa: E402
+
+    bert_specs.bert_layer_with_transformer_engine_spec = None
+    sys.argv = [script, *sys.argv[2:]]
+    runpy.run_path(script, run_name="__main__")
