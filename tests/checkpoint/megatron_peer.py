@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+import torch
 
 PEER = "megatron-lm-core_v0.16.1"
 ENV = "MLMEGA_MEGATRON_LM"  # the peer's folder, where it is not in shared/peers above the repo
@@ -74,6 +75,26 @@ def megatron_convert(src: Path, dst: Path, model_type: str, tp: int, pp: int,
         raise AssertionError(f"Megatron-LM's converter failed (exit {done.returncode}):\n"
                              f"{(done.stdout + done.stderr)[-4000:]}")
     return dst
+
+
+def megatron_load(ckpt: Path, out: Path, model_type: str) -> dict:
+    """What Megatron-LM's training builds and loads from ``ckpt`` (TP=1, PP=1): its model's
+    state dict and logits (``megatron_load.py``, in a subprocess)."""
+    root = require_peer()
+    script = Path(__file__).with_name("megatron_load.py")
+    command = [sys.executable, "-W", "ignore", str(script), str(root), str(ckpt), str(out),
+               model_type]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    try:
+        done = subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"megatron_load.py did not finish in {TIMEOUT_S} s: "
+                             f"{(err.stdout or '')[-3000:]}") from None
+    if done.returncode != 0 or not out.is_file():
+        raise AssertionError(f"Megatron-LM could not load {ckpt} (exit {done.returncode}):\n"
+                             f"{(done.stdout + done.stderr)[-4000:]}")
+    return torch.load(out, weights_only=True)
 
 
 if __name__ == "__main__":  # python megatron_peer.py .../run_convert_on_cpu.py ARGS...

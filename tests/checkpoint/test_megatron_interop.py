@@ -15,7 +15,7 @@ from mlmega.checkpoint.dist_format import open_checkpoint
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
-from tests.checkpoint.megatron_peer import megatron_convert
+from tests.checkpoint.megatron_peer import megatron_convert, megatron_load
 from tests.checkpoint.test_vocab import as_megatron_training_saves, random_state
 
 pytestmark = pytest.mark.slow
@@ -30,6 +30,7 @@ BERT = ModelConfig(arch="bert", num_layers=2, hidden_size=32, num_attention_head
                    bert_binary_head=True, vocab_size=200, max_sequence_length=16)
 # What Megatron-LM's converter does not carry at this tag (tools/checkpoint/schema_core.py has no
 # entry for them): the saver writes its model's own values.
+IDS = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))  # megatron_load's
 NOT_CARRIED = {"bert": {"embedding.tokentype_embeddings.weight", "output_layer.bias"}, "gpt": set()}
 
 
@@ -96,3 +97,27 @@ def test_megatron_lm_default_tp2_vocabulary(tmp_path):
     for name, tensor in state.items():  # Megatron-LM pads with copies of the last row: rows
         rows = slice(0, 50257) if name.startswith(("embedding.word", "output_layer")) else slice(None)
         assert torch.equal(got[name][rows], tensor[rows]), name
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("cfg,fmt", [(GPT_RICH, "torch"), (BERT, "torch_dist")],
+                         ids=["gpt-untied-gqa-swiglu-rope-rms-torch", "bert-binary-torch_dist"])
+def test_megatron_lm_training_loads_mlmega_checkpoints(tmp_path, cfg, fmt, model_parallel):
+    """Megatron-LM's training path (args from the checkpoint, its model provider, load_checkpoint,
+    strict) loads mlmega's files: the same tensors, and its model computes mlmega's logits."""
+    from mlmega.models.build import build_model
+    from mlmega.models.state import load_full_state_dict
+    from tests.helpers import make_model_state
+    from tests.multiproc import forward
+
+    state = make_model_state(cfg, seed=8)  # at realistic scales: the kernels' rounding stays small
+    save_full_state(state, ShardLayout(cfg), tmp_path / "mlmega", iteration=3, fmt=fmt)
+    loaded = megatron_load(tmp_path / "mlmega", tmp_path / "loaded.pt", cfg.arch.upper())
+    assert loaded["iteration"] == 3
+    assert_same({k: loaded["state"][k] for k in state}, state)
+    model = build_model(cfg)
+    load_full_state_dict(model, state)
+    model.eval()
+    with torch.no_grad():
+        expected = forward(model, cfg, IDS)
+    torch.testing.assert_close(loaded["logits"], expected, rtol=0, atol=2e-5)
