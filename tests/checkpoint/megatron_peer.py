@@ -63,18 +63,25 @@ def megatron_convert(src: Path, dst: Path, model_type: str, tp: int, pp: int,
                "--loader-transformer-impl", "local", "--saver-transformer-impl", "local"]
     if true_vocab_size is not None:
         command += ["--true-vocab-size", str(true_vocab_size)]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the peer's megatron only
+    # it exits 0 even when its saver process crashes: the marker says whether it saved
+    _run(command, dst.parent, dst / "latest_checkpointed_iteration.txt",
+         "Megatron-LM's converter")
+    return dst
+
+
+def _run(command: list[str], cwd: Path, output: Path, what: str) -> None:
+    """Run ``command`` (with the peer's megatron only: no PYTHONPATH) under :data:`TIMEOUT_S`;
+    fail with its output's tail unless it exits 0 and ``output`` exists."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     try:
-        done = subprocess.run(command, cwd=dst.parent, env=env, capture_output=True, text=True,
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"Megatron-LM's converter did not finish in {TIMEOUT_S} s: "
-                             f"{(err.stdout or '')[-3000:]}") from None
-    # it exits 0 even when its saver process crashes: the marker says whether it saved
-    if done.returncode != 0 or not (dst / "latest_checkpointed_iteration.txt").is_file():
-        raise AssertionError(f"Megatron-LM's converter failed (exit {done.returncode}):\n"
+        raise AssertionError(f"{what} did not finish in {TIMEOUT_S} s: "
+                             f"{str(err.stdout or '')[-3000:]}") from None
+    if done.returncode != 0 or not output.is_file():
+        raise AssertionError(f"{what} failed (exit {done.returncode}):\n"
                              f"{(done.stdout + done.stderr)[-4000:]}")
-    return dst
 
 
 def megatron_load(ckpt: Path, out: Path, model_type: str) -> dict:
@@ -84,16 +91,7 @@ def megatron_load(ckpt: Path, out: Path, model_type: str) -> dict:
     script = Path(__file__).with_name("megatron_load.py")
     command = [sys.executable, "-W", "ignore", str(script), str(root), str(ckpt), str(out),
                model_type]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    try:
-        done = subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"megatron_load.py did not finish in {TIMEOUT_S} s: "
-                             f"{(err.stdout or '')[-3000:]}") from None
-    if done.returncode != 0 or not out.is_file():
-        raise AssertionError(f"Megatron-LM could not load {ckpt} (exit {done.returncode}):\n"
-                             f"{(done.stdout + done.stderr)[-4000:]}")
+    _run(command, out.parent, out, f"Megatron-LM loading {ckpt}")
     return torch.load(out, weights_only=True)
 
 
