@@ -6,9 +6,10 @@ of [gate; up], so each rank holds [gate_r; up_r]). The vocab dim is padded per T
 keeps the rows of the TP=1 padded vocabulary (the canonical full tensor, what a TP=1 model holds);
 splitting pads with zero rows to the target's padded size. A layout's padded size is Megatron's rule
 (``make_vocab_size_divisible_by * tp``), or, for a checkpoint read, the size its shards have (the
-truth of the files: Megatron's converter keeps a source's padding when it changes the TP size). PP gives each stage a contiguous block of
-layers numbered locally, the embeddings to the first stage, the final norm and heads to the last
-and, with tied embeddings and PP > 1, the last stage its own ``output_layer.weight`` copy.
+truth of the files: Megatron's converter keeps a source's padding when it changes the TP size).
+PP gives each stage a contiguous block of layers numbered locally, the embeddings to the first
+stage, the final norm and heads to the last and, with tied embeddings and PP > 1, the last stage
+its own ``output_layer.weight`` copy.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The true vocabulary of a checkpoint, which its files do not always say.
 
 The shards hold the padded vocabulary (their shapes are the truth of the files). Megatron-LM's
-training saves ``args.padded_vocab_size`` and often ``args.vocab_size=None`` (its tokenizer sets only
-the padded size), so the true size comes, in this order, from the caller (``--vocab-size``), from
+training saves ``args.padded_vocab_size`` and often ``args.vocab_size=None`` (its tokenizer sets
+only the padded size), so the true size comes, in this order, from the caller (``--vocab-size``), from
 ``args.vocab_size``, from a tokenizer file the caller names (``--tokenizer``), or from the tokenizer
 file the args name (``vocab_file`` / ``tokenizer_model``) where it exists here. Two of them that
 disagree, or none, is an error: a guess would move the padding rows into the vocabulary.

@@ -155,7 +155,9 @@ class ModelConfig:
         arch = arch or get("mlmega_arch")
         if arch is None:
             raise ConfigError(f"{source}: args do not name the architecture; pass arch='gpt'|'bert'")
-        for name, value in _unsupported_megatron_args(args):
+        unsupported = _unsupported_megatron_args(args)
+        if unsupported:
+            name, value = unsupported[0]
             raise ConfigError(f"{source}: args.{name}={value!r}: mlmega's models do not support it")
         groups = get("num_query_groups") if get("group_query_attention", False) else None
         vocab = vocab_size or get("vocab_size")

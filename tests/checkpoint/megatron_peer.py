@@ -1,10 +1,12 @@
-"""Megatron-LM at tag core_v0.16.1 (the peer in ``shared/peers``) as the judge of mlmega's checkpoints:
-find it, and run its checkpoint converter (``run_convert_on_cpu.py``) in a subprocess.
+"""Megatron-LM at tag core_v0.16.1 (the peer in ``shared/peers``) as the judge of mlmega's
+checkpoints: find it, run its checkpoint converter (``run_convert_on_cpu.py``) and its training's
+checkpoint loading (``megatron_load.py``) in subprocesses.
 
-Run as a script, this module is ``run_convert_on_cpu.py`` plus one import patch for BERT (none touches
-a tensor): ``pretrain_bert.py`` imports ``bert_layer_with_transformer_engine_spec`` at module level,
-which raises ImportError where TransformerEngine is not installed (this CPU machine) although the
-checkpoints' ``args.spec == ['local']`` makes it build the local spec; the name is bound to None first.
+Run as a script, this module is ``run_convert_on_cpu.py`` plus one import patch for BERT (it touches
+no tensor): ``pretrain_bert.py`` imports ``bert_layer_with_transformer_engine_spec`` at module
+level, which raises ImportError where TransformerEngine is not installed (this CPU machine) although
+the checkpoints' ``args.spec == ['local']`` makes it build the local spec; the name is bound to None
+first.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Megatron-LM (core_v0.16.1) reads mlmega's checkpoints and mlmega reads Megatron-LM's, through real
-files and Megatron-LM's own converter (tools/checkpoint, loader core -> saver core, which builds
-Megatron-LM's models with its model providers and loads with ``load_checkpoint``): mlmega writes
-TP/PP > 1, Megatron-LM re-shards it, mlmega reads the result, and every tensor comes back bit-exact."""
+"""Megatron-LM (core_v0.16.1) reads mlmega's checkpoints and mlmega reads Megatron-LM's, through
+real files and Megatron-LM's own converter (tools/checkpoint, loader core -> saver core, which
+builds Megatron-LM's models with its model providers and loads with ``load_checkpoint``): mlmega
+writes TP/PP > 1, Megatron-LM re-shards it, mlmega reads the result, and every tensor comes back
+bit-exact. Its training path loads mlmega's files and computes mlmega's logits."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import json
 import pytest
 import torch
 
-from mlmega.checkpoint.convert import load_full_state, plan_conversion, run_conversion, save_full_state
+from mlmega.checkpoint.convert import (load_full_state, plan_conversion, run_conversion,
+                                       save_full_state)
 from mlmega.checkpoint.dist_format import open_checkpoint
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.config.errors import ConfigError
@@ -66,8 +68,9 @@ def test_round_trip_through_megatron_lm(tmp_path, cfg, src_layout, fmt, dst_layo
 
 
 def test_megatron_lm_default_tp2_vocabulary(tmp_path):
-    """Megatron-LM's default TP2 output for GPT-2's vocabulary (50257 padded to 50432, args.vocab_size
-    None) is read as the truth of its shards; the true vocabulary must be given, and is said."""
+    """Megatron-LM's default TP2 output for GPT-2's vocabulary (50257 padded to 50432,
+    args.vocab_size None) is read as the truth of its shards; the true vocabulary must be given,
+    and is said."""
     cfg = ModelConfig(arch="gpt", num_layers=2, hidden_size=16, num_attention_heads=2,
                       vocab_size=50257, max_sequence_length=16, tie_embeddings=False)
     state = random_state(cfg, seed=4)
@@ -79,7 +82,7 @@ def test_megatron_lm_default_tp2_vocabulary(tmp_path):
                                           r"padded_vocab_size=50432 \(shards: 50432 rows\): the "
                                           r"true vocabulary is unknown; give it with --vocab-size"):
         open_checkpoint(megatron)
-    vocab = tmp_path / "vocab.json"  # a GPT-2 vocab.json: what Megatron-LM's GPT2BPETokenizer counts
+    vocab = tmp_path / "vocab.json"  # GPT-2's vocab.json: what Megatron-LM's GPT2BPETokenizer counts
     vocab.write_text(json.dumps({f"t{i}": i for i in range(50257)}))
     ckpt = open_checkpoint(megatron, tokenizer=vocab)
     assert (ckpt.layout.cfg.vocab_size, ckpt.layout.padded_vocab) == (50257, 50432)
@@ -94,8 +97,9 @@ def test_megatron_lm_default_tp2_vocabulary(tmp_path):
     assert (out.args.vocab_size, out.args.padded_vocab_size, out.args.tokenizer_type) == \
         (50257, 50304, "GPT2BPETokenizer")
     got, _ = load_full_state(tmp_path / "tp1")
-    for name, tensor in state.items():  # Megatron-LM pads with copies of the last row: rows
-        rows = slice(0, 50257) if name.startswith(("embedding.word", "output_layer")) else slice(None)
+    for name, tensor in state.items():  # Megatron-LM's padding rows repeat the last real row
+        vocab_rows = name.startswith(("embedding.word", "output_layer"))
+        rows = slice(0, 50257) if vocab_rows else slice(None)
         assert torch.equal(got[name][rows], tensor[rows]), name
 
 

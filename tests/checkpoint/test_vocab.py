@@ -30,7 +30,8 @@ def random_state(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
 
 def as_megatron_training_saves(root, vocab_file=None, **changes) -> None:
     """Rewrite the args of torch checkpoint ``root`` as Megatron-LM's training saves them:
-    vocab_size None (its tokenizer sets only padded_vocab_size), a GPT-2 tokenizer, no mlmega keys."""
+    vocab_size None (its tokenizer sets only padded_vocab_size), a GPT-2 tokenizer, no mlmega
+    keys."""
     for path in root.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
         content = load_file(path, mmap=False)
         args = {k: v for k, v in vars(content["args"]).items() if not k.startswith("mlmega_")}
@@ -95,3 +96,22 @@ def test_vocabulary_size_of_tokenizer_files(tmp_path, prepared):
         vocabulary_size(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match=r"missing\.json: cannot read the tokenizer"):
         vocabulary_size(tmp_path / "missing.json")
+
+
+def test_cli_takes_and_says_the_vocabulary(tmp_path, megatron_saved, capsys):
+    from mlmega.cli import main
+
+    assert main(["inspect", str(megatron_saved), "--json"]) == 2
+    assert "the true vocabulary is unknown; give it with --vocab-size N" in capsys.readouterr().err
+    assert main(["inspect", str(megatron_saved), "--json", "--vocab-size", "300"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["model"]["vocab_size"], info["padded_vocab"], info["vocab_source"]) == \
+        (300, 512, "--vocab-size")
+    vocab = gpt2_vocab(tmp_path / "vocab.json", 300)
+    assert main(["convert", "reshard", "--src", str(megatron_saved), "--dst", str(tmp_path / "tp1"),
+                 "--target-tp", "1", "--tokenizer", str(vocab)]) == 0
+    assert f"vocabulary 300 (from --tokenizer {vocab}), padded to 384 rows for TP=1" in \
+        capsys.readouterr().out
+    out = open_checkpoint(tmp_path / "tp1")
+    assert (out.layout.padded_vocab, out.args.vocab_size, out.vocab_source) == \
+        (384, 300, "args.vocab_size")
