@@ -1,12 +1,13 @@
 """Load a checkpoint the way Megatron-LM's training does, on a CPU: a script run in a subprocess.
 
-    python megatron_load.py PEER CKPT OUT GPT|BERT
+    python megatron_load.py PEER CKPT OUT GPT|BERT [SAVE]
 
 Megatron-LM's ``parse_args`` with ``--load CKPT --use-checkpoint-args`` (the model comes from the
 checkpoint's args, ``load_args_from_checkpoint``), ``validate_args``, its own model provider
 (``model_provider.py`` + ``gpt_builders.py``, or ``pretrain_bert.py``) and
 ``megatron.training.checkpointing.load_checkpoint`` (strict); then one forward pass on fixed token
-ids. Writes {"state": the model's state dict, "logits": ...} to OUT. TP=1, PP=1 (one process). The
+ids. Writes {"state": the model's state dict, "logits": ...} to OUT; with SAVE, also saves the
+model there with Megatron-LM's ``save_checkpoint`` in torch_dist format. TP=1, PP=1. The
 CPU patches are run_convert_on_cpu.py's (imported, none touches a tensor) and megatron_peer's BERT
 import patch.
 """
@@ -18,6 +19,7 @@ import sys
 import torch
 
 PEER, CKPT, OUT, MODEL_TYPE = sys.argv[1:5]
+SAVE = sys.argv[5] if len(sys.argv) > 5 else None
 IDS = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
@@ -74,6 +76,12 @@ def main() -> None:
         else:
             logits, _ = model(IDS, torch.ones_like(IDS, dtype=torch.bool),
                               tokentype_ids=torch.zeros_like(IDS))
+    if SAVE is not None:
+        from megatron.training.checkpointing import save_checkpoint
+
+        args.save, args.ckpt_format, args.use_dist_ckpt = SAVE, "torch_dist", True
+        args.no_save_optim = args.no_save_rng = True
+        save_checkpoint(iteration, [model], None, None, num_floating_point_operations_so_far=0)
     torch.save({"iteration": iteration, "logits": logits,
                 "state": {k: v for k, v in model.state_dict().items()
                           if isinstance(v, torch.Tensor)}}, OUT)

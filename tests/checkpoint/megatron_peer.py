@@ -86,13 +86,14 @@ def _run(command: list[str], cwd: Path, output: Path, what: str) -> None:
                              f"{(done.stdout + done.stderr)[-4000:]}")
 
 
-def megatron_load(ckpt: Path, out: Path, model_type: str) -> dict:
+def megatron_load(ckpt: Path, out: Path, model_type: str, save: Optional[Path] = None) -> dict:
     """What Megatron-LM's training builds and loads from ``ckpt`` (TP=1, PP=1): its model's
-    state dict and logits (``megatron_load.py``, in a subprocess)."""
+    state dict and logits (``megatron_load.py``, in a subprocess); with ``save``, it also saves
+    that model there as torch_dist."""
     root = require_peer()
     script = Path(__file__).with_name("megatron_load.py")
     command = [sys.executable, "-W", "ignore", str(script), str(root), str(ckpt), str(out),
-               model_type]
+               model_type, *([str(save)] if save else [])]
     _run(command, out.parent, out, f"Megatron-LM loading {ckpt}")
     return torch.load(out, weights_only=True)
 

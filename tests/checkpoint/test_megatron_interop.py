@@ -108,7 +108,8 @@ def test_megatron_lm_default_tp2_vocabulary(tmp_path):
                          ids=["gpt-untied-gqa-swiglu-rope-rms-torch", "bert-binary-torch_dist"])
 def test_megatron_lm_training_loads_mlmega_checkpoints(tmp_path, cfg, fmt, model_parallel):
     """Megatron-LM's training path (args from the checkpoint, its model provider, load_checkpoint,
-    strict) loads mlmega's files: the same tensors, and its model computes mlmega's logits."""
+    strict) loads mlmega's files: the same tensors, and its model computes mlmega's logits. What
+    it saves then (torch_dist, args.vocab_size None) mlmega reads bit-exactly."""
     from mlmega.models.build import build_model
     from mlmega.models.state import load_full_state_dict
     from tests.helpers import make_model_state
@@ -116,7 +117,8 @@ def test_megatron_lm_training_loads_mlmega_checkpoints(tmp_path, cfg, fmt, model
 
     state = make_model_state(cfg, seed=8)  # at realistic scales: the kernels' rounding stays small
     save_full_state(state, ShardLayout(cfg), tmp_path / "mlmega", iteration=3, fmt=fmt)
-    loaded = megatron_load(tmp_path / "mlmega", tmp_path / "loaded.pt", cfg.arch.upper())
+    loaded = megatron_load(tmp_path / "mlmega", tmp_path / "loaded.pt", cfg.arch.upper(),
+                           save=tmp_path / "megatron")
     assert loaded["iteration"] == 3
     assert_same({k: loaded["state"][k] for k in state}, state)
     model = build_model(cfg)
@@ -125,3 +127,8 @@ def test_megatron_lm_training_loads_mlmega_checkpoints(tmp_path, cfg, fmt, model
     with torch.no_grad():
         expected = forward(model, cfg, IDS)
     torch.testing.assert_close(loaded["logits"], expected, rtol=0, atol=2e-5)
+    with pytest.raises(ConfigError, match=r"common\.pt: args\.vocab_size is None"):
+        open_checkpoint(tmp_path / "megatron")
+    saved, layout = load_full_state(tmp_path / "megatron", vocab_size=cfg.vocab_size)
+    assert layout.cfg.replace(source="") == cfg
+    assert_same(saved, state)
