@@ -425,9 +425,7 @@ def rank_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int,
         if tuple(shard.shape) != expected:
             raise ConfigError(f"rank tp{tp_rank} pp{pp_rank}: {param.local_name} has shape "
                               f"{tuple(shard.shape)}, expected {expected} for TP={layout.tp}")
-        shape = list(expected)
-        if spec.tp_dim is not None:
-            shape[spec.tp_dim] *= layout.tp
+        shape = layout.global_shape(spec)
         pieces = [((0,) * shard.dim(), shard)]
         if spec.tp_dim is not None:
             dim = spec.tp_dim

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from mlmega.checkpoint.dist_format import DistCheckpoint, open_checkpoint
-from mlmega.models.params import global_shape, iter_params, num_parameters
+from mlmega.models.params import iter_params, num_parameters
 
 
 def describe(path: str | Path, tensors: bool = False, vocab_size: Optional[int] = None,
@@ -26,7 +26,7 @@ def describe(path: str | Path, tensors: bool = False, vocab_size: Optional[int] 
             pp_rank = layout.stage_of_layer(layer) if layer is not None else \
                 (0 if spec.stage == "first" else layout.pp - 1)
             dtype = str(ckpt.read(name).dtype).replace("torch.", "")
-            rows.append(dict(name=name, shape=list(global_shape(cfg, spec, layout.tp)),
+            rows.append(dict(name=name, shape=list(layout.global_shape(spec)),
                              tp_dim=spec.tp_dim, stage=pp_rank, dtype=dtype))
         info["tensors"] = rows
     return info

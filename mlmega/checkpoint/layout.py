@@ -187,6 +187,13 @@ class ShardLayout:
             shape[spec.tp_dim] //= self.tp
         return tuple(shape)
 
+    def global_shape(self, spec: ParamSpec) -> tuple[int, ...]:
+        """The TP-gathered shape as stored at this layout (the vocab padded for it)."""
+        shape = list(self.local_shape(spec))
+        if spec.tp_dim is not None:
+            shape[spec.tp_dim] *= self.tp
+        return tuple(shape)
+
     def megatron_args(self, dtype: torch.dtype = torch.float32) -> dict:
         """The args Megatron-LM saves for this model at this layout with parameters of ``dtype``
         (model args, parallel sizes, padded vocabulary, precision; tokenizer: mlmega's Hugging
