@@ -31,14 +31,23 @@ GPT_TIED = ModelConfig(arch="gpt", num_layers=4, hidden_size=32, num_attention_h
 BERT = ModelConfig(arch="bert", num_layers=2, hidden_size=32, num_attention_heads=4,
                    bert_binary_head=True, vocab_size=200, max_sequence_length=16)
 # What Megatron-LM's converter does not carry at this tag (tools/checkpoint/schema_core.py has no
-# entry for them): the saver writes its model's own values.
+# entry for them): the saver writes its model's own, uninitialised (--no-initialization) memory.
 IDS = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))  # megatron_load's
 NOT_CARRIED = {"bert": {"embedding.tokentype_embeddings.weight", "output_layer.bias"}, "gpt": set()}
 
 
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes (NaN is equal to itself there: the converter's saver leaves the tensors
+    it does not carry uninitialised)."""
+    return tensor.contiguous().view(torch.uint8)
+
+
 def assert_same(got: dict, expected: dict, skip: set = frozenset()) -> None:
+    """Bit-exact: same names, shapes, dtypes and bytes (except ``skip``)."""
     assert set(got) == set(expected)
-    differ = [k for k in expected if k not in skip and not torch.equal(got[k], expected[k])]
+    differ = [k for k in expected if k not in skip and (
+        got[k].shape != expected[k].shape or got[k].dtype != expected[k].dtype
+        or not torch.equal(bits(got[k]), bits(expected[k])))]
     assert not differ, f"not bit-exact: {differ}"
 
 
