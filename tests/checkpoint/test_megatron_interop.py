@@ -30,9 +30,9 @@ GPT_TIED = ModelConfig(arch="gpt", num_layers=4, hidden_size=32, num_attention_h
                        vocab_size=200, max_sequence_length=16)
 BERT = ModelConfig(arch="bert", num_layers=2, hidden_size=32, num_attention_heads=4,
                    bert_binary_head=True, vocab_size=200, max_sequence_length=16)
+IDS = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))  # megatron_load's
 # What Megatron-LM's converter does not carry at this tag (tools/checkpoint/schema_core.py has no
 # entry for them): the saver writes its model's own, uninitialised (--no-initialization) memory.
-IDS = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))  # megatron_load's
 NOT_CARRIED = {"bert": {"embedding.tokentype_embeddings.weight", "output_layer.bias"}, "gpt": set()}
 
 
