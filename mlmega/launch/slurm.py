@@ -544,8 +544,9 @@ class SlurmExecutor(Executor):
         check(plan, run_dir)
         cluster = plan.recipe.cluster
         python = (f"{cluster.python} (cluster.python)" if cluster.python else
-                  f"{sys.executable} (the interpreter running mlmega; cluster.python sets the "
-                  f"cluster's)")
+                  f"{sys.executable} (the interpreter running mlmega"
+                  + (", not one cluster.setup activates" if cluster.setup else "")
+                  + "; cluster.python sets the cluster's)")
         parts, previous = [f"# job environment: python {python}; cluster.setup: "
                            f"{len(cluster.setup)} line(s); wckey: {cluster.wckey or 'none'}"], None
         for stage in plan.stages:

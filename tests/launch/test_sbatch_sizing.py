@@ -91,3 +91,19 @@ def test_dry_run_of_shipped_gpu_recipes_holds_the_plan(tmp_path, recipe):
 
 def test_shipped_gpu_recipes_exist():
     assert {p.stem for p in GPU_RECIPES} >= {"gpt-base", "bert-base", "bert-large-3level"}
+
+
+def test_readme_cluster_example_renders(tmp_path):
+    """The README's ``cluster:``/``sizing:`` example on gpt-base: its python, wckey and limits."""
+    readme = (CONFIGS.parent / "README.md").read_text()
+    example = yaml.safe_load(re.search(r"```yaml\n(cluster:.*?)```", readme, re.S).group(1))
+    recipe = dict(yaml.safe_load((CONFIGS / "gpt-base.yaml").read_text()), **example)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    plan = plan_vcycle(load_recipe(path))
+    text = SlurmExecutor().describe(plan, tmp_path / "run")
+    assert_jobs_hold_the_plan(plan, text)
+    jobs = rendered_jobs(text)
+    assert [jobs[s.name]["time"] for s in plan.stages] == ["30", "44", "600"]
+    assert all(job["wckey"] == "my-project" for job in jobs.values())
+    assert text.count(" /shared/envs/mlmega/bin/python -u -m mlmega.launch.job_main ") == 3
