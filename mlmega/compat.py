@@ -8,16 +8,17 @@ imported when first used (``mlmega --help`` stays fast).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch._utils import _rebuild_tensor_v2 as rebuild_tensor_v2  # pickled by name
 from torch._utils import _rebuild_tensor_v3 as rebuild_tensor_v3  # pickled by name
 
-__all__ = ["PyTorchFileWriter", "SUBMITIT_ENTRY", "chunk_read_items", "make_sbatch_string",
+__all__ = ["PyTorchFileWriter", "chunk_read_items", "make_sbatch_string",
            "read_items", "rebuild_tensor_v2", "rebuild_tensor_v3", "storage_alignment",
-           "storage_info", "storage_key", "typed_storage_name", "typed_storage_parts",
-           "uses_untyped_storage"]
+           "slurm_executor_running", "storage_info", "storage_key", "submitit_main",
+           "typed_storage_name", "typed_storage_parts", "uses_untyped_storage"]
 
 # -- torch.save's zip writer and storage pickling (checkpoint/streaming.py) ------------------------
 PyTorchFileWriter = torch._C.PyTorchFileWriter  # (file-like sink, crc32: bool, alignment: int)
@@ -97,7 +98,24 @@ class _RegionPlanner:
 
 
 # -- submitit (launch/sbatch.py) -------------------------------------------------------------------
-SUBMITIT_ENTRY = "submitit.core._submit"  # the module srun runs (SlurmExecutor._submitit_command_str)
+def slurm_executor_running(command: Callable[[Path, str], str]) -> type:
+    """submitit's SlurmExecutor whose tasks run ``command(folder, python)`` under srun (its
+    private ``_submitit_command_str``)."""
+    import submitit
+
+    class Executor(submitit.SlurmExecutor):
+        @property
+        def _submitit_command_str(self) -> str:
+            return command(self.folder, self.python)
+
+    return Executor
+
+
+def submitit_main() -> None:
+    """What ``python -m submitit.core._submit FOLDER`` runs: unpickle and run the job."""
+    from submitit.core.submission import submitit_main as run
+
+    run()
 
 
 def make_sbatch_string(**parameters: Any) -> str:

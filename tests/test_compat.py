@@ -7,7 +7,6 @@ import io
 import pickle
 import warnings
 import zipfile
-from pathlib import Path
 
 import torch
 
@@ -68,6 +67,10 @@ def test_submitit_script_and_entry_point(tmp_path):
 
     script = compat.make_sbatch_string(command="echo hi", folder=tmp_path, job_name="x", nodes=1)
     assert "#SBATCH --job-name=x" in script and "echo hi" in script
-    executor = submitit.SlurmExecutor(folder=tmp_path, python="PY")
-    assert f"-m {compat.SUBMITIT_ENTRY} " in executor._submitit_command_str
-    assert Path(__import__(compat.SUBMITIT_ENTRY, fromlist=["_"]).__file__).is_file()
+    executor = compat.slurm_executor_running(lambda folder, python: f"{python} run {folder}")(
+        folder=tmp_path, python="PY")
+    assert isinstance(executor, submitit.SlurmExecutor)
+    assert executor._submitit_command_str == f"PY run {executor.folder}"
+    from submitit.core.submission import submitit_main
+
+    assert callable(submitit_main)

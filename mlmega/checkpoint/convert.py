@@ -57,7 +57,7 @@ def convert_ranks(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int],
 
     writer(plan.format).write_pp_stage(
         staging, target, pp_rank, tp_ranks, lambda ranks: pp_stage_tensors(plan, pp_rank, ranks),
-        plan.iteration, {"mlmega_converted_by": plan.op}, written, plan.checksums)
+        plan.iteration, plan.output_args, written, plan.checksums)
     seconds = time.monotonic() - start
     return [RankResult(r, pp_rank, len(names), nbytes[r], seconds) for r in tp_ranks]
 
@@ -122,6 +122,9 @@ def run_conversion(plan: ConversionPlan, workers: int = 1, overwrite: bool = Fal
     (mlmega.launch.conversion_job); by default :func:`run_locally`.
     """
     start = time.monotonic()
+    if plan.vocab_source:
+        log(f"convert {plan.op}: vocabulary {plan.vocab_size} (from {plan.vocab_source}), padded "
+            f"to {plan.target.padded_vocab} rows for TP={plan.target.tp}")
     staging = staging_dir(plan.dst)
     tasks = [(plan, pp, tp_ranks, staging) for pp, tp_ranks in conversion_tasks(plan.target,
                                                                                  workers)]
@@ -129,7 +132,7 @@ def run_conversion(plan: ConversionPlan, workers: int = 1, overwrite: bool = Fal
     try:
         results = runner(tasks, log) if runner else run_locally(tasks, workers, log)
         writer(plan.format).finish(staging, plan.target, plan.iteration,
-                                   extra_args={"mlmega_converted_by": plan.op})
+                                   extra_args=plan.output_args)
         write_text_atomic(staging / TRACKER, str(plan.iteration))  # the marker, last
         publish(staging, plan.dst, overwrite)
     except BaseException:

@@ -9,7 +9,7 @@ from typing import Optional
 
 from mlmega.checkpoint.atomic import check_destination
 from mlmega.checkpoint.formats import FORMATS, open_checkpoint
-from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.layout import ShardLayout, tokenizer_args
 from mlmega.config.errors import CheckpointError, ConfigError
 from mlmega.config.schemes import LevelSchemes
 from mlmega.operators import LevelMap
@@ -31,18 +31,31 @@ class ConversionPlan:
     alpha: float = 0.5
     format: str = "torch"
     checksums: bool = False  # zip CRC32 per record (torch format): torch.load never checks them
+    vocab_size: Optional[int] = None  # the source's true vocabulary, resolved once (workers reopen)
+    vocab_source: str = ""  # where vocab_size came from
+    source_args: Optional[dict] = None  # Megatron args carried to the output (the tokenizer's)
 
     @property
     def ranks(self) -> list[tuple[int, int]]:
         return self.target.ranks
 
+    @property
+    def output_args(self) -> dict:
+        """Args the output's files hold besides its layout's (:meth:`ShardLayout.megatron_args`)."""
+        return {**(self.source_args or {}), "mlmega_converted_by": self.op}
+
 
 def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, target_tp: Optional[int] = None,
                     target_pp: Optional[int] = None, schemes: Optional[LevelSchemes] = None,
                     large: Optional[str | Path] = None, alpha: Optional[float] = None,
-                    fmt: str = "torch", overwrite: bool = False,
-                    checksums: bool = False) -> ConversionPlan:
-    """Open and validate the inputs and the target layout; raises ConfigError on bad input."""
+                    fmt: str = "torch", overwrite: bool = False, checksums: bool = False,
+                    vocab_size: Optional[int] = None,
+                    tokenizer: Optional[str | Path] = None) -> ConversionPlan:
+    """Open and validate the inputs and the target layout; raises ConfigError on bad input.
+
+    ``vocab_size`` / ``tokenizer``: the source's true vocabulary where its args lack it
+    (:func:`mlmega.checkpoint.vocab.true_vocab_size`). The target's vocabulary is padded by
+    Megatron-LM's rule for its TP size (rows past the source's padding are zero)."""
     if op not in OPS:
         raise ConfigError(f"unknown conversion {op!r}; expected one of {OPS}")
     if fmt not in FORMATS:
@@ -51,7 +64,7 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
     if dst is not None:  # None: the tensors are consumed in memory (training's initial load)
         dst = Path(dst)
         check_destination(dst, overwrite)
-    source = open_checkpoint(src)
+    source = open_checkpoint(src, vocab_size=vocab_size, tokenizer=tokenizer)
     source.validate_tensors()
     layout = source.layout
     level = None
@@ -72,7 +85,7 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
                               "from before coalescing)")
         if alpha is None or not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"--alpha={alpha!r}: expected a number in [0, 1]")
-        large_ckpt = open_checkpoint(large)
+        large_ckpt = open_checkpoint(large, vocab_size=cfg.vocab_size)
         if large_ckpt.layout.cfg.replace(source="") != cfg.replace(source=""):
             raise CheckpointError(f"{large}: its model {large_ckpt.layout.cfg.to_dict()} is not the "
                                   f"de-coalesced model {cfg.to_dict()} of {src}")
@@ -81,4 +94,5 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
     target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp)
     return ConversionPlan(op, src, dst, target, source.iteration, level,
                           Path(large) if large else None, 0.5 if alpha is None else alpha, fmt,
-                          checksums)
+                          checksums, source.layout.cfg.vocab_size, source.vocab_source,
+                          tokenizer_args(source.args))

@@ -24,12 +24,14 @@ FORMATS = tuple(WRITERS)
 
 
 def open_checkpoint(root: str | Path, arch: Optional[str] = None,
-                    cfg: Optional[ModelConfig] = None) -> CheckpointReader:
-    """Open a Megatron checkpoint in either format (told apart by its iteration directory)."""
+                    cfg: Optional[ModelConfig] = None, vocab_size: Optional[int] = None,
+                    tokenizer: Optional[str | Path] = None) -> CheckpointReader:
+    """Open a Megatron checkpoint in either format (told apart by its iteration directory);
+    ``vocab_size`` / ``tokenizer``: see :meth:`TorchCheckpoint.open`."""
     root = Path(root)
     _, _, directory = latest_directory(root)
     reader = DistCheckpoint if is_dist_directory(directory) else TorchCheckpoint
-    return reader.open(root, arch=arch, cfg=cfg)
+    return reader.open(root, arch=arch, cfg=cfg, vocab_size=vocab_size, tokenizer=tokenizer)
 
 
 def writer(fmt: str) -> CheckpointWriter:
@@ -52,9 +54,10 @@ def save_full_state(state: dict[str, torch.Tensor], layout: ShardLayout, dst: st
         write_text_atomic(staging / TRACKER, str(iteration))
 
 
-def load_full_state(src: str | Path) -> tuple[dict[str, torch.Tensor], ShardLayout]:
+def load_full_state(src: str | Path, vocab_size: Optional[int] = None
+                    ) -> tuple[dict[str, torch.Tensor], ShardLayout]:
     """Read a whole checkpoint (either format) into a full (TP=1 canonical) state dict."""
-    ckpt = open_checkpoint(src)
+    ckpt = open_checkpoint(src, vocab_size=vocab_size)
     ckpt.validate_tensors()
     state = {name: ckpt.read(name).clone() for name, _, _ in iter_params(ckpt.layout.cfg)}
     return state, ckpt.layout

@@ -6,6 +6,7 @@ exported as ``export KEY='value'`` (shell-quoted; KEY must be an identifier); pa
 ``cluster.setup`` lines are shell by design (``module load ...``, ``source venv/bin/activate``):
 they run as written, so they come from the user's own recipe only; a line may not contain a NUL or
 a line break.
+
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from mlmega import compat
 from mlmega.config.errors import ConfigError
 from mlmega.launch.slurm_job import DEFAULT_MAX_REQUEUES, MAX_REQUEUES_ENV
 from mlmega.vcycle.plan import Plan, Stage
+from mlmega.vcycle.time_limits import TimeLimit, check_time_limits, stage_time_limit
 
 SIGNAL_DELAY_S = 90  # USR2 this long before the time limit (submitit's default)
+STARTUP_S = 120  # a job's time limit leaves at least this long before its USR2 warning
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LINE_BREAK = re.compile(r"[\x00\n\r]")
@@ -36,7 +39,8 @@ _RESERVED = {"dependency", "array", "output", "error", "open-mode", "requeue", "
              "kill-on-invalid-dep", "nodes", "ntasks", "ntasks-per-node", "wrap", "parsable"}
 _FIELDS = {"partition": "partition", "account": "account", "qos": "qos",
            "constraint": "constraint", "time": "time_limit_min", "mem": "mem_gb",
-           "cpus-per-task": "cpus_per_task", "gpus-per-node": "gpus_per_node", "job-name": None}
+           "cpus-per-task": "cpus_per_task", "gpus-per-node": "gpus_per_node", "job-name": None,
+           "wckey": "wckey"}
 
 
 def submitit_folder(run_dir: Path, stage: Stage) -> Path:
@@ -44,15 +48,27 @@ def submitit_folder(run_dir: Path, stage: Stage) -> Path:
     return Path(run_dir).absolute() / "submitit" / stage.name / "%j"
 
 
-def python_executable() -> str:
-    """This interpreter, shell-quoted (what the job runs)."""
-    return shlex.quote(sys.executable)
+def python_executable(python: Optional[str] = None) -> str:
+    """``python`` (default: this interpreter), shell-quoted: what the job runs."""
+    return shlex.quote(python or sys.executable)
 
 
-def _command(folder: Path) -> str:
-    """What submitit runs under srun (``SlurmExecutor._submitit_command_str``)."""
-    return " ".join([python_executable(), f"-u -m {compat.SUBMITIT_ENTRY}",
-                     shlex.quote(str(folder))])
+def _command(folder: Path, python: str) -> str:
+    """What every task runs under srun: :mod:`mlmega.launch.job_main` (``python`` quoted)."""
+    return " ".join([python, "-u -m mlmega.launch.job_main", shlex.quote(str(folder))])
+
+
+# submitit's SLURM executor, starting each task through mlmega.launch.job_main
+StageExecutor = compat.slurm_executor_running(_command)
+
+
+def stage_executor(plan: Plan, stage: Stage, run_dir: Path,
+                   dependency: Optional[str] = None) -> StageExecutor:
+    """The executor that submits ``stage``'s job (needs srun on the PATH)."""
+    executor = StageExecutor(folder=submitit_folder(run_dir, stage),
+                             python=python_executable(plan.recipe.cluster.python))
+    executor.update_parameters(**sbatch_parameters(plan, stage, run_dir, dependency))
+    return executor
 
 
 def submit(executor, fn, what: str, hint: str = ""):
@@ -88,10 +104,11 @@ def sbatch_parameters(plan: Plan, stage: Stage, run_dir: Path,
     """submitit ``SlurmExecutor`` parameters of one stage's job (validated: see :func:`check`)."""
     cluster, res = plan.recipe.cluster, stage.resources
     params: dict[str, Any] = dict(
-        job_name=f"mlmega-{plan.recipe.name}-{stage.name}", time=int(cluster.time_limit_min),
-        nodes=res.nodes, ntasks_per_node=res.tasks_per_node, cpus_per_task=cluster.cpus_per_task,
-        signal_delay_s=min(SIGNAL_DELAY_S, max(int(cluster.time_limit_min) * 60 // 2, 1)),
-        setup=setup_lines(plan, stage, run_dir), srun_args=["--kill-on-bad-exit=1"])
+        job_name=f"mlmega-{plan.recipe.name}-{stage.name}",
+        time=stage_time_limit(plan, stage, run_dir).minutes, nodes=res.nodes,
+        ntasks_per_node=res.tasks_per_node, cpus_per_task=cluster.cpus_per_task,
+        signal_delay_s=SIGNAL_DELAY_S, setup=setup_lines(plan, stage, run_dir),
+        srun_args=["--kill-on-bad-exit=1"], wckey=cluster.wckey or None)  # None: no --wckey
     if res.gpus_per_node > 0:
         # one GPU per rank, all of them visible to every rank of the node (NVLink P2P)
         params["gpus_per_node"] = res.tasks_per_node
@@ -177,15 +194,18 @@ def check(plan: Plan, run_dir: Path) -> None:
     recipe, cluster, source = plan.recipe, plan.recipe.cluster, plan.recipe.source
     check_line(f"{source}: name", str(recipe.name))
     check_line("--run-dir", str(run_dir))
-    check_line("python executable", sys.executable)
-    for key in ("partition", "account", "qos", "constraint"):
+    if cluster.python is not None and not isinstance(cluster.python, str):
+        raise ConfigError(f"{source}: cluster.python={cluster.python!r}: expected the path of "
+                          f"the job's python (or a name on its PATH after cluster.setup)")
+    check_line(f"{source}: cluster.python" if cluster.python else "python executable",
+               cluster.python or sys.executable)
+    for key in ("partition", "account", "qos", "constraint", "wckey"):
         value = getattr(cluster, key)
         if value is not None:
             if not isinstance(value, (str, int)):
                 raise ConfigError(f"{source}: cluster.{key}={value!r}: expected a string")
             check_line(f"{source}: cluster.{key}", str(value))
-    for key, low in (("cpus_per_task", 1), ("time_limit_min", 1), ("gpus_per_node", 0),
-                     ("max_nodes", 1)):
+    for key, low in (("cpus_per_task", 1), ("gpus_per_node", 0), ("max_nodes", 1)):
         value = getattr(cluster, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"{source}: cluster.{key}={value!r}: expected a whole number "
@@ -212,20 +232,45 @@ def check(plan: Plan, run_dir: Path) -> None:
             raise ConfigError(f"{source}: cluster.env.{key}={value!r}: expected a string")
         if "\x00" in str(value):
             raise ConfigError(f"{source}: cluster.env.{key}: contains a NUL character")
-    max_requeues(plan)
+    requeues = max_requeues(plan)
+    check_time_limits(plan)
     for stage in plan.stages:
         res = stage.resources
         if res.nodes > cluster.max_nodes:
             raise ConfigError(f"{source}: {stage.name} needs {res.nodes} node(s) "
                               f"({res.world} ranks, {res.tasks_per_node} per node) but "
                               f"cluster.max_nodes={cluster.max_nodes}")
-        if res.gpus_per_node > 0 and res.tasks_per_node > res.gpus_per_node:
-            raise ConfigError(f"{source}: {stage.name}: {res.tasks_per_node} ranks per node but "
-                              f"cluster.gpus_per_node={res.gpus_per_node}")
+        _check_time_limit(plan, stage, stage_time_limit(plan, stage, run_dir), requeues)
+
+
+def _check_time_limit(plan: Plan, stage: Stage, limit: TimeLimit, requeues: int) -> None:
+    """The job has time to start before its USR2 warning, and its requeues cover the stage."""
+    where, delay = f"{plan.recipe.source}: {stage.name}", _signal_delay_s(plan)
+    if limit.minutes * 60 < delay + STARTUP_S:
+        raise ConfigError(f"{where}: time limit {limit.minutes} min ({limit.source}) leaves under "
+                          f"{STARTUP_S} s to start before the USR2 warning {delay} s before its "
+                          f"end; give it at least {math.ceil((delay + STARTUP_S) / 60)} min")
+    runs = 1 + requeues
+    if limit.planned_min and limit.planned_min > runs * (limit.minutes - delay / 60):
+        raise ConfigError(f"{where}: time limit {limit.minutes} min x {runs} run(s) "
+                          f"({MAX_REQUEUES_ENV}={requeues} requeues) is less than its planned "
+                          f"{limit.planned_min:.0f} min; raise cluster.time_limit_min, "
+                          f"cluster.time_limits.{stage.name} or cluster.env.{MAX_REQUEUES_ENV} "
+                          f"(the limit: {limit.source})")
+
+
+def _signal_delay_s(plan: Plan) -> int:
+    """Seconds between the USR warning and the time limit (cluster.extra_sbatch may set it)."""
+    spec = _extra_sbatch(plan).get("signal")
+    if not isinstance(spec, str):
+        return SIGNAL_DELAY_S
+    _, at, seconds = spec.partition("@")
+    return int(seconds) if at else 60  # sbatch's default for --signal=SIG without @
 
 
 def render(plan: Plan, stage: Stage, run_dir: Path, dependency: Optional[str] = None) -> str:
     """The sbatch script submitit submits for ``stage`` (the same function renders both)."""
     folder = submitit_folder(run_dir, stage)
-    return compat.make_sbatch_string(command=_command(folder), folder=folder,
-                               **sbatch_parameters(plan, stage, run_dir, dependency))
+    return compat.make_sbatch_string(command=_command(folder, python_executable(
+        plan.recipe.cluster.python)), folder=folder,
+        **sbatch_parameters(plan, stage, run_dir, dependency))

@@ -1,25 +1,29 @@
 """Run a V-cycle's stages as a chain of SLURM jobs (submitit), one job per stage.
 
 ``launch`` submits every stage that is not completed through submitit and returns at once: each
-stage is one sbatch job sized by the plan (``stage.resources``: nodes x ranks per node, one GPU per
-rank on GPU clusters), held with ``--dependency=afterok:<previous stage's job>``, so SLURM starts it
-only when the previous stage's job *succeeded*. Job ids and statuses go to ``RUN_DIR/state.json``;
-``refresh`` reads them back from ``sacct`` (one call for all jobs) and from the checkpoints.
+stage is one sbatch job sized by the plan (``stage.resources``: nodes x ranks per node, exactly the
+stage's TP x PP x DP ranks, one GPU per rank on GPU clusters; ``--time`` from the stage's planned
+time, :mod:`mlmega.vcycle.time_limits`), held with ``--dependency=afterok:<previous stage's job>``,
+so SLURM starts it only when the previous stage's job *succeeded*. Job ids and statuses go to
+``RUN_DIR/state.json``; ``refresh`` reads them back from ``sacct`` (one call for all jobs) and from
+the checkpoints.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 from mlmega.launch.executor import Executor
-from mlmega.launch.sbatch import (check, max_requeues, python_executable, render, sbatch_parameters,
+from mlmega.launch.sbatch import (check, max_requeues, render, sbatch_parameters, stage_executor,
                                   submit, submitit_folder)
 from mlmega.launch.slurm_job import StageJob
 from mlmega.launch.slurm_queue import ACTIVE, ENDING, WAITING, query, scancel, squeue, stage_status
 from mlmega.vcycle.plan import Plan, Stage
 from mlmega.vcycle.run import (CANCELLED, COMPLETED, FAILED, FINAL_STATES, SUBMITTED, RunState,
                                stage_config_path, stage_dir, stage_finished)
+from mlmega.vcycle.time_limits import stage_time_limit
 
 
 class SlurmExecutor(Executor):
@@ -32,13 +36,21 @@ class SlurmExecutor(Executor):
 
     def describe(self, plan: Plan, run_dir: Path) -> str:
         check(plan, run_dir)
-        parts, previous = [], None
+        cluster = plan.recipe.cluster
+        python = (f"{cluster.python} (cluster.python)" if cluster.python else
+                  f"{sys.executable} (the interpreter running mlmega"
+                  + (", not one cluster.setup activates" if cluster.setup else "")
+                  + "; cluster.python sets the cluster's)")
+        parts, previous = [f"# job environment: python {python}; cluster.setup: "
+                           f"{len(cluster.setup)} line(s); wckey: {cluster.wckey or 'none'}"], None
         for stage in plan.stages:
             res = stage.resources
             dependency = f"afterok:<job id of {previous.name}>" if previous else None
+            limit = stage_time_limit(plan, stage, run_dir)
             parts.append(f"# ===== {stage.name}: level {stage.level}, {stage.steps} steps, "
                          f"{res.nodes} node(s) x {res.tasks_per_node} rank(s), TP/PP/DP "
                          f"{res.tp}/{res.pp}/{res.dp}; logs: {submitit_folder(run_dir, stage)}\n"
+                         f"# time limit {limit.minutes} min: {limit.source}\n"
                          + render(plan, stage, run_dir, dependency))
             previous = stage
         chain = " -> ".join(s.name for s in plan.stages)
@@ -107,16 +119,11 @@ class SlurmExecutor(Executor):
 
     def _submit(self, plan: Plan, stage: Stage, run_dir: Path, dependency: Optional[str],
                 requeues: int) -> str:
-        import submitit
-
-        folder = submitit_folder(run_dir, stage)
         job = StageJob(run_dir=str(run_dir), stage=stage.name,
                        config=str(stage_config_path(run_dir, stage.name)),
                        save_dir=str(stage_dir(run_dir, stage.name)), steps=stage.steps,
                        max_requeues=requeues)
-        executor = submitit.SlurmExecutor(folder=folder, python=python_executable())
-        executor.update_parameters(**sbatch_parameters(plan, stage, run_dir, dependency))
-        return submit(executor, job, stage.name,
+        return submit(stage_executor(plan, stage, run_dir, dependency), job, stage.name,
                       f"; the stages submitted before it stay queued (`mlmega resume {run_dir}` "
                       f"retries)").job_id
 

@@ -1,16 +1,20 @@
 """What every task of a stage's SLURM job runs (:class:`StageJob`): rendezvous, training, requeue.
 
-Every task of a job runs :class:`StageJob`: it exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
-MASTER_PORT (submitit's ``TorchDistributedEnvironment``: the first node of the allocation; a port
-seeded from the job id below the ephemeral port range, :func:`rendezvous_port`, unless
-``cluster.env`` sets MASTER_PORT) and runs the stage's ``mlmega train`` in-process.
+Every task of a job runs ``cluster.python`` (default: the interpreter running mlmega) on
+:mod:`mlmega.launch.job_main`, then submitit's job, :class:`StageJob`: it exports RANK/WORLD_SIZE/
+LOCAL_RANK/MASTER_ADDR/MASTER_PORT (submitit's ``TorchDistributedEnvironment``: the first node of
+the allocation; a port seeded from the job id below the ephemeral port range,
+:func:`rendezvous_port`, unless ``cluster.env`` sets MASTER_PORT) and runs the stage's
+``mlmega train`` in-process. No ``--wckey`` unless ``cluster.wckey`` sets one.
 
 Signals and requeue (end to end):
   * sbatch: ``--signal=USR2@90`` (submitit's preemption warning, 90 s before the time limit; also
-    what ``scancel --signal=USR2`` sends), ``--requeue`` (a requeued job keeps its id, so the next
-    stage's ``afterok`` still holds) and ``--kill-on-invalid-dep=yes``.
-  * submitit installs its own handlers before calling the job (USR2: checkpoint + requeue + exit,
-    TERM: ignored); :class:`StageJob` replaces them at once (``signals.catch_early``), and training
+    what ``scancel --signal=USR2`` sends; a time limit leaving under ``STARTUP_S`` before it is
+    refused), ``--requeue`` (a requeued job keeps its id, so the next stage's ``afterok`` still
+    holds) and ``--kill-on-invalid-dep=yes``.
+  * :mod:`mlmega.launch.job_main` records TERM/USR1/USR2 before anything is imported; submitit
+    installs its own handlers before calling the job (USR2: checkpoint + requeue + exit, TERM:
+    ignored); :class:`StageJob` replaces them at once (``signals.catch_early``), and training
     replaces those with its StopFlag: on TERM/USR1/USR2 every rank agrees, saves a checkpoint and
     training returns exit code 3.
   * After a USR1/USR2 (preemption warning, ``scancel --signal``), rank 0 runs ``scontrol requeue
