@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from mlmega.checkpoint.errors import CheckpointError
 from mlmega.config.errors import ConfigError
 
 
@@ -49,8 +50,18 @@ def atomic_directory(dst: str | Path, overwrite: bool = False) -> Iterator[Path]
     publish(staging, dst, overwrite)
 
 
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Report an OSError met while writing ``path`` (a full disk, a quota) as one line."""
+    try:
+        yield
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a small file via a temp file and ``os.replace`` (readers see old or new, never half)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with writing(path):
+        tmp.write_text(text)
+        os.replace(tmp, path)
