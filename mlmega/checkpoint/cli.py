@@ -41,6 +41,10 @@ def register(sub) -> None:
     convert.add_argument("--checksums", action="store_true",
                          help="store zip CRC32s in torch-format files (for zip tools; torch.load "
                               "never checks them; writing is ~5x slower)")
+    convert.add_argument("--no-verify", action="store_true",
+                         help="skip checking the sources' record checksums before reading them")
+    convert.add_argument("--check-finite", action="store_true",
+                         help="refuse source tensors that hold NaN or Inf values")
     convert.set_defaults(handler=_convert)
 
     inspect = sub.add_parser("inspect", help="describe a Megatron checkpoint")
@@ -71,7 +75,8 @@ def _convert(args: argparse.Namespace) -> int:
     plan = plan_conversion(args.op, args.src, args.dst, target_tp=args.target_tp,
                            target_pp=args.target_pp, schemes=_schemes(args), large=args.large,
                            alpha=args.alpha, fmt=args.format, overwrite=args.overwrite,
-                           checksums=args.checksums)
+                           checksums=args.checksums, verify=not args.no_verify,
+                           check_finite=args.check_finite)
     run_conversion(plan, workers=args.workers, overwrite=args.overwrite, runner=runner)
     return 0
 
