@@ -4,7 +4,6 @@ published."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -152,4 +151,3 @@ def test_intact_checkpoints_verify_and_read_back(sources):
     for fmt in ("torch", "torch_dist"):
         back, _ = load_full_state(sources[fmt])
         assert all(torch.equal(back[k], state[k]) for k in state)
-    assert isinstance(argparse.Namespace(), argparse.Namespace)
