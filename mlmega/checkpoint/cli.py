@@ -39,8 +39,8 @@ def register(sub) -> None:
     convert.add_argument("--slurm-logs", help="slurm: submitit's folder (default: DST.slurm)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     convert.add_argument("--checksums", action="store_true",
-                         help="store zip CRC32s in torch-format files (for zip tools; torch.load "
-                              "never checks them; writing is ~5x slower)")
+                         help="also store zip CRC32s in torch-format files (for zip tools; "
+                              "mlmega checks its own xxh3 manifests; writing is ~5x slower)")
     convert.add_argument("--no-verify", action="store_true",
                          help="skip checking the sources' record checksums before reading them")
     convert.add_argument("--check-finite", action="store_true",

@@ -18,7 +18,8 @@ called when the writer reaches it, so at most one produced tensor is alive at a 
 as its record is written. Without CRC32s a record's data goes from the tensors to the file
 (torch's writer writes the header and skips the data, which the file sink fills). Each tensor is
 written compactly (its own elements in contiguous order; a view does not drag its base's storage
-along, unlike ``torch.save``). Tensors elsewhere (inside other objects) and tensor subclasses such
+along, unlike ``torch.save``). Each tensor record's xxh3 hash is taken on the way and written to
+the file's checksum manifest (:mod:`mlmega.checkpoint.integrity`). Tensors elsewhere (inside other objects) and tensor subclasses such
 as ``nn.Parameter`` are handled as ``torch.save`` handles them: pickled by torch's own reducers and
 their storages written after the pickle.
 

@@ -6,37 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from mlmega.checkpoint.convert import load_full_state, save_full_state
+from mlmega.checkpoint.convert import load_full_state
 from mlmega.checkpoint.integrity import MANIFEST_SUFFIX, zip_records
-from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.torch_format import TRACKER
 from mlmega.cli import main
-from mlmega.config.model import ModelConfig
+from tests.checkpoint.conftest import SMALL_GPT, copy_of
 from tests.helpers import make_model_state
 
-CFG = ModelConfig(arch="gpt", num_layers=4, hidden_size=32, num_attention_heads=4,
-                  vocab_size=100, max_sequence_length=16)
 SHARD = "iter_0000003/mp_rank_01_000/model_optim_rng.pt"
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory, model_parallel) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sources")
-    state = make_model_state(CFG, seed=0)
-    for fmt in ("torch", "torch_dist"):
-        save_full_state(state, ShardLayout(CFG, 2, 2), root / fmt, iteration=3, fmt=fmt)
-    return {fmt: root / fmt for fmt in ("torch", "torch_dist")}
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -66,9 +48,9 @@ def _largest_record(path: Path):
 
 
 @pytest.mark.parametrize("written_by", ["mlmega", "torch.save"])
-def test_flipped_bytes_in_a_torch_record_are_detected(sources, tmp_path, capsys, written_by):
+def test_flipped_bytes_in_a_torch_record_are_detected(small_checkpoints, tmp_path, capsys, written_by):
     """mlmega's files: their xxh3 manifest; torch.save's (Megatron-LM's): the zip's CRC32s."""
-    ckpt = _copy(sources["torch"], tmp_path / "ckpt")
+    ckpt = copy_of(small_checkpoints["torch"], tmp_path / "ckpt")
     path = ckpt / SHARD
     algorithm = "xxh3_64"
     if written_by == "torch.save":
@@ -89,8 +71,8 @@ def test_flipped_bytes_in_a_torch_record_are_detected(sources, tmp_path, capsys,
     assert dst.exists()
 
 
-def test_flipped_bytes_in_a_dist_chunk_are_detected(sources, tmp_path, capsys):
-    ckpt = _copy(sources["torch_dist"], tmp_path / "ckpt")
+def test_flipped_bytes_in_a_dist_chunk_are_detected(small_checkpoints, tmp_path, capsys):
+    ckpt = copy_of(small_checkpoints["torch_dist"], tmp_path / "ckpt")
     path = ckpt / "iter_0000003" / "__1_0.distcp"
     records = json.loads(Path(str(path) + MANIFEST_SUFFIX).read_text())["records"]
     offset, length, _ = max(records, key=lambda r: r[1])
@@ -101,8 +83,8 @@ def test_flipped_bytes_in_a_dist_chunk_are_detected(sources, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
-def test_check_finite_refuses_nan_and_inf_on_request(sources, tmp_path, capsys):
-    ckpt = _copy(sources["torch"], tmp_path / "ckpt")
+def test_check_finite_refuses_nan_and_inf_on_request(small_checkpoints, tmp_path, capsys):
+    ckpt = copy_of(small_checkpoints["torch"], tmp_path / "ckpt")
     path = ckpt / SHARD
     content = torch.load(path, weights_only=False)
     content["model"]["decoder.layers.0.mlp.linear_fc1.weight"][3, 5] = float("nan")
@@ -133,9 +115,9 @@ def _edit_shard(ckpt: Path, relative: str, **changes) -> Path:
     (dict(num_attention_heads=8), "args.num_attention_heads=8, expected 4"),
     (dict(iteration=9), "iteration=9, expected 3 (named by {tracker})"),
 ])
-def test_ranks_that_disagree_are_refused_before_writing(sources, tmp_path, capsys, change,
+def test_ranks_that_disagree_are_refused_before_writing(small_checkpoints, tmp_path, capsys, change,
                                                         message):
-    ckpt = _copy(sources["torch"], tmp_path / "ckpt")
+    ckpt = copy_of(small_checkpoints["torch"], tmp_path / "ckpt")
     path = _edit_shard(ckpt, SHARD, **change)
     code, err = _convert(ckpt, tmp_path / "out", capsys)
     assert code == 2 and "\n" not in err
@@ -146,8 +128,8 @@ def test_ranks_that_disagree_are_refused_before_writing(sources, tmp_path, capsy
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
-def test_intact_checkpoints_verify_and_read_back(sources):
-    state = make_model_state(CFG, seed=0)
+def test_intact_checkpoints_verify_and_read_back(small_checkpoints):
+    state = make_model_state(SMALL_GPT, seed=0)
     for fmt in ("torch", "torch_dist"):
-        back, _ = load_full_state(sources[fmt])
+        back, _ = load_full_state(small_checkpoints[fmt])
         assert all(torch.equal(back[k], state[k]) for k in state)

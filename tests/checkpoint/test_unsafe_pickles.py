@@ -14,19 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlmega.checkpoint.convert import save_full_state
 from mlmega.checkpoint.dist_format import METADATA_FILE
 from mlmega.checkpoint.errors import CheckpointError
-from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.torch_format import load_file
 from mlmega.checkpoint.unpickle import DIST_METADATA_GLOBALS, load_dist_metadata
 from mlmega.cli import main
-from mlmega.config.model import ModelConfig
-from tests.helpers import make_model_state
-
-CFG = ModelConfig(arch="gpt", num_layers=2, hidden_size=32, num_attention_heads=4,
-                  vocab_size=100, max_sequence_length=16)
-
+from tests.checkpoint.conftest import copy_of
 
 class _Call:
     """Pickles as a call of ``fn(arg)``: what a poisoned checkpoint would carry."""
@@ -43,32 +36,16 @@ def _payloads(marker: Path) -> dict[str, _Call]:
             "eval": _Call(eval, f"open({str(marker)!r}, 'w').close()")}
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory, model_parallel) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sources")
-    state = make_model_state(CFG, seed=0)
-    for fmt in ("torch", "torch_dist"):
-        save_full_state(state, ShardLayout(CFG, 1, 2), root / fmt, iteration=1, fmt=fmt)
-    return {fmt: root / fmt for fmt in ("torch", "torch_dist")}
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst)
-    return dst
-
-
 def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
     code = main(argv)
     return code, capsys.readouterr().err.strip()
 
 
 @pytest.mark.parametrize("payload", ["os.system", "eval"])
-def test_poisoned_dist_metadata_is_refused_and_never_runs(sources, tmp_path, payload, capsys):
+def test_poisoned_dist_metadata_is_refused_and_never_runs(small_checkpoints, tmp_path, payload, capsys):
     marker = tmp_path / "ran"
-    ckpt = _copy(sources["torch_dist"], tmp_path / "ckpt")
-    path = ckpt / "iter_0000001" / METADATA_FILE
+    ckpt = copy_of(small_checkpoints["torch_dist"], tmp_path / "ckpt")
+    path = ckpt / "iter_0000003" / METADATA_FILE
     metadata = load_dist_metadata(path)
     metadata.planner_data = _payloads(marker)[payload]
     path.write_bytes(pickle.dumps(metadata))
@@ -84,12 +61,13 @@ def test_poisoned_dist_metadata_is_refused_and_never_runs(sources, tmp_path, pay
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("fmt, relative", [("torch", "iter_0000001/mp_rank_00_001/model_optim_rng.pt"),
-                                           ("torch_dist", "iter_0000001/common.pt")])
-def test_poisoned_torch_pickles_are_refused_and_never_run(sources, tmp_path, fmt, relative,
+@pytest.mark.parametrize("fmt, relative", [
+    ("torch", "iter_0000003/mp_rank_00_001/model_optim_rng.pt"),
+    ("torch_dist", "iter_0000003/common.pt")])
+def test_poisoned_torch_pickles_are_refused_and_never_run(small_checkpoints, tmp_path, fmt, relative,
                                                           capsys):
     marker = tmp_path / "ran"
-    ckpt = _copy(sources[fmt], tmp_path / "ckpt")
+    ckpt = copy_of(small_checkpoints[fmt], tmp_path / "ckpt")
     path = ckpt / relative
     content = torch.load(path, weights_only=False)
     content["args"].tokenizer_model = _payloads(marker)["os.system"]

@@ -25,15 +25,9 @@ from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from tests.helpers import make_model_state
 
-CFG = ModelConfig(arch="gpt", num_layers=4, hidden_size=32, num_attention_heads=4,
-                  vocab_size=100, max_sequence_length=16)
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory, model_parallel) -> Path:
-    root = tmp_path_factory.mktemp("source") / "ckpt"
-    save_full_state(make_model_state(CFG, seed=0), ShardLayout(CFG, 2, 2), root, iteration=3)
-    return root
+@pytest.fixture
+def source(small_checkpoints) -> Path:
+    return small_checkpoints["torch"]
 
 
 def _convert(src: Path, dst: Path, capsys, *options: str) -> tuple[int, str]:
