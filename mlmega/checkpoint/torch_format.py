@@ -25,8 +25,8 @@ from typing import Any, Optional
 import torch
 
 from mlmega.checkpoint.errors import CheckpointError
-from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.integrity import RecordChecks, check_finite
+from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.records import RecordFile
 from mlmega.checkpoint.streaming import save_streaming
 from mlmega.config.errors import ConfigError
@@ -261,6 +261,14 @@ class TorchCheckpoint:
                     raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
                                       f"expected {shape} for TP={self.layout.tp}")
 
+    def _read_into(self, out: torch.Tensor, tp_rank: int, pp_rank: int, local: str,
+                   stored: torch.Tensor) -> None:
+        """Fill ``out`` with rank (tp_rank, pp_rank)'s (mmapped) tensor ``local`` or a part of it
+        ``stored``: its record checksummed first, its values checked finite if asked."""
+        self._record_file(tp_rank, pp_rank).read_into(out, stored)
+        if self.check_finite:
+            check_finite(out, f"{self.shard_path(tp_rank, pp_rank)}: {local}")
+
     def _stored(self, global_name: str) -> tuple[ParamSpec, int, str]:
         """(spec, pipeline stage, local name) under which this checkpoint stores ``global_name``."""
         spec, layer = param_index(self.layout.cfg)[global_name]
@@ -277,9 +285,7 @@ class TorchCheckpoint:
         shards = [self.model_state(t, pp_rank)[local] for t in range(self.layout.tp)]
 
         def fill(region: torch.Tensor, tp_rank: int) -> None:
-            self._record_file(tp_rank, pp_rank).read_into(region, shards[tp_rank])
-            if self.check_finite:
-                check_finite(region, f"{self.shard_path(tp_rank, pp_rank)}: {local}")
+            self._read_into(region, tp_rank, pp_rank, local, shards[tp_rank])
 
         return self.layout.gather(spec, shards, fill)
 
@@ -299,12 +305,8 @@ class TorchCheckpoint:
             lo = max(start, tp_rank * per_rank)
             hi = min(start + count, (tp_rank + 1) * per_rank)
             if lo < hi:
-                self._record_file(tp_rank, pp_rank).read_into(
-                    out.narrow(0, lo - start, hi - lo), stored.narrow(0, lo - tp_rank * per_rank,
-                                                                      hi - lo))
-                if self.check_finite:
-                    check_finite(out.narrow(0, lo - start, hi - lo),
-                                 f"{self.shard_path(tp_rank, pp_rank)}: {local}")
+                self._read_into(out.narrow(0, lo - start, hi - lo), tp_rank, pp_rank, local,
+                                stored.narrow(0, lo - tp_rank * per_rank, hi - lo))
         return out
 
     def read_shard(self, global_name: str, tp_rank: int) -> torch.Tensor:
@@ -314,9 +316,7 @@ class TorchCheckpoint:
         spec, pp_rank, local = self._stored(global_name)
         stored = self.model_state(tp_rank, pp_rank)[local]
         out = torch.empty(stored.shape, dtype=stored.dtype)
-        self._record_file(tp_rank, pp_rank).read_into(out, stored)
-        if self.check_finite:
-            check_finite(out, f"{self.shard_path(tp_rank, pp_rank)}: {local}")
+        self._read_into(out, tp_rank, pp_rank, local, stored)
         return self.layout.zero_padding(spec, out, tp_rank)
 
 
