@@ -17,12 +17,19 @@ from mlmega.checkpoint.errors import CheckpointError
 _METADATA = "torch.distributed.checkpoint.metadata"
 _DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
            "uint8", "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2")
-# What torch (2.x) and megatron-core write into ``.metadata``; nothing here runs code on creation.
+# What torch (2.x) and megatron-core write into ``.metadata``: data classes and enums, none of
+# which runs code when it is made.
 DIST_METADATA_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {(_METADATA, name) for name in ("Metadata", "MetadataIndex", "StorageMeta",
                                     "TensorStorageMetadata", "BytesStorageMetadata",
                                     "ChunkStorageMetadata", "TensorProperties",
                                     "_MEM_FORMAT_ENCODING")}
+    # megatron-core also stores every rank's save plan (``all_local_plans``), and older versions
+    # its own (empty) plan and metadata classes
+    | {("torch.distributed.checkpoint.planner", name) for name in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")}
+    | {("megatron.core.dist_checkpointing.strategies.torch", name)
+       for name in ("MCoreSavePlan", "MCoreMetadata")}
     | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
        ("torch", "Size"), ("torch", "device"), ("torch.serialization", "_get_layout"),
        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
