@@ -21,7 +21,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Optional
 
 import torch
 import xxhash
@@ -164,32 +164,53 @@ class RecordChecks:
         with self._lock:
             if self.blobs and not self.has_manifest and offset not in self._parsed:
                 self._add_zip(offset, length)
-            i = bisect.bisect_right(self._records, (offset,), key=lambda r: (r.offset,)) - 1
-            i = max(i, 0)
+            i = max(bisect.bisect_right(self._records, offset, key=_offset) - 1, 0)
             while i < len(self._records) and self._records[i].offset < offset + length:
                 record = self._records[i]
                 if record.offset + record.length > offset and record.offset not in self._done:
-                    self._verify(record)
-                    self._done.add(record.offset)
+                    self.confirm(record, self._pieces(record))
                 i += 1
 
-    def _verify(self, record: _Expected) -> None:
-        crc, hasher, done = 0, new_hash(), 0
-        while done < record.length:
-            piece = os.pread(self._fd, min(_PIECE, record.length - done), record.offset + done)
-            if not piece:
-                raise CheckpointError(f"{self.path}: file ends inside the record at byte "
-                                      f"{record.offset} (truncated?)")
+    def unverified(self, offset: int, length: int) -> Optional[_Expected]:
+        """The unverified record that is exactly bytes [offset, offset + length), if any: a
+        reader that reads it whole confirms it from what it read (:meth:`confirm`), instead of
+        :meth:`check` reading it once more."""
+        with self._lock:
+            i = bisect.bisect_left(self._records, offset, key=_offset)
+            if i < len(self._records) and self._records[i].offset == offset \
+                    and self._records[i].length == length and offset not in self._done:
+                return self._records[i]
+        return None
+
+    def confirm(self, record: _Expected, pieces: Iterable) -> None:
+        """Check ``record`` against its bytes given as ``pieces`` (buffers, in order)."""
+        crc, hasher = 0, new_hash()
+        for piece in pieces:
             if record.algorithm == "crc32":
                 crc = zlib.crc32(piece, crc)
             else:
                 hasher.update(piece)
-            done += len(piece)
         found = f"{crc:08x}" if record.algorithm == "crc32" else hasher.hexdigest()
         if found != record.value:
             raise CheckpointError(f"{self.path}: the {record.length}-byte record at byte "
                                   f"{record.offset} fails its {record.algorithm} check (stored "
                                   f"{record.value}, read {found}): the file is damaged")
+        self._done.add(record.offset)
+
+    def _pieces(self, record: _Expected) -> Iterator[bytes]:
+        """The bytes of ``record``, read from the file piece by piece."""
+        done = 0
+        while done < record.length:
+            piece = os.pread(self._fd, min(_PIECE, record.length - done), record.offset + done)
+            if not piece:
+                raise CheckpointError(f"{self.path}: file ends inside the record at byte "
+                                      f"{record.offset} (truncated?)")
+            done += len(piece)
+            yield piece
+
+
+def _offset(record: _Expected) -> int:
+    return record.offset
 
 
 def check_finite(tensor: torch.Tensor, where: str) -> None:

@@ -71,8 +71,12 @@ class RecordFile:
         if offset is None:
             out.copy_(tensor.reshape(out.shape))
             return
+        whole = None  # an unverified record read whole: checked from the bytes read
         if self.checks is not None:
-            self.checks.check(offset, tensor.numel() * tensor.element_size())
+            nbytes = tensor.numel() * tensor.element_size()
+            whole = self.checks.unverified(offset, nbytes)
+            if whole is None:
+                self.checks.check(offset, nbytes)
         direct = out.is_contiguous() and out.dtype == tensor.dtype
         dest = out if direct else torch.empty(out.shape, dtype=tensor.dtype)
         view = memoryview(byte_view(dest))
@@ -82,5 +86,7 @@ class RecordFile:
             if n == 0:
                 raise CheckpointError(f"{self.path}: file ends inside a tensor record (truncated?)")
             done += n
+        if whole is not None:
+            self.checks.confirm(whole, [view])
         if not direct:
             out.copy_(dest)
