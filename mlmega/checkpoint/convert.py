@@ -9,8 +9,12 @@ marker last and renames the staging directory into place.
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import os
 import shutil
+import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ from mlmega.checkpoint.directory import TRACKER
 from mlmega.checkpoint.formats import writer
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.streaming import reuse_freed_memory
+from mlmega.config.errors import CheckpointError
 from mlmega.progress import Progress, format_seconds
 
 
@@ -91,6 +96,18 @@ def _worker_context():
     return get_context("fork" if "fork" in get_all_start_methods() else "spawn")
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: the kernel kills this worker when its coordinator dies (even by
+    SIGKILL, which runs no cleanup), so no orphan goes on converting."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
 def run_locally(tasks: Sequence[ConversionTask], workers: int, log=print) -> list[RankResult]:
     """Run ``tasks`` in this process (workers <= 1) or in ``workers`` forked processes."""
     if workers <= 1:
@@ -102,7 +119,8 @@ def run_locally(tasks: Sequence[ConversionTask], workers: int, log=print) -> lis
     # objects (docs/performance-notes.md).
     gc.freeze()
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(),
+                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             for done, task_results in enumerate(pool.map(convert_task, tasks), 1):
                 results.extend(task_results)
                 elapsed = time.monotonic() - start
@@ -134,7 +152,14 @@ def run_conversion(plan: ConversionPlan, workers: int = 1, overwrite: bool = Fal
         writer(plan.format).finish(staging, plan.target, plan.iteration,
                                    extra_args=plan.output_args)
         write_text_atomic(staging / TRACKER, str(plan.iteration))  # the marker, last
-        publish(staging, plan.dst, overwrite)
+        publish(staging, plan.dst, overwrite, plan.sources)
+    except CheckpointError as err:  # a damaged source, a full disk: one line
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"{err}; nothing was published to {plan.dst}") from None
+    except OSError as err:  # a write outside the writers (a directory, a rename)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"{err.filename or staging}: cannot write ({err.strerror or err}); "
+                              f"nothing was published to {plan.dst}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

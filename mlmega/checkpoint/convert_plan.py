@@ -34,6 +34,8 @@ class ConversionPlan:
     vocab_size: Optional[int] = None  # the source's true vocabulary, resolved once (workers reopen)
     vocab_source: str = ""  # where vocab_size came from
     source_args: Optional[dict] = None  # Megatron args carried to the output (the tokenizer's)
+    verify: bool = True  # check the sources' record checksums before reading (--no-verify)
+    check_finite: bool = False  # refuse source tensors holding NaN/Inf (--check-finite)
 
     @property
     def ranks(self) -> list[tuple[int, int]]:
@@ -44,18 +46,25 @@ class ConversionPlan:
         """Args the output's files hold besides its layout's (:meth:`ShardLayout.megatron_args`)."""
         return {**(self.source_args or {}), "mlmega_converted_by": self.op}
 
+    @property
+    def sources(self) -> list[Path]:
+        """The checkpoints read (which the destination must not overlap)."""
+        return [self.src] + ([self.large] if self.large else [])
+
 
 def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, target_tp: Optional[int] = None,
                     target_pp: Optional[int] = None, schemes: Optional[LevelSchemes] = None,
                     large: Optional[str | Path] = None, alpha: Optional[float] = None,
                     fmt: str = "torch", overwrite: bool = False, checksums: bool = False,
                     vocab_size: Optional[int] = None,
-                    tokenizer: Optional[str | Path] = None) -> ConversionPlan:
+                    tokenizer: Optional[str | Path] = None, verify: bool = True,
+                    check_finite: bool = False) -> ConversionPlan:
     """Open and validate the inputs and the target layout; raises ConfigError on bad input.
 
     ``vocab_size`` / ``tokenizer``: the source's true vocabulary where its args lack it
     (:func:`mlmega.checkpoint.vocab.true_vocab_size`). The target's vocabulary is padded by
-    Megatron-LM's rule for its TP size (rows past the source's padding are zero)."""
+    Megatron-LM's rule for its TP size (rows past the source's padding are zero).
+    ``verify``: check records' checksums; ``check_finite``: refuse NaN/Inf source tensors."""
     if op not in OPS:
         raise ConfigError(f"unknown conversion {op!r}; expected one of {OPS}")
     if fmt not in FORMATS:
@@ -63,8 +72,9 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
     src = Path(src)
     if dst is not None:  # None: the tensors are consumed in memory (training's initial load)
         dst = Path(dst)
-        check_destination(dst, overwrite)
-    source = open_checkpoint(src, vocab_size=vocab_size, tokenizer=tokenizer)
+        check_destination(dst, overwrite, [src] + ([Path(large)] if large else []))
+    source = open_checkpoint(src, vocab_size=vocab_size, tokenizer=tokenizer, verify=verify,
+                             check_finite=check_finite)
     source.validate_tensors()
     layout = source.layout
     level = None
@@ -95,4 +105,4 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
     return ConversionPlan(op, src, dst, target, source.iteration, level,
                           Path(large) if large else None, 0.5 if alpha is None else alpha, fmt,
                           checksums, source.layout.cfg.vocab_size, source.vocab_source,
-                          tokenizer_args(source.args))
+                          tokenizer_args(source.args), verify, check_finite)

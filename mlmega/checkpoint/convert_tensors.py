@@ -26,9 +26,10 @@ class _Producer:
 
     def __init__(self, plan: ConversionPlan):
         self.plan = plan
-        self.source = open_checkpoint(plan.src, vocab_size=plan.vocab_size)
-        self.large = open_checkpoint(plan.large, vocab_size=plan.vocab_size) if plan.large \
-            else None
+        checks = dict(verify=plan.verify, check_finite=plan.check_finite,
+                      vocab_size=plan.vocab_size)
+        self.source = open_checkpoint(plan.src, **checks)
+        self.large = open_checkpoint(plan.large, **checks) if plan.large else None
         self._last_read: tuple[str, Optional[torch.Tensor]] = ("", None)
 
     def mapped(self, param) -> torch.Tensor:

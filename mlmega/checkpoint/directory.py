@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +20,7 @@ from mlmega.config.model import ModelConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
+_REFUSED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
 
 
 def safe_globals() -> list:
@@ -41,7 +43,9 @@ def _stdlib_safe_globals() -> list:
 
 
 def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
-    """``torch.load`` one shard file safely; corrupt or truncated files raise CheckpointError."""
+    """``torch.load`` one shard file safely: tensors plus the explicit allow-list of classes
+    (:func:`_stdlib_safe_globals`, else megatron-core's :func:`safe_globals`); anything else, and
+    corrupt or truncated files, raise CheckpointError."""
     try:
         try:
             with torch.serialization.safe_globals(_stdlib_safe_globals()):
@@ -54,8 +58,14 @@ def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file is missing") from None
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
-        raise CheckpointError(f"{path}: cannot load checkpoint shard ({type(err).__name__}: {err})") \
-            from None
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused:
+            raise CheckpointError(f"{path}: refused to load global {refused[1]} (not a tensor "
+                                  f"or an allowed checkpoint type); the file is damaged or "
+                                  f"unsafe") from None
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot load checkpoint shard ({type(err).__name__}: "
+                              f"{first_line})") from None
 
 
 def iteration_dir_name(iteration: int, release: bool = False) -> str:

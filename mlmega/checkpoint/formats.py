@@ -25,13 +25,16 @@ FORMATS = tuple(WRITERS)
 
 def open_checkpoint(root: str | Path, arch: Optional[str] = None,
                     cfg: Optional[ModelConfig] = None, vocab_size: Optional[int] = None,
-                    tokenizer: Optional[str | Path] = None) -> CheckpointReader:
+                    tokenizer: Optional[str | Path] = None, verify: bool = True,
+                    check_finite: bool = False) -> CheckpointReader:
     """Open a Megatron checkpoint in either format (told apart by its iteration directory);
-    ``vocab_size`` / ``tokenizer``: see :meth:`TorchCheckpoint.open`."""
+    ``vocab_size`` / ``tokenizer``: see :meth:`TorchCheckpoint.open`; ``verify``: check records'
+    checksums before reading them; ``check_finite``: refuse NaN/Inf."""
     root = Path(root)
     _, _, directory = latest_directory(root)
     reader = DistCheckpoint if is_dist_directory(directory) else TorchCheckpoint
-    return reader.open(root, arch=arch, cfg=cfg, vocab_size=vocab_size, tokenizer=tokenizer)
+    return reader.open(root, arch=arch, cfg=cfg, vocab_size=vocab_size, tokenizer=tokenizer,
+                       verify=verify, check_finite=check_finite)
 
 
 def writer(fmt: str) -> CheckpointWriter:

@@ -33,8 +33,10 @@ class CheckpointReader(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def open(cls, root: str | Path, arch: Optional[str] = None,
-             cfg: Optional[ModelConfig] = None) -> "CheckpointReader":
-        """Validate the files and ``args`` before any tensor is read."""
+             cfg: Optional[ModelConfig] = None, verify: bool = True,
+             check_finite: bool = False) -> "CheckpointReader":
+        """Validate the files and ``args`` before any tensor is read; ``verify``: check records'
+        checksums before reading them; ``check_finite``: refuse NaN/Inf."""
 
     @abc.abstractmethod
     def validate_tensors(self) -> None:

@@ -25,8 +25,9 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
-from mlmega.checkpoint.directory import (CHECKPOINT_VERSION, iteration_dir_name, latest_directory,
-                                         layers_per_pp_stage, load_file)
+from mlmega.checkpoint.directory import (CHECKPOINT_VERSION, TRACKER, iteration_dir_name,
+                                         latest_directory, layers_per_pp_stage, load_file)
+from mlmega.checkpoint.integrity import RecordChecks, check_finite
 from mlmega.checkpoint.interface import CheckpointReader, CheckpointWriter, StageTensors
 from mlmega.checkpoint.layout import WORD_EMBEDDINGS, ShardLayout
 from mlmega.checkpoint.records import RecordFile
@@ -57,6 +58,8 @@ class TorchCheckpoint(CheckpointReader):
     layout: ShardLayout
     args: argparse.Namespace
     vocab_source: str = "args.vocab_size"  # where the true vocabulary size came from
+    verify: bool = True  # check each record's checksum before reading it (see integrity.py)
+    check_finite: bool = False  # refuse tensors holding NaN/Inf
     _shards: dict[tuple[int, int], dict] = field(default_factory=dict, repr=False)
     _files: dict[tuple[int, int], RecordFile] = field(default_factory=dict, repr=False)
     # files are opened on first use, from any thread (a converter's writer makes row blocks)
@@ -69,11 +72,13 @@ class TorchCheckpoint(CheckpointReader):
     @classmethod
     def open(cls, root: str | Path, arch: Optional[str] = None,
              cfg: Optional[ModelConfig] = None, vocab_size: Optional[int] = None,
-             tokenizer: Optional[str | Path] = None) -> "TorchCheckpoint":
+             tokenizer: Optional[str | Path] = None, verify: bool = True,
+             check_finite: bool = False) -> "TorchCheckpoint":
         """Validate the directory structure and ``args`` before any tensor is read.
 
         ``vocab_size`` / ``tokenizer``: the true vocabulary where the args lack it
         (:func:`mlmega.checkpoint.vocab.true_vocab_size`); the padded size is the shards'.
+        ``verify``: check records' checksums; ``check_finite``: refuse NaN/Inf.
         """
         root = Path(root)
         iteration, release, directory = latest_directory(root)
@@ -111,7 +116,7 @@ class TorchCheckpoint(CheckpointReader):
         for rank, path in ranks.items():
             if not (path / SHARD_FILE).is_file():
                 raise CheckpointError(f"{path}: {SHARD_FILE} is missing")
-        ckpt = cls(root, iteration, release, layout, args, vocab_source)
+        ckpt = cls(root, iteration, release, layout, args, vocab_source, verify, check_finite)
         ckpt._shards[first] = shard0
         return ckpt
 
@@ -130,7 +135,8 @@ class TorchCheckpoint(CheckpointReader):
         with self._opening:
             if key not in self._files:
                 self.shard(tp_rank, pp_rank)  # mapped first: RecordFile looks up the mapping
-                self._files[key] = RecordFile(self.shard_path(tp_rank, pp_rank))
+                path = self.shard_path(tp_rank, pp_rank)
+                self._files[key] = RecordFile(path, RecordChecks(path) if self.verify else None)
             return self._files[key]
 
     def model_state(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
@@ -142,9 +148,40 @@ class TorchCheckpoint(CheckpointReader):
             raise CheckpointError(f"{self.shard_path(tp_rank, pp_rank)}: no 'model' state dict{hint}")
         return model
 
+    def _args_description(self, args: argparse.Namespace, source: str) -> dict[str, Any]:
+        """What ``args`` say of the layout and model, as compared between ranks."""
+        cfg = ModelConfig.from_megatron_args(args, arch=self.layout.cfg.arch, source=source,
+                                             vocab_size=self.layout.cfg.vocab_size)
+        tp = getattr(args, "tensor_model_parallel_size", 1)
+        pp = getattr(args, "pipeline_model_parallel_size", 1)
+        return {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                "layers_per_pp_stage": layers_per_pp_stage(args, cfg, pp), **cfg.to_dict()}
+
+    def check_rank_agrees(self, tp_rank: int, pp_rank: int) -> None:
+        """A rank's ``args`` describe the first rank's model and layout, and its ``iteration`` is
+        the one the marker names; CheckpointError naming the file, key, found and expected."""
+        path = self.shard_path(tp_rank, pp_rank)
+        shard = self.shard(tp_rank, pp_rank)
+        stored = shard.get("iteration")
+        if not self.release and isinstance(stored, int) and stored != self.iteration:
+            raise CheckpointError(f"{path}: iteration={stored}, expected {self.iteration} (named "
+                                  f"by {self.root / TRACKER})")
+        args = shard.get("args")
+        if args is None:
+            raise CheckpointError(f"{path}: no 'args' key (every rank stores its args)")
+        first = self.shard_path(0, 0)
+        expected = self._args_description(self.args, str(first))
+        found = self._args_description(args, str(path))
+        for key, value in expected.items():
+            if found[key] != value:
+                raise CheckpointError(f"{path}: args.{key}={found[key]!r}, expected {value!r} "
+                                      f"(as in {first})")
+
     def validate_tensors(self) -> None:
-        """Every rank holds exactly the tensors its layout expects, with the expected shapes."""
+        """Every rank agrees with the first (args, iteration) and holds exactly the tensors its
+        layout expects, with the expected shapes."""
         for tp_rank, pp_rank in self.layout.ranks:
+            self.check_rank_agrees(tp_rank, pp_rank)
             state = self.model_state(tp_rank, pp_rank)
             path = self.shard_path(tp_rank, pp_rank)
             expected = {p.local_name: p for p in self.layout.pp_stage_params(pp_rank)}
@@ -158,6 +195,14 @@ class TorchCheckpoint(CheckpointReader):
                 if tuple(state[name].shape) != shape:
                     raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
                                           f"expected {shape} for TP={self.layout.tp}")
+
+    def _read_into(self, out: torch.Tensor, tp_rank: int, pp_rank: int, local: str,
+                   stored: torch.Tensor) -> None:
+        """Fill ``out`` with rank (tp_rank, pp_rank)'s (mmapped) tensor ``local`` or a part of it
+        ``stored``: its record checksummed first, its values checked finite if asked."""
+        self._record_file(tp_rank, pp_rank).read_into(out, stored)
+        if self.check_finite:
+            check_finite(out, f"{self.shard_path(tp_rank, pp_rank)}: {local}")
 
     def _stored(self, global_name: str) -> tuple[ParamSpec, int, str]:
         """(spec, pipeline stage, local name) under which this checkpoint stores ``global_name``."""
@@ -175,7 +220,7 @@ class TorchCheckpoint(CheckpointReader):
         shards = [self.model_state(t, pp_rank)[local] for t in range(self.layout.tp)]
 
         def fill(region: torch.Tensor, tp_rank: int) -> None:
-            self._record_file(tp_rank, pp_rank).read_into(region, shards[tp_rank])
+            self._read_into(region, tp_rank, pp_rank, local, shards[tp_rank])
 
         return self.layout.gather(spec, shards, fill)
 
@@ -199,9 +244,8 @@ class TorchCheckpoint(CheckpointReader):
             lo = max(start, tp_rank * per_rank)
             hi = min(start + count, (tp_rank + 1) * per_rank)
             if lo < hi:
-                self._record_file(tp_rank, pp_rank).read_into(
-                    out.narrow(0, lo - start, hi - lo), stored.narrow(0, lo - tp_rank * per_rank,
-                                                                      hi - lo))
+                self._read_into(out.narrow(0, lo - start, hi - lo), tp_rank, pp_rank, local,
+                                stored.narrow(0, lo - tp_rank * per_rank, hi - lo))
         return out
 
     def stores_shards_of(self, layout: ShardLayout) -> bool:
@@ -214,7 +258,7 @@ class TorchCheckpoint(CheckpointReader):
         spec, pp_rank, local = self._stored(global_name)
         stored = self.model_state(tp_rank, pp_rank)[local]
         out = torch.empty(stored.shape, dtype=stored.dtype)
-        self._record_file(tp_rank, pp_rank).read_into(out, stored)
+        self._read_into(out, tp_rank, pp_rank, local, stored)
         return self.layout.zero_padding(spec, out, tp_rank)
 
 
