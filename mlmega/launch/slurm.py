@@ -38,7 +38,6 @@ a line break.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import re
@@ -284,8 +283,6 @@ def _extra_sbatch(plan: Plan) -> dict[str, Any]:
     source = plan.recipe.source
     for i, item in enumerate(plan.recipe.cluster.extra_sbatch):
         where = f"{source}: cluster.extra_sbatch[{i}]"
-        if not isinstance(item, str):
-            raise ConfigError(f"{where}: expected a string like '--key=value', got {item!r}")
         check_line(where, item)
         if not item.startswith("--"):
             raise ConfigError(f"{where}={item!r}: expected '--key=value' or '--flag'")
@@ -323,26 +320,12 @@ def check(plan: Plan, run_dir: Path) -> None:
     check_line(f"{source}: name", str(recipe.name))
     check_line("--run-dir", str(run_dir))
     check_line("python executable", sys.executable)
-    for key in ("partition", "account", "qos", "constraint"):
+    for key in ("partition", "account", "qos", "constraint"):  # types and ranges: the recipe's
         value = getattr(cluster, key)
         if value is not None:
-            if not isinstance(value, (str, int)):
-                raise ConfigError(f"{source}: cluster.{key}={value!r}: expected a string")
-            check_line(f"{source}: cluster.{key}", str(value))
-    for key, low in (("cpus_per_task", 1), ("time_limit_min", 1), ("gpus_per_node", 0),
-                     ("max_nodes", 1)):
-        value = getattr(cluster, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{source}: cluster.{key}={value!r}: expected a whole number "
-                              f">= {low}")
-    if cluster.mem_gb is not None and (isinstance(cluster.mem_gb, bool) or not isinstance(
-            cluster.mem_gb, (int, float)) or not 0 < cluster.mem_gb < math.inf):
-        raise ConfigError(f"{source}: cluster.mem_gb={cluster.mem_gb!r}: expected a positive "
-                          f"number of GB")
+            check_line(f"{source}: cluster.{key}", value)
     _extra_sbatch(plan)
     for i, line in enumerate(cluster.setup):
-        if not isinstance(line, str):
-            raise ConfigError(f"{source}: cluster.setup[{i}]={line!r}: expected a shell line")
         bad = _LINE_BREAK.search(line)
         if bad:
             raise ConfigError(f"{source}: cluster.setup[{i}]={line!r}: contains "
@@ -367,6 +350,24 @@ def check(plan: Plan, run_dir: Path) -> None:
         if res.gpus_per_node > 0 and res.tasks_per_node > res.gpus_per_node:
             raise ConfigError(f"{source}: {stage.name}: {res.tasks_per_node} ranks per node but "
                               f"cluster.gpus_per_node={res.gpus_per_node}")
+
+
+def check_partition(plan: Plan) -> None:
+    """The recipe's partition(s) exist on the cluster (``sinfo``); skipped where sinfo is not."""
+    cluster = plan.recipe.cluster
+    if not cluster.partition:
+        return
+    try:
+        done = _run(["sinfo", "-h", "-o", "%R"])
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if done.returncode != 0:
+        raise ConfigError(f"sinfo failed (is the cluster reachable?): {done.stderr.strip()}")
+    known = sorted(set(done.stdout.split()))
+    for name in cluster.partition.split(","):
+        if name not in known:
+            raise ConfigError(f"{plan.recipe.source}: cluster.partition={name!r}: no such "
+                              f"partition on this cluster; sinfo lists {known}")
 
 
 def render(plan: Plan, stage: Stage, run_dir: Path, dependency: Optional[str] = None) -> str:
@@ -483,6 +484,9 @@ class SlurmExecutor(Executor):
     def check(self, plan: Plan, run_dir: Path) -> None:
         check(plan, run_dir)
 
+    def check_cluster(self, plan: Plan) -> None:
+        check_partition(plan)
+
     def describe(self, plan: Plan, run_dir: Path) -> str:
         check(plan, run_dir)
         parts, previous = [], None
@@ -534,6 +538,7 @@ class SlurmExecutor(Executor):
         if stale:
             _run(["scancel", *stale])
         previous: Optional[str] = None
+        submitted: list[str] = []  # this call's new jobs, for an error after some were submitted
         for stage, kept in actions:
             entry = state.stage(stage.name)
             if kept:
@@ -547,7 +552,13 @@ class SlurmExecutor(Executor):
             dependency = ",".join(d for d in (f"afterok:{previous}" if previous else "",
                                               f"afterany:{ending[stage.name]}"
                                               if stage.name in ending else "") if d) or None
-            job_id = self._submit(plan, stage, run_dir, dependency, requeues)
+            try:
+                job_id = self._submit(plan, stage, run_dir, dependency, requeues)
+            except ConfigError as err:
+                queued = (f"{', '.join(submitted)} stay(s) queued" if submitted else
+                          "nothing was submitted")
+                raise ConfigError(f"{err}; {queued} (`mlmega resume {run_dir}` retries)") \
+                    from None
             entry.job_id, entry.status, entry.attempts = job_id, SUBMITTED, entry.attempts + 1
             entry.started = entry.ended = entry.exit_code = None
             state.save()
@@ -557,6 +568,7 @@ class SlurmExecutor(Executor):
                 + f": {res.nodes} node(s) x {res.tasks_per_node} rank(s); logs "
                   f"{submitit_folder(run_dir, stage).parent / job_id}")
             previous = job_id
+            submitted.append(f"{stage.name} (job {job_id})")
 
     def _submit(self, plan: Plan, stage: Stage, run_dir: Path, dependency: Optional[str],
                 requeues: int) -> str:
@@ -569,9 +581,7 @@ class SlurmExecutor(Executor):
                        max_requeues=requeues)
         executor = submitit.SlurmExecutor(folder=folder, python=python_executable())
         executor.update_parameters(**sbatch_parameters(plan, stage, run_dir, dependency))
-        return submit(executor, job, stage.name,
-                      f"; the stages submitted before it stay queued (`mlmega resume {run_dir}` "
-                      f"retries)").job_id
+        return submit(executor, job, stage.name).job_id
 
     def refresh(self, state: RunState, plan: Plan) -> None:
         run_dir = Path(state.run_dir)
@@ -603,7 +613,6 @@ class SlurmExecutor(Executor):
             broken = broken or entry.status in (FAILED, CANCELLED)
         if orphans:
             _run(["scancel", *orphans])
-        state.save()
 
     def cancel(self, state: RunState) -> None:
         unfinished = [e for e in state.stages if e.status not in FINAL_STATES]

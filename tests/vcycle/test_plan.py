@@ -104,7 +104,7 @@ def _write(tmp_path, changes: dict, base: str = "tiny-gpt") -> Path:
      r"num_layers=4 is not divisible by the adjacent factor 3"),
     ({"cluster": {"executor": "slurm", "partitoin": "gpu"}}, r"unknown key\(s\) \['partitoin'\]"),
     ({"schedule.lr": [1e-3]}, r"schedule.lr has 1 entries; expected 2 for 2 levels"),
-    ({"schedule.alpha": 1.5}, r"schedule.alpha=1.5: expected \[0, 1\]"),
+    ({"schedule.alpha": 1.5}, r"schedule.alpha=1.5: expected a number in \[0, 1\]"),
     ({"schedule.bottom_decay": "exp"}, r"schedule.bottom_decay='exp': expected one of"),
     ({"training.seq_length": 256}, r"seq_length=256 exceeds model.max_sequence_length=128"),
     ({"sizing.tp": 3}, r"TP=3, PP=1 do not divide the model"),
