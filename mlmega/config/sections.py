@@ -8,6 +8,7 @@ one :class:`ConfigError` line naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import math
@@ -93,7 +94,7 @@ def _problem(value: Any, kind: Any, allowed: Allowed) -> Optional[str]:
             if _problem(element, item, allowed):
                 return what
         return None
-    if origin in (dict, Mapping, typing.Mapping) or kind in (dict, Mapping):
+    if origin in (dict, collections.abc.Mapping) or kind is dict:
         return None if isinstance(value, Mapping) else "a mapping of NAME: value"
     if not isinstance(kind, type) or dataclasses.is_dataclass(kind):
         return None  # nested sections check themselves
