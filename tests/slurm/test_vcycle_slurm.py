@@ -387,12 +387,14 @@ def test_bad_values_are_refused_before_anything_exists_or_is_queued(
     assert name not in queued and name not in recorded
 
 
-def _jobs_named(prefix: str) -> list[str]:
-    """Job ids of every job (queued, running or ended in the last hour) whose name starts so."""
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName", "-S", "now-1hour"],
+def _jobs_named(prefix: str, since: str) -> list[str]:
+    """Ids of the jobs from id ``since`` on (the next 100) whose name starts with ``prefix``
+    (by id: sacct's time windows leave out jobs cancelled before they were ever eligible)."""
+    ids = ",".join(str(int(since) + i) for i in range(100))
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName", "-j", ids],
                          check=True, capture_output=True, text=True).stdout
     return sorted({line.split("|")[0] for line in out.splitlines()
-                   if line.split("|")[1].startswith(prefix)})
+                   if line.split("|")[1].startswith(prefix)}, key=int)
 
 
 def test_one_writer_per_run_and_resume_overrides(tmp_path, gpt_data):
@@ -421,7 +423,7 @@ def test_one_writer_per_run_and_resume_overrides(tmp_path, gpt_data):
     assert proc.returncode == 2, proc.stderr
     assert f"`mlmega resume` (pid {os.getpid()} on {socket.gethostname()})" in proc.stderr
     assert (run_dir / "recipe.yaml").read_text() == recorded
-    assert _jobs_named(f"mlmega-{name}-") == sorted(first), "nothing submitted"
+    assert _jobs_named(f"mlmega-{name}-", first[0]) == first, "nothing submitted"
 
     resumes = [subprocess.Popen([sys.executable, "-m", "mlmega", "resume", str(run_dir), "--set",
                                  "cluster.time_limit_min=7"], stdout=subprocess.PIPE,
@@ -431,7 +433,8 @@ def test_one_writer_per_run_and_resume_overrides(tmp_path, gpt_data):
     new = [s.job_id for s in RunState.load(run_dir).stages]
     try:
         assert not set(new) & set(first)
-        assert _jobs_named(f"mlmega-{name}-") == sorted(first + new), "one new chain, not two"
+        assert _jobs_named(f"mlmega-{name}-", first[0]) == sorted(first + new, key=int), \
+            "one new chain, not two"
         assert scontrol_job(new[0])["TimeLimit"] == "00:07:00"
         assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["cluster"][
             "time_limit_min"] == 7
