@@ -91,7 +91,7 @@ class LocalExecutor(Executor):
                 return
 
     def refresh(self, state: RunState, plan: Plan) -> None:
-        # a stage runs while its coordinator (this process's twin, "local:PID") holds the run
+        # a local stage runs while its coordinator ("local:PID") holds the run's writer lock
         coordinator = holder(Path(state.run_dir))
         for entry in state.stages:
             stage = plan.stage(entry.name)

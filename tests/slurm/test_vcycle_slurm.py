@@ -440,3 +440,18 @@ def test_one_writer_per_run_and_resume_overrides(tmp_path, gpt_data):
             "time_limit_min"] == 7
     finally:
         mlmega("cancel", run_dir)
+
+
+def test_a_refused_first_stage_says_nothing_was_submitted(tmp_path, gpt_data):
+    """sbatch refuses what only it checks (here an unknown node feature): the message says what
+    was queued (nothing), not that earlier stages were."""
+    name = f"refused-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.run([sys.executable, "-m", "mlmega", "run",
+                           str(write_recipe(tmp_path, gpt_data, name=name)), "--executor", "slurm",
+                           "--run-dir", str(tmp_path / "run"), "--set",
+                           "cluster.constraint=nosuchfeature"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "sbatch refused 0-pre-L0" in proc.stderr and "nothing was submitted" in proc.stderr
+    assert "queued" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert [s.job_id for s in RunState.load(tmp_path / "run").stages] == [None] * 3

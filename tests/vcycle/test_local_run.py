@@ -75,20 +75,28 @@ def test_vcycle_runs_end_to_end_and_resume_repeats_nothing(tmp_path, prepared):
     assert status.count("completed") == 3
 
 
-def test_cancel_midway_then_resume_completes(tmp_path, prepared):
-    run_dir = tmp_path / "run"
-    recipe = tiny_recipe(tmp_path, prepared["gpt"])
+def start_long_run(tmp_path: Path, data_dir: Path, run_dir: Path):
+    """``mlmega run`` in the background with a 2000-step bottom stage (long enough to stop while
+    it runs), returned once that stage has saved a checkpoint: (recipe, process)."""
+    recipe = tiny_recipe(tmp_path, data_dir)
     data = yaml.safe_load(recipe.read_text())
-    data["schedule"]["bottom_steps"] = 2000  # long enough to cancel while it runs
+    data["schedule"]["bottom_steps"] = 2000
     data["training"]["save_interval"] = 2
     recipe.write_text(yaml.safe_dump(data))
     proc = subprocess.Popen([sys.executable, "-m", "mlmega", "run", str(recipe), "--run-dir",
                              str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    bottom = run_dir / "stages" / "1-bottom-L1"
+    tracker = run_dir / "stages" / "1-bottom-L1" / "latest_checkpointed_iteration.txt"
     deadline = time.monotonic() + 300
-    while not (bottom / "latest_checkpointed_iteration.txt").exists():
+    while not tracker.exists():
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.2)
+    return recipe, proc
+
+
+def test_cancel_midway_then_resume_completes(tmp_path, prepared):
+    run_dir = tmp_path / "run"
+    _, proc = start_long_run(tmp_path, prepared["gpt"], run_dir)
+    bottom = run_dir / "stages" / "1-bottom-L1"
     mlmega("cancel", run_dir)
     assert proc.wait(timeout=120) == 1, "the run stops with its stage cancelled"
     state = RunState.load(run_dir)
@@ -149,18 +157,8 @@ def test_one_writer_kill9_and_a_copied_run_resumes_as_itself(tmp_path, prepared)
     import signal
 
     run_dir = tmp_path / "run"
-    recipe = tiny_recipe(tmp_path, prepared["gpt"])
-    data = yaml.safe_load(recipe.read_text())
-    data["schedule"]["bottom_steps"] = 2000
-    data["training"]["save_interval"] = 2
-    recipe.write_text(yaml.safe_dump(data))
-    proc = subprocess.Popen([sys.executable, "-m", "mlmega", "run", str(recipe), "--run-dir",
-                             str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    recipe, proc = start_long_run(tmp_path, prepared["gpt"], run_dir)
     bottom = run_dir / "stages" / "1-bottom-L1"
-    deadline = time.monotonic() + 300
-    while not (bottom / "latest_checkpointed_iteration.txt").exists():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.2)
 
     for argv in (["resume", run_dir], ["run", recipe, "--run-dir", run_dir]):
         second = subprocess.run([sys.executable, "-m", "mlmega", *map(str, argv)],
