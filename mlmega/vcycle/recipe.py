@@ -89,10 +89,18 @@ class ClusterConfig:
     cpus_per_task: int = checked(1, ge=1)
     tasks_per_node: Optional[int] = checked(None, ge=1)  # CPU clusters: ranks per node (default 1)
     mem_gb: Optional[float] = checked(None, gt=0)
-    time_limit_min: int = checked(60, ge=1)
     max_nodes: int = checked(1, ge=1)
+    # Each stage's --time: its planned time (measured where a run has timed it, else estimated from
+    # sizing.mfu) x time_limit_margin, at least time_limit_floor_min and at most time_limit_min (the
+    # partition's limit: a longer stage saves and requeues itself); time_limits[stage] overrides.
+    time_limit_min: int = checked(60, ge=1)
+    time_limit_margin: float = checked(1.5, ge=1)  # the planned time is multiplied by it
+    time_limit_floor_min: int = checked(30, ge=1)
+    time_limits: Mapping[str, int] = field(default_factory=dict)  # stage name -> minutes
     extra_sbatch: tuple[str, ...] = ()  # extra "--key=value" sbatch options
     setup: tuple[str, ...] = ()  # shell lines run before the job (module load, venv activate)
+    python: Optional[str] = None  # the job's interpreter (default: the one running mlmega)
+    wckey: Optional[str] = None  # sbatch --wckey (none unless set)
     env: Mapping[str, str] = field(default_factory=dict)  # exported to the job, quoted
 
 
