@@ -228,7 +228,7 @@ def stage_executor(plan: Plan, stage: Stage, run_dir: Path,
     return executor
 
 
-def submit(executor, fn, what: str, hint: str = ""):
+def submit(executor, fn, what: str):
     """``executor.submit(fn)``; ConfigError naming ``what`` when sbatch refuses the job."""
     from submitit.helpers import clean_env
 
@@ -241,7 +241,7 @@ def submit(executor, fn, what: str, hint: str = ""):
                 return executor.submit(fn)
         return executor.submit(fn)
     except (RuntimeError, subprocess.CalledProcessError, OSError) as err:
-        raise ConfigError(f"sbatch refused {what}: {err}{hint}") from None
+        raise ConfigError(f"sbatch refused {what}: {err}") from None
 
 
 def max_requeues(plan: Plan) -> int:
