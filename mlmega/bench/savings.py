@@ -28,6 +28,7 @@ from mlmega.launch.executor import LocalExecutor
 from mlmega.vcycle.plan import Plan, plan_vcycle
 from mlmega.vcycle.recipe import Recipe, recipe_from_dict
 from mlmega.vcycle.report import read_metrics
+from mlmega.vcycle.lock import RunLock
 from mlmega.vcycle.run import RunState, create_run, stage_dir
 
 
@@ -51,11 +52,13 @@ def run_recipe(recipe: Recipe, run_dir: Path, data_dir: Path, baseline: bool,
     """Run the V-cycle (or its baseline) of ``recipe`` in ``run_dir``; reuse a finished run."""
     plan = plan_vcycle(recipe)
     stages = [plan.baseline] if baseline else list(plan.stages)
-    if (run_dir / "state.json").exists():
-        state = RunState.load(run_dir)
-    else:
-        state = create_run(plan, run_dir, data_dir, "local", stages)
-    LocalExecutor().launch(state, plan, log=log)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir, "bench savings"):
+        if (run_dir / "state.json").exists():
+            state = RunState.load(run_dir)
+        else:
+            state = create_run(plan, run_dir, data_dir, "local", stages)
+        LocalExecutor().launch(state, plan, log=log)
     if any(s.status != "completed" for s in state.stages):
         raise RuntimeError(f"{run_dir}: the run did not complete; see {run_dir}/logs")
     return plan, curve_of(run_dir, state, "baseline" if baseline else recipe.name)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from mlmega.launch.local import run_ranks_locally
+from mlmega.vcycle.lock import holder
 from mlmega.vcycle.plan import Plan, Stage
 from mlmega.vcycle.run import (CANCELLED, COMPLETED, FAILED, FINAL_STATES, RUNNING, RunState,
                                stage_config_path, stage_finished)
@@ -31,7 +32,7 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def refresh(self, state: RunState, plan: Plan) -> None:
-        """Update stage statuses from what the jobs did."""
+        """Update stage statuses (in memory) from what the jobs did."""
 
     @abc.abstractmethod
     def cancel(self, state: RunState) -> None:
@@ -40,6 +41,10 @@ class Executor(abc.ABC):
     def check(self, plan: Plan, run_dir: Path) -> None:
         """Raise ConfigError for what this executor cannot start (called before the run directory
         is written or anything is submitted)."""
+
+    def check_cluster(self, plan: Plan) -> None:
+        """Raise ConfigError for what the cluster itself refuses (asked of the cluster; called
+        before the run directory is written, not for --dry-run)."""
 
 
 class LocalExecutor(Executor):
@@ -86,27 +91,21 @@ class LocalExecutor(Executor):
                 return
 
     def refresh(self, state: RunState, plan: Plan) -> None:
+        # a local stage runs while its coordinator ("local:PID") holds the run's writer lock
+        coordinator = holder(Path(state.run_dir))
         for entry in state.stages:
             stage = plan.stage(entry.name)
-            if entry.status == RUNNING and entry.job_id and not _alive(entry.job_id):
+            if entry.status == RUNNING and (coordinator is None or
+                                            entry.job_id != f"local:{coordinator.pid}"):
                 entry.status = COMPLETED if stage_finished(Path(state.run_dir), stage) else FAILED
-        state.save()
 
     def cancel(self, state: RunState) -> None:
+        """Mark the unfinished stages cancelled (the caller has stopped the coordinator first:
+        :func:`mlmega.vcycle.lock.stop_local_holder`)."""
         for entry in state.stages:
             if entry.status not in FINAL_STATES:
-                if entry.status == RUNNING and entry.job_id and _alive(entry.job_id):
-                    os.kill(int(entry.job_id.split(":")[1]), signal.SIGTERM)
                 entry.status = CANCELLED
         state.save()
-
-
-def _alive(job_id: str) -> bool:
-    try:
-        os.kill(int(job_id.split(":")[1]), 0)
-        return True
-    except (OSError, ValueError, IndexError):
-        return False
 
 
 def make_executor(name: str) -> Executor:

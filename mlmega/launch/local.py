@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -17,7 +18,8 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
     """Start ``python -m mlmega ARGV`` on ``nprocs`` ranks; rank 0 prints here, the others to
     ``log_dir/rank_N.log`` (or nowhere). If a rank fails, the rest are stopped; returns the exit
     code of the rank that failed first (or 0). SIGTERM/SIGUSR1/SIGUSR2 sent to this process are
-    passed on to every rank (which save a checkpoint and exit)."""
+    passed on to every rank (which save a checkpoint and exit); if this process dies (even by
+    SIGKILL), the kernel kills the ranks (Linux), so no trainer outlives its coordinator."""
     port = free_port()
     procs = []
     for rank in range(nprocs):
@@ -29,7 +31,8 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
             out = open(os.path.join(log_dir, f"rank_{rank}.log"), "w") if log_dir \
                 else subprocess.DEVNULL
         procs.append(subprocess.Popen([sys.executable, "-m", "mlmega", *argv], env=rank_env,
-                                      stdout=out, stderr=subprocess.STDOUT if out else None))
+                                      stdout=out, stderr=subprocess.STDOUT if out else None,
+                                      preexec_fn=_die_with(os.getpid())))
     codes: dict[int, int] = {}  # in the order the ranks ended
 
     def forward(signum, frame):  # cancel/preempt: every rank saves and exits (code 3)
@@ -54,6 +57,22 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return next((code for code in codes.values() if code != 0), 0)  # the first failure's code
+
+
+def _die_with(parent: int):
+    """A ``preexec_fn``: the child gets SIGKILL when ``parent`` dies (``PR_SET_PDEATHSIG``)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the line above
+            os._exit(1)
+
+    return arm
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _stop(procs) -> None:

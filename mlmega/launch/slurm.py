@@ -228,7 +228,7 @@ def stage_executor(plan: Plan, stage: Stage, run_dir: Path,
     return executor
 
 
-def submit(executor, fn, what: str, hint: str = ""):
+def submit(executor, fn, what: str):
     """``executor.submit(fn)``; ConfigError naming ``what`` when sbatch refuses the job."""
     from submitit.helpers import clean_env
 
@@ -241,7 +241,7 @@ def submit(executor, fn, what: str, hint: str = ""):
                 return executor.submit(fn)
         return executor.submit(fn)
     except (RuntimeError, subprocess.CalledProcessError, OSError) as err:
-        raise ConfigError(f"sbatch refused {what}: {err}{hint}") from None
+        raise ConfigError(f"sbatch refused {what}: {err}") from None
 
 
 def max_requeues(plan: Plan) -> int:
@@ -313,8 +313,6 @@ def _extra_sbatch(plan: Plan) -> dict[str, Any]:
     source = plan.recipe.source
     for i, item in enumerate(plan.recipe.cluster.extra_sbatch):
         where = f"{source}: cluster.extra_sbatch[{i}]"
-        if not isinstance(item, str):
-            raise ConfigError(f"{where}: expected a string like '--key=value', got {item!r}")
         check_line(where, item)
         if not item.startswith("--"):
             raise ConfigError(f"{where}={item!r}: expected '--key=value' or '--flag'")
@@ -351,30 +349,14 @@ def check(plan: Plan, run_dir: Path) -> None:
     recipe, cluster, source = plan.recipe, plan.recipe.cluster, plan.recipe.source
     check_line(f"{source}: name", str(recipe.name))
     check_line("--run-dir", str(run_dir))
-    if cluster.python is not None and not isinstance(cluster.python, str):
-        raise ConfigError(f"{source}: cluster.python={cluster.python!r}: expected the path of "
-                          f"the job's python (or a name on its PATH after cluster.setup)")
     check_line(f"{source}: cluster.python" if cluster.python else "python executable",
                cluster.python or sys.executable)
-    for key in ("partition", "account", "qos", "constraint", "wckey"):
+    for key in ("partition", "account", "qos", "constraint", "wckey"):  # types: the recipe's
         value = getattr(cluster, key)
         if value is not None:
-            if not isinstance(value, (str, int)):
-                raise ConfigError(f"{source}: cluster.{key}={value!r}: expected a string")
-            check_line(f"{source}: cluster.{key}", str(value))
-    for key, low in (("cpus_per_task", 1), ("gpus_per_node", 0), ("max_nodes", 1)):
-        value = getattr(cluster, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{source}: cluster.{key}={value!r}: expected a whole number "
-                              f">= {low}")
-    if cluster.mem_gb is not None and (isinstance(cluster.mem_gb, bool) or not isinstance(
-            cluster.mem_gb, (int, float)) or not 0 < cluster.mem_gb < math.inf):
-        raise ConfigError(f"{source}: cluster.mem_gb={cluster.mem_gb!r}: expected a positive "
-                          f"number of GB")
+            check_line(f"{source}: cluster.{key}", value)
     _extra_sbatch(plan)
     for i, line in enumerate(cluster.setup):
-        if not isinstance(line, str):
-            raise ConfigError(f"{source}: cluster.setup[{i}]={line!r}: expected a shell line")
         bad = _LINE_BREAK.search(line)
         if bad:
             raise ConfigError(f"{source}: cluster.setup[{i}]={line!r}: contains "
@@ -423,6 +405,24 @@ def _signal_delay_s(plan: Plan) -> int:
         return SIGNAL_DELAY_S
     _, at, seconds = spec.partition("@")
     return int(seconds) if at else 60  # sbatch's default for --signal=SIG without @
+
+
+def check_partition(plan: Plan) -> None:
+    """The recipe's partition(s) exist on the cluster (``sinfo``); skipped where sinfo is not."""
+    cluster = plan.recipe.cluster
+    if not cluster.partition:
+        return
+    try:
+        done = _run(["sinfo", "-h", "-o", "%R"])
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if done.returncode != 0:
+        raise ConfigError(f"sinfo failed (is the cluster reachable?): {done.stderr.strip()}")
+    known = sorted(set(done.stdout.split()))
+    for name in cluster.partition.split(","):
+        if name not in known:
+            raise ConfigError(f"{plan.recipe.source}: cluster.partition={name!r}: no such "
+                              f"partition on this cluster; sinfo lists {known}")
 
 
 def render(plan: Plan, stage: Stage, run_dir: Path, dependency: Optional[str] = None) -> str:
@@ -540,6 +540,9 @@ class SlurmExecutor(Executor):
     def check(self, plan: Plan, run_dir: Path) -> None:
         check(plan, run_dir)
 
+    def check_cluster(self, plan: Plan) -> None:
+        check_partition(plan)
+
     def describe(self, plan: Plan, run_dir: Path) -> str:
         check(plan, run_dir)
         cluster = plan.recipe.cluster
@@ -599,6 +602,7 @@ class SlurmExecutor(Executor):
         if stale:
             _run(["scancel", *stale])
         previous: Optional[str] = None
+        submitted: list[str] = []  # this call's new jobs, for an error after some were submitted
         for stage, kept in actions:
             entry = state.stage(stage.name)
             if kept:
@@ -612,7 +616,13 @@ class SlurmExecutor(Executor):
             dependency = ",".join(d for d in (f"afterok:{previous}" if previous else "",
                                               f"afterany:{ending[stage.name]}"
                                               if stage.name in ending else "") if d) or None
-            job_id = self._submit(plan, stage, run_dir, dependency, requeues)
+            try:
+                job_id = self._submit(plan, stage, run_dir, dependency, requeues)
+            except ConfigError as err:
+                queued = (f"{', '.join(submitted)} stay(s) queued" if submitted else
+                          "nothing was submitted")
+                raise ConfigError(f"{err}; {queued} (`mlmega resume {run_dir}` retries)") \
+                    from None
             entry.job_id, entry.status, entry.attempts = job_id, SUBMITTED, entry.attempts + 1
             entry.started = entry.ended = entry.exit_code = None
             state.save()
@@ -622,6 +632,7 @@ class SlurmExecutor(Executor):
                 + f": {res.nodes} node(s) x {res.tasks_per_node} rank(s); logs "
                   f"{submitit_folder(run_dir, stage).parent / job_id}")
             previous = job_id
+            submitted.append(f"{stage.name} (job {job_id})")
 
     def _submit(self, plan: Plan, stage: Stage, run_dir: Path, dependency: Optional[str],
                 requeues: int) -> str:
@@ -629,9 +640,7 @@ class SlurmExecutor(Executor):
                        config=str(stage_config_path(run_dir, stage.name)),
                        save_dir=str(stage_dir(run_dir, stage.name)), steps=stage.steps,
                        max_requeues=requeues)
-        return submit(stage_executor(plan, stage, run_dir, dependency), job, stage.name,
-                      f"; the stages submitted before it stay queued (`mlmega resume {run_dir}` "
-                      f"retries)").job_id
+        return submit(stage_executor(plan, stage, run_dir, dependency), job, stage.name).job_id
 
     def refresh(self, state: RunState, plan: Plan) -> None:
         run_dir = Path(state.run_dir)
@@ -663,7 +672,6 @@ class SlurmExecutor(Executor):
             broken = broken or entry.status in (FAILED, CANCELLED)
         if orphans:
             _run(["scancel", *orphans])
-        state.save()
 
     def cancel(self, state: RunState) -> None:
         unfinished = [e for e in state.stages if e.status not in FINAL_STATES]

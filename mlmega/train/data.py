@@ -29,16 +29,6 @@ def open_datasets(arch: str, data_dir: str, seq_length: int, seed: int, train_sa
             BertMLMDataset.from_prepared(data_dir, "val", seq_length, seed, val_samples))
 
 
-def check_vocabulary(data_dir: str, vocab_size: int, source: str) -> None:
-    """The model's vocabulary must hold every token id of the prepared data."""
-    from mlmega.data.gpt import load_tokenizer
-
-    data_vocab = load_tokenizer(data_dir).vocab_size
-    if data_vocab > vocab_size:
-        raise ConfigError(f"{source}: model.vocab_size={vocab_size} is smaller than the tokenizer "
-                          f"of {data_dir} ({data_vocab} tokens)")
-
-
 class Batches:
     """The micro-batches of one DP rank, by step."""
 

@@ -21,12 +21,13 @@ import torch.distributed as dist
 
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.config.errors import ConfigError
+from mlmega.data.prepare import check_prepared
 from mlmega.models.build import build_model
 from mlmega.models.flops import training_flops_per_token
 from mlmega.parallel.setup import init_model_parallel, init_process_group
 from mlmega.train import checkpointing
 from mlmega.train.config import TrainConfig
-from mlmega.train.data import Batches, check_vocabulary, open_datasets
+from mlmega.train.data import Batches, open_datasets
 from mlmega.train.metrics import MetricsLog, StepTimer
 from mlmega.train.signals import StopFlag
 
@@ -161,7 +162,7 @@ def _init_distributed(cfg: TrainConfig) -> int:
         raise ConfigError(f"{cfg.source}: global_batch_size={cfg.global_batch_size} is not "
                           f"divisible by micro_batch_size x DP = {cfg.micro_batch_size} x {dp}")
     ShardLayout(cfg.model, cfg.tp, cfg.pp)  # heads/layers divisible by TP/PP
-    check_vocabulary(cfg.data_dir, cfg.model.vocab_size, cfg.source)
+    check_prepared(cfg.data_dir, cfg.model.arch, cfg.model.vocab_size, cfg.source)
     init_process_group()
     init_model_parallel(cfg.tp, cfg.pp, seed=cfg.seed)
     return world

@@ -32,6 +32,10 @@ def register(sub) -> None:
                                            "others from their latest checkpoints", _resume)):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("run_dir")
+        if name == "resume":
+            cmd.add_argument("--set", action="append", default=[], metavar="cluster.KEY=VALUE",
+                             help="change a cluster setting for the rest of the run (time limit, "
+                                  "partition, ...), recorded in RUN_DIR/recipe.yaml")
         cmd.set_defaults(handler=handler)
 
 
@@ -51,6 +55,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from mlmega.launch.executor import make_executor
+    from mlmega.vcycle.lock import RunLock
     from mlmega.vcycle.run import create_run
     from mlmega.vcycle.tables import print_plan
 
@@ -64,15 +69,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(executor.describe(plan, run_dir))
         return 0
+    executor.check_cluster(plan)
     data_dir = _ensure_data(recipe)
-    state = create_run(plan, run_dir, data_dir, executor.name)
-    print(f"run directory: {run_dir}")
-    executor.launch(state, plan)
-    return _report(state, plan)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir, "run"):
+        state = create_run(plan, run_dir, data_dir, executor.name)
+        print(f"run directory: {run_dir}")
+        executor.launch(state, plan)
+        return _report(state, plan)
 
 
 def _ensure_data(recipe) -> Path:
-    from mlmega.data.prepare import PrepareOptions, prepare
+    """The recipe's prepared data directory (prepared now when it is missing and may be), checked
+    against the recipe's model (arch, vocabulary, tokenizer)."""
+    from mlmega.data.prepare import PrepareOptions, check_prepared, prepare
 
     data_dir = Path(recipe.data.dir.format(arch=recipe.model.arch)).resolve()
     if not (data_dir / "meta.json").exists():
@@ -83,6 +93,8 @@ def _ensure_data(recipe) -> Path:
         print(f"preparing data in {data_dir}")
         prepare(PrepareOptions(out=data_dir, inputs=recipe.data.inputs,
                                vocab_size=recipe.data.vocab_size, arch=recipe.model.arch))
+    check_prepared(data_dir, recipe.model.arch, recipe.model.vocab_size, recipe.source,
+                   recipe.data.vocab_size if recipe.data.prepare else None)
     return data_dir
 
 
@@ -103,21 +115,33 @@ def _report(state, plan) -> int:
     return 0 if state.executor == "slurm" else 1
 
 
-def _reload(run_dir: str):
+def _reload(run_dir: str, overrides=()):
+    """A run's state, plan (its recorded recipe, with ``overrides``) and executor."""
     from mlmega.launch.executor import make_executor
     from mlmega.vcycle.run import RunState
 
     state = RunState.load(run_dir)
-    plan = _load(str(Path(run_dir) / "recipe.yaml"), [])
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if not key.startswith("cluster.") or key == "cluster.executor":
+            raise ConfigError(f"resume --set {item}: only cluster settings (cluster.KEY=VALUE, "
+                              f"not cluster.executor) can change in a run that exists")
+    plan = _load(str(Path(run_dir) / "recipe.yaml"), overrides)
     return state, plan, make_executor(state.executor)
 
 
 def _status(args: argparse.Namespace) -> int:
+    from mlmega.vcycle.lock import RunBusy, RunLock
     from mlmega.vcycle.report import plot_run
     from mlmega.vcycle.tables import print_status
 
     state, plan, executor = _reload(args.run_dir)
     executor.refresh(state, plan)
+    try:  # record what the jobs did, unless another process writes the run now
+        with RunLock(Path(args.run_dir), "status"):
+            state.save()
+    except RunBusy:
+        pass
     print_status(state, plan)
     png = plot_run(Path(args.run_dir), [s.name for s in plan.stages],
                    Path(args.run_dir) / "loss.png", title=plan.recipe.name)
@@ -126,20 +150,34 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    state, plan, executor = _reload(args.run_dir)
-    executor.cancel(state)
+    from mlmega.vcycle.lock import RunLock, stop_local_holder
+    from mlmega.vcycle.run import RunState
+
+    run_dir = Path(args.run_dir)
+    if RunState.load(run_dir).executor == "local":
+        stop_local_holder(run_dir)  # its stage saves, and it records the cancel itself
+    with RunLock(run_dir, "cancel"):
+        state, plan, executor = _reload(args.run_dir)
+        executor.cancel(state)
     print(f"cancelled the unfinished stages of {args.run_dir}")
     return 0
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from mlmega.vcycle.run import COMPLETED, PENDING
+    from mlmega.vcycle.lock import RunLock
+    from mlmega.vcycle.run import COMPLETED, PENDING, record_recipe
 
-    state, plan, executor = _reload(args.run_dir)
-    executor.refresh(state, plan)
-    for entry in state.stages:
-        if entry.status != COMPLETED:
-            entry.status = PENDING
-    state.save()
-    executor.launch(state, plan)
-    return _report(state, plan)
+    with RunLock(Path(args.run_dir), "resume"):
+        state, plan, executor = _reload(args.run_dir, args.set)
+        executor.check(plan, Path(state.run_dir))
+        executor.check_cluster(plan)
+        _ensure_data(plan.recipe)
+        if args.set:
+            record_recipe(Path(state.run_dir), plan.recipe)
+        executor.refresh(state, plan)
+        for entry in state.stages:
+            if entry.status != COMPLETED:
+                entry.status = PENDING
+        state.save()
+        executor.launch(state, plan)
+        return _report(state, plan)

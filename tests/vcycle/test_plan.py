@@ -105,11 +105,15 @@ def _write(tmp_path, changes: dict, base: str = "tiny-gpt") -> Path:
      r"num_layers=4 is not divisible by the adjacent factor 3"),
     ({"cluster": {"executor": "slurm", "partitoin": "gpu"}}, r"unknown key\(s\) \['partitoin'\]"),
     ({"schedule.lr": [1e-3]}, r"schedule.lr has 1 entries; expected 2 for 2 levels"),
-    ({"schedule.alpha": 1.5}, r"schedule.alpha=1.5: expected \[0, 1\]"),
+    ({"schedule.alpha": 1.5}, r"schedule.alpha=1.5: expected a number in \[0, 1\]"),
     ({"schedule.bottom_decay": "exp"}, r"schedule.bottom_decay='exp': expected one of"),
     ({"training.seq_length": 256}, r"seq_length=256 exceeds model.max_sequence_length=128"),
     ({"sizing.tp": 3}, r"sizing.tp=3 does not divide the model \(4 heads"),
     ({"color": "red"}, r"unknown recipe section\(s\) \['color'\]"),
+    ({"cluster.python": ["python"]}, r"cluster.python=\['python'\]: expected a string"),
+    ({"cluster.time_limit_margin": 0.5}, r"cluster.time_limit_margin=0.5: expected a number >= 1"),
+    ({"cluster.time_limit_floor_min": 0}, r"cluster.time_limit_floor_min=0: expected an integer"),
+    ({"cluster.time_limit_min": 0}, r"cluster.time_limit_min=0: expected an integer >= 1"),
 ])
 def test_bad_recipes_fail_before_anything_runs(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):

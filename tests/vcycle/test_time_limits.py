@@ -91,9 +91,9 @@ def test_cpu_nodes_use_the_cap_until_a_step_is_timed(tmp_path):
     ("cluster.time_limits={0-pre-L1: 60}", r"cluster.time_limits.0-pre-L1: no such stage; the "
                                            r"stages are \['0-pre-L0', '1-bottom-L1', '2-post-L0'\]"),
     ("cluster.time_limits={0-pre-L0: 1.5}", r"cluster.time_limits.0-pre-L0=1.5: expected a whole"),
-    ("cluster.time_limits=[60]", r"cluster.time_limits: expected a mapping"),
+    ("cluster.time_limits=[60]", r"cluster.time_limits=\[60\]: expected a mapping"),
     ("cluster.time_limit_margin=0.9", r"cluster.time_limit_margin=0.9: expected a number >= 1"),
-    ("cluster.time_limit_floor_min=-5", r"cluster.time_limit_floor_min=-5: expected a whole"),
+    ("cluster.time_limit_floor_min=-5", r"cluster.time_limit_floor_min=-5: expected an integer"),
 ])
 def test_bad_time_limit_settings_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
