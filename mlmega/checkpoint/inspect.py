@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlmega.checkpoint.dist_format import DistCheckpoint, open_checkpoint
+from mlmega.checkpoint.dist_format import open_checkpoint
 from mlmega.models.params import global_shape, iter_params, num_parameters
 
 
@@ -13,7 +13,7 @@ def describe(path: str | Path, tensors: bool = False) -> dict:
     ckpt = open_checkpoint(path)
     ckpt.validate_tensors()
     layout, cfg = ckpt.layout, ckpt.layout.cfg
-    info = dict(format="torch_dist" if isinstance(ckpt, DistCheckpoint) else "torch", arch=cfg.arch, iteration=ckpt.iteration, tp=layout.tp,
+    info = dict(format=ckpt.FORMAT, arch=cfg.arch, iteration=ckpt.iteration, tp=layout.tp,
                 pp=layout.pp, layers_per_stage=list(layout.layers_per_stage),
                 parameters=num_parameters(cfg), model=cfg.to_dict())
     if tensors:

@@ -257,10 +257,10 @@ def _load_init(model, cfg: TrainConfig, layout: ShardLayout, tp_rank: int, pp_ra
     init = cfg.init
     plan = plan_conversion(init.op, init.checkpoint, None, target_tp=cfg.tp, target_pp=cfg.pp,
                            schemes=init.schemes, large=init.large, alpha=init.alpha)
-    if plan.target.cfg.replace(source="") != cfg.model.replace(source=""):
-        raise ConfigError(f"{cfg.source}: init {init.op} of {init.checkpoint} gives the model "
-                          f"{plan.target.cfg.to_dict()}, but this stage trains "
-                          f"{cfg.model.to_dict()}")
+    if plan.target.cfg != cfg.model:
+        raise ConfigError(f"{cfg.source}: init {init.op} of {init.checkpoint} gives another model "
+                          f"than this stage trains (init vs stage): "
+                          f"{plan.target.cfg.differences(cfg.model)}")
     dtype = next(model.parameters()).dtype
     state = {name: tensor.to(dtype) for name, tensor in rank_tensors(plan, tp_rank, pp_rank)}
     _load_model(model, state, f"init from {init.checkpoint}")
