@@ -126,11 +126,9 @@ class Recipe:
     def level_models(self) -> list[ModelConfig]:
         """The model of every level, largest first (validates every scheme against its level)."""
         models = [self.model]
-        for k, schemes in enumerate(self.levels):
-            try:
-                models.append(LevelMap.from_large(models[-1], schemes).small)
-            except ConfigError as err:
-                raise ConfigError(f"{self.source}: levels[{k}]: {err}") from None
+        for k, schemes in enumerate(self.levels):  # errors name the scheme or the level's model
+            large = models[-1].replace(source=f"{self.source}: levels[{k}]")
+            models.append(LevelMap.from_large(large, schemes).small)
         return models
 
     def validate(self) -> None:
@@ -208,7 +206,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str) -> Recipe:
         raise ConfigError(f"{source}: levels: expected a list of {{width, depth}} schemes")
     return Recipe(
         name=str(data["name"]),
-        model=ModelConfig.from_dict(data["model"], f"{source}: model"),
+        model=ModelConfig.from_dict(data["model"], source),
         levels=tuple(LevelSchemes.from_dict(lv, f"{source}: levels[{i}]")
                      for i, lv in enumerate(levels)),
         schedule=section_from_mapping(ScheduleConfig, data["schedule"], f"{source}: schedule"),

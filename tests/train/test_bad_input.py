@@ -70,3 +70,13 @@ def test_resuming_another_model_names_what_differs(tmp_path, model_parallel):
                         ShardLayout(cfg.replace(num_layers=4), 1, 2))
     assert str(err.value).endswith("(checkpoint vs stage): num_layers=2 vs 4, TP=1 vs 1, "
                                    "PP=1 vs 2 (use a fresh save_dir, or convert it)"), err.value
+
+
+def test_a_bad_model_is_named_once(tmp_path, prepared):
+    from mlmega.config.errors import ConfigError
+    from mlmega.train.config import TrainConfig
+
+    config = stage_config(tmp_path, "run", prepared["gpt"], model=model_section("gpt", num_layers=0))
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_yaml(config)
+    assert str(err.value) == f"{config}: model.num_layers=0: expected a positive integer"
