@@ -23,6 +23,7 @@ from mlmega.checkpoint.layout import ShardLayout
 from mlmega.config.errors import ConfigError
 from mlmega.models.build import build_model
 from mlmega.models.flops import training_flops_per_token
+from mlmega.models.megatron_warnings import fallback_note
 from mlmega.parallel.setup import init_model_parallel, init_process_group
 from mlmega.train import checkpointing
 from mlmega.train.config import TrainConfig
@@ -83,6 +84,9 @@ def train(cfg: TrainConfig) -> dict:
     _log(is_logger, f"training {cfg.model.arch} {cfg.model.num_layers}L-{cfg.model.hidden_size} "
                     f"TP={cfg.tp} PP={cfg.pp} DP={dp} steps {start_step}->{cfg.steps} "
                     f"({world} ranks, {str(dtype).replace('torch.', '')})")
+    note = fallback_note()  # said once per job, here: megatron's own warnings are silenced
+    if note:
+        _log(is_logger, note)
 
     def save(step: int) -> None:
         checkpointing.save(save_dir, layout, step, model.state_dict(), optimizer.state_dict(),
