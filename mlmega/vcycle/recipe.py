@@ -117,6 +117,7 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sizing: SizingConfig = field(default_factory=SizingConfig)
+    baseline: Optional[str] = None  # a baseline run (its directory or metrics) for the loss plot
     source: str = field(default="<recipe>", compare=False)
 
     @property
@@ -146,6 +147,9 @@ class Recipe:
         if s.bottom_decay not in DECAY_STYLES:  # it becomes the stage's decay_style
             raise ConfigError(f"{self.source}: schedule.bottom_decay={s.bottom_decay!r}: "
                               f"expected one of {list(DECAY_STYLES)}")
+        if self.baseline is not None and not isinstance(self.baseline, str):
+            raise ConfigError(f"{self.source}: baseline={self.baseline!r}: expected the path of "
+                              f"a baseline run directory or metrics file")
         if self.cluster.executor not in ("local", "slurm"):
             raise ConfigError(f"{self.source}: cluster.executor={self.cluster.executor!r}: "
                               f"expected 'local' or 'slurm'")
@@ -214,6 +218,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str) -> Recipe:
         training=section_from_mapping(TrainingConfig, data.get("training", {}), f"{source}: training"),
         cluster=section_from_mapping(ClusterConfig, data.get("cluster", {}), f"{source}: cluster"),
         sizing=section_from_mapping(SizingConfig, data.get("sizing", {}), f"{source}: sizing"),
+        baseline=data.get("baseline"),
         source=source,
     )
 
