@@ -3,7 +3,7 @@ optional fused kernels (Apex, TransformerEngine) said once instead.
 
 Without those kernels megatron-core falls back to torch (norms, AdamW, multi-tensor ops, grad
 clipping) and says so with a warning from each of several modules as they are imported, in every
-process: on SLURM, eight lines in every rank's ``.err``. Importing :mod:`mlmega` runs
+process: on SLURM, ten warnings in every rank's ``.err``. Importing :mod:`mlmega` runs
 :func:`silence`; training's rank 0 prints :func:`fallback_note` once.
 """
 
@@ -14,7 +14,10 @@ import warnings
 from typing import Optional
 
 _NOISE = ("Transformer Engine and Apex are not installed", "Apex is not installed",
-          "full scope is deprecated")  # the last: TransformerConfig's own default cuda_graph_scope
+          "full scope is deprecated",  # TransformerConfig's own default cuda_graph_scope
+          # per TP rank; GPU jobs with TP > 1 set it (launch.slurm), elsewhere it does not apply
+          "When using async grad allreduce it is recommended to set the environment variable "
+          "CUDA_DEVICE_MAX_CONNECTIONS")
 _KERNELS = (("Apex", "apex"), ("TransformerEngine", "transformer_engine"))
 
 
