@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mlmega.launch.local import run_ranks_locally
 
 pytestmark = [pytest.mark.slow]
