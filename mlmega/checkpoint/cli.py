@@ -44,8 +44,12 @@ def register(sub) -> None:
     convert.add_argument("--slurm-logs", help="slurm: submitit's folder (default: DST.slurm)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     convert.add_argument("--checksums", action="store_true",
-                         help="store zip CRC32s in torch-format files (for zip tools; torch.load "
-                              "never checks them; writing is ~5x slower)")
+                         help="also store zip CRC32s in torch-format files (for zip tools; "
+                              "mlmega checks its own xxh3 manifests; writing is ~5x slower)")
+    convert.add_argument("--no-verify", action="store_true",
+                         help="skip checking the sources' record checksums before reading them")
+    convert.add_argument("--check-finite", action="store_true",
+                         help="refuse source tensors that hold NaN or Inf values")
     _vocab_options(convert)
     convert.set_defaults(handler=_convert)
 
@@ -97,7 +101,8 @@ def _convert(args: argparse.Namespace) -> int:
                            schemes=_schemes(args), large=args.large,
                            alpha=args.alpha, fmt=args.format, overwrite=args.overwrite,
                            checksums=args.checksums, vocab_size=args.vocab_size,
-                           tokenizer=args.tokenizer)
+                           tokenizer=args.tokenizer, verify=not args.no_verify,
+                           check_finite=args.check_finite)
     run_conversion(plan, workers=args.workers, overwrite=args.overwrite, runner=runner)
     return 0
 

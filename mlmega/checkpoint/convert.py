@@ -16,10 +16,13 @@ the marker.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import os
 import shutil
+import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -33,6 +36,7 @@ import torch
 from mlmega.checkpoint.atomic import check_destination, publish, staging_dir, write_text_atomic
 from mlmega.checkpoint.dist_format import (finalize_dist, open_checkpoint, save_dist_full_state,
                                            write_dist_rank)
+from mlmega.checkpoint.errors import CheckpointError
 from mlmega.checkpoint.layout import ShardLayout, tokenizer_args
 from mlmega.checkpoint.streaming import (LazyTensor, RowBlocks, StreamingWriter,
                                            reuse_freed_memory)
@@ -64,6 +68,8 @@ class ConversionPlan:
     vocab_size: Optional[int] = None  # the source's true vocabulary, resolved once (workers reopen)
     vocab_source: str = ""  # where vocab_size came from
     source_args: Optional[dict] = None  # Megatron args carried to the output (the tokenizer's)
+    verify: bool = True  # check the sources' record checksums before reading (--no-verify)
+    check_finite: bool = False  # refuse source tensors holding NaN/Inf (--check-finite)
 
     @property
     def ranks(self) -> list[tuple[int, int]]:
@@ -73,6 +79,11 @@ class ConversionPlan:
     def output_args(self) -> dict:
         """Args the output's files hold besides its layout's (:meth:`ShardLayout.megatron_args`)."""
         return {**(self.source_args or {}), "mlmega_converted_by": self.op}
+
+    @property
+    def sources(self) -> list[Path]:
+        """The checkpoints read (which the destination must not overlap)."""
+        return [self.src] + ([self.large] if self.large else [])
 
 
 @dataclass(frozen=True)
@@ -91,13 +102,15 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
                     large: Optional[str | Path] = None, alpha: Optional[float] = None,
                     fmt: str = "torch", overwrite: bool = False, checksums: bool = False,
                     vocab_size: Optional[int] = None,
-                    tokenizer: Optional[str | Path] = None) -> ConversionPlan:
+                    tokenizer: Optional[str | Path] = None, verify: bool = True,
+                    check_finite: bool = False) -> ConversionPlan:
     """Open and validate the inputs and the target layout; raises ConfigError on bad input.
 
     ``target_layers``: the layers of each output pipeline stage (an uneven split).
     ``vocab_size`` / ``tokenizer``: the source's true vocabulary where its args lack it
     (:func:`mlmega.checkpoint.vocab.true_vocab_size`). The target's vocabulary is padded by
-    Megatron-LM's rule for its TP size (rows past the source's padding are zero)."""
+    Megatron-LM's rule for its TP size (rows past the source's padding are zero).
+    ``verify``: check records' checksums; ``check_finite``: refuse NaN/Inf source tensors."""
     if op not in OPS:
         raise ConfigError(f"unknown conversion {op!r}; expected one of {OPS}")
     if fmt not in FORMATS:
@@ -105,8 +118,9 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
     src = Path(src)
     if dst is not None:  # None: the tensors are consumed in memory (training's initial load)
         dst = Path(dst)
-        check_destination(dst, overwrite)
-    source = open_checkpoint(src, vocab_size=vocab_size, tokenizer=tokenizer)
+        check_destination(dst, overwrite, [src] + ([Path(large)] if large else []))
+    source = open_checkpoint(src, vocab_size=vocab_size, tokenizer=tokenizer, verify=verify,
+                             check_finite=check_finite)
     source.validate_tensors()
     layout = source.layout
     level = None
@@ -151,7 +165,7 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
     return ConversionPlan(op, src, dst, target, source.iteration, level,
                           Path(large) if large else None, 0.5 if alpha is None else alpha, fmt,
                           checksums, source.layout.cfg.vocab_size, source.vocab_source,
-                          tokenizer_args(source.args))
+                          tokenizer_args(source.args), verify, check_finite)
 
 
 class _Producer:
@@ -159,9 +173,10 @@ class _Producer:
 
     def __init__(self, plan: ConversionPlan):
         self.plan = plan
-        self.source = open_checkpoint(plan.src, vocab_size=plan.vocab_size)
-        self.large = open_checkpoint(plan.large, vocab_size=plan.vocab_size) if plan.large \
-            else None
+        checks = dict(verify=plan.verify, check_finite=plan.check_finite,
+                      vocab_size=plan.vocab_size)
+        self.source = open_checkpoint(plan.src, **checks)
+        self.large = open_checkpoint(plan.large, **checks) if plan.large else None
         self._last_read: tuple[str, Optional[torch.Tensor]] = ("", None)
 
     def mapped(self, param) -> torch.Tensor:
@@ -414,6 +429,18 @@ def _worker_context():
     return get_context("fork" if "fork" in get_all_start_methods() else "spawn")
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: the kernel kills this worker when its coordinator dies (even by
+    SIGKILL, which runs no cleanup), so no orphan goes on converting."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
 def run_locally(tasks: Sequence[ConversionTask], workers: int, log=print) -> list[RankResult]:
     """Run ``tasks`` in this process (workers <= 1) or in ``workers`` forked processes."""
     if workers <= 1:
@@ -425,7 +452,8 @@ def run_locally(tasks: Sequence[ConversionTask], workers: int, log=print) -> lis
     # copy) every page of the parent's objects: measured, 29k page faults, 9% of interpolate.
     gc.freeze()
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(),
+                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             for done, task_results in enumerate(pool.map(convert_task, tasks), 1):
                 results.extend(task_results)
                 elapsed = time.monotonic() - start
@@ -458,7 +486,14 @@ def run_conversion(plan: ConversionPlan, workers: int = 1, overwrite: bool = Fal
             finalize_dist(staging / iteration_dir_name(plan.iteration), plan.target,
                           plan.iteration, extra_args=plan.output_args)
         write_text_atomic(staging / TRACKER, str(plan.iteration))  # the marker, last
-        publish(staging, plan.dst, overwrite)
+        publish(staging, plan.dst, overwrite, plan.sources)
+    except CheckpointError as err:  # a damaged source, a full disk: one line
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"{err}; nothing was published to {plan.dst}") from None
+    except OSError as err:  # a write outside the writers (a directory, a rename)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"{err.filename or staging}: cannot write ({err.strerror or err}); "
+                              f"nothing was published to {plan.dst}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

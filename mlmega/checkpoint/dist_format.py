@@ -48,11 +48,15 @@ from typing import Any, ClassVar, Iterator, Mapping, Optional
 
 import torch
 
-from mlmega.checkpoint.atomic import atomic_directory, write_text_atomic
+from mlmega.checkpoint.atomic import atomic_directory, write_text_atomic, writing
+from mlmega.checkpoint.errors import CheckpointError
+from mlmega.checkpoint.integrity import RecordChecks, check_finite, write_manifest
 from mlmega.checkpoint.layout import WORD_EMBEDDINGS, ShardLayout, pad_rows
 from mlmega.checkpoint.torch_format import (CHECKPOINT_VERSION, TRACKER, TorchCheckpoint,
                                             _layers_per_stage, iteration_dir_name,
                                             latest_directory, load_file)
+from mlmega.checkpoint.streaming import StreamingWriter
+from mlmega.checkpoint.unpickle import load_dist_metadata
 from mlmega.checkpoint.vocab import true_vocab_size
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
@@ -120,13 +124,16 @@ def is_dist_directory(directory: Path) -> bool:
 
 def open_checkpoint(root: str | Path, arch: Optional[str] = None,
                     cfg: Optional[ModelConfig] = None, vocab_size: Optional[int] = None,
-                    tokenizer: Optional[str | Path] = None) -> "TorchCheckpoint | DistCheckpoint":
+                    tokenizer: Optional[str | Path] = None, verify: bool = True,
+                    check_finite: bool = False) -> "TorchCheckpoint | DistCheckpoint":
     """Open a Megatron checkpoint in either format (told apart by its iteration directory);
-    ``vocab_size`` / ``tokenizer``: see :meth:`TorchCheckpoint.open`."""
+    ``vocab_size`` / ``tokenizer``: see :meth:`TorchCheckpoint.open`; ``verify``: check records'
+    checksums before reading them; ``check_finite``: refuse NaN/Inf."""
     root = Path(root)
     _, _, directory = latest_directory(root)
     kind = DistCheckpoint if is_dist_directory(directory) else TorchCheckpoint
-    return kind.open(root, arch=arch, cfg=cfg, vocab_size=vocab_size, tokenizer=tokenizer)
+    return kind.open(root, arch=arch, cfg=cfg, vocab_size=vocab_size, tokenizer=tokenizer,
+                     verify=verify, check_finite=check_finite)
 
 
 class _RegionPlanner:
@@ -164,6 +171,9 @@ class DistCheckpoint:
     common: dict = field(default_factory=dict, repr=False)
     vocab_source: str = "args.vocab_size"  # where the true vocabulary size came from
     _reader: Any = field(default=None, repr=False)
+    verify: bool = True  # check each chunk's checksum before reading it (see integrity.py)
+    check_finite: bool = False  # refuse tensors holding NaN/Inf
+    _checks: dict[str, RecordChecks] = field(default_factory=dict, repr=False)
 
     @property
     def directory(self) -> Path:
@@ -181,7 +191,8 @@ class DistCheckpoint:
     @classmethod
     def open(cls, root: str | Path, arch: Optional[str] = None,
              cfg: Optional[ModelConfig] = None, vocab_size: Optional[int] = None,
-             tokenizer: Optional[str | Path] = None) -> "DistCheckpoint":
+             tokenizer: Optional[str | Path] = None, verify: bool = True,
+             check_finite: bool = False) -> "DistCheckpoint":
         """Validate the marker, index, files and ``args`` before any tensor is read
         (``vocab_size`` / ``tokenizer``: see :meth:`TorchCheckpoint.open`)."""
         from torch.distributed.checkpoint import FileSystemReader
@@ -193,13 +204,13 @@ class DistCheckpoint:
         if not metadata_path.is_file():
             raise ConfigError(f"{metadata_path}: file is missing (the torch_dist index of keys "
                               f"and chunks)")
+        metadata = load_dist_metadata(metadata_path)  # never torch's plain pickle.load
         reader = FileSystemReader(str(directory))
         try:
-            metadata = reader.read_metadata()
             reader.set_up_storage_reader(metadata, True)
-        except Exception as err:  # pickle/EOF/attribute errors for a bad index
-            raise ConfigError(f"{metadata_path}: cannot read the checkpoint index "
-                              f"({type(err).__name__}: {err})") from None
+        except Exception as err:  # an index without storage data
+            raise CheckpointError(f"{metadata_path}: cannot read the checkpoint index "
+                                  f"({type(err).__name__}: {err})") from None
         _check_data_files(directory, metadata)
         common_path = directory / COMMON_FILE
         common = load_file(common_path, mmap=False)
@@ -231,7 +242,8 @@ class DistCheckpoint:
         if not release and isinstance(stored, int) and stored != iteration:
             raise ConfigError(f"{common_path}: iteration {stored} differs from {iteration} "
                               f"named by {root / TRACKER}")
-        return cls(root, iteration, release, layout, args, metadata, common, vocab_source, reader)
+        return cls(root, iteration, release, layout, args, metadata, common, vocab_source, reader,
+                   verify, check_finite)
 
     # -- locating and reading -----------------------------------------------------------------
     def locate(self, global_name: str) -> Location:
@@ -262,6 +274,8 @@ class DistCheckpoint:
         where = self.locate(global_name)
         parts = [self._read_key(key, where.layer) for key in (where.parts or (where.key,))]
         full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.tp_dim)
+        if self.check_finite:
+            check_finite(full, f"{self.directory}: {where.key}")
         if spec.tp_dim is not None and spec.dims[spec.tp_dim] == "vocab":
             full = pad_rows(full, spec.tp_dim, self.layout.cfg.padded_vocab_size(1))
         return full
@@ -291,8 +305,13 @@ class DistCheckpoint:
                               f"the checkpoint is incomplete")
         by_file: dict[str, list] = {}
         for item in items:
-            by_file.setdefault(self.metadata.storage_data[item.storage_index].relative_path,
-                               []).append(item)
+            stored = self.metadata.storage_data[item.storage_index]
+            by_file.setdefault(stored.relative_path, []).append(item)
+            if self.verify:
+                if stored.relative_path not in self._checks:
+                    self._checks[stored.relative_path] = RecordChecks(
+                        self.directory / stored.relative_path, blobs=True)
+                self._checks[stored.relative_path].check(stored.offset, stored.length)
         planner = _RegionPlanner(out)
         for name, file_items in by_file.items():
             try:
@@ -479,12 +498,14 @@ def write_dist_rank(directory: str | Path, layout: ShardLayout, tp_rank: int, pp
     directory.mkdir(parents=True, exist_ok=True)
     rank = writer_rank(layout, tp_rank, pp_rank)
     name = f"__{rank}_0{DATA_SUFFIX}"
-    records = []
-    with open(directory / name, "wb") as stream:
+    records, checksums = [], []
+    with open(directory / name, "wb", buffering=0) as stream, writing(directory / name):
         for chunk in rank_chunks(layout, tp_rank, pp_rank, model):
             offset = stream.tell()
-            if chunk.is_tensor:
-                torch.save(chunk.data, stream)
+            if chunk.is_tensor:  # one archive as torch.save writes it (without CRC32s: hashed)
+                writer = StreamingWriter(stream, checksums=False)
+                writer.finish(chunk.data)
+                checksums += writer.checksum_records()
                 records.append(dict(kind="tensor", key=chunk.key,
                                     global_shape=list(chunk.global_shape),
                                     offsets=list(chunk.offsets), sizes=list(chunk.data.shape),
@@ -493,8 +514,8 @@ def write_dist_rank(directory: str | Path, layout: ShardLayout, tp_rank: int, pp
                 stream.write(chunk.data)
                 records.append(dict(kind="bytes", key=chunk.key))
             records[-1].update(file=name, offset=offset, length=stream.tell() - offset)
-        stream.flush()
         os.fsync(stream.fileno())
+    write_manifest(directory / name, checksums)
     write_text_atomic(directory / _INDEX_PART.format(rank=rank),
                       json.dumps({"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank,
                                   "chunks": records}))
@@ -559,11 +580,13 @@ def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
         if covered != math.prod(md.size):
             raise ConfigError(f"{directory}: the ranks' chunks of {key} cover {covered} of its "
                               f"{math.prod(md.size)} elements")
-    FileSystemWriter(str(directory)).finish(Metadata({**tensors, **objects}), [results])
     dtype = tensors[WORD_EMBEDDINGS].properties.dtype if WORD_EMBEDDINGS in tensors \
         else torch.float32
-    torch.save(common_state(layout, iteration, extra_args, dtype, **extra),
-               directory / COMMON_FILE)
+    with writing(directory / METADATA_FILE):
+        FileSystemWriter(str(directory)).finish(Metadata({**tensors, **objects}), [results])
+    with writing(directory / COMMON_FILE):
+        torch.save(common_state(layout, iteration, extra_args, dtype, **extra),
+                   directory / COMMON_FILE)
     for path in parts:
         path.unlink()
     write_text_atomic(directory / CONFIG_FILE, json.dumps(

@@ -24,6 +24,8 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
+from mlmega.checkpoint.errors import CheckpointError
+from mlmega.checkpoint.integrity import RecordChecks, check_finite
 from mlmega.checkpoint.layout import WORD_EMBEDDINGS, ShardLayout
 from mlmega.checkpoint.records import RecordFile
 from mlmega.checkpoint.streaming import save_streaming
@@ -35,6 +37,7 @@ from mlmega.models.params import ParamSpec, param_index
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
+_REFUSED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 # Modules whose state dict carries an ``_extra_state`` entry (megatron's parallel linears).
 _EXTRA_STATE_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer")
@@ -60,7 +63,9 @@ def _stdlib_safe_globals() -> list:
 
 
 def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
-    """``torch.load`` one shard file safely; corrupt or truncated files raise ConfigError."""
+    """``torch.load`` one shard file safely: tensors plus the explicit allow-list of classes
+    (:func:`_stdlib_safe_globals`, else megatron-core's :func:`safe_globals`); anything else, and
+    corrupt or truncated files, raise CheckpointError."""
     try:
         try:
             with torch.serialization.safe_globals(_stdlib_safe_globals()):
@@ -73,8 +78,14 @@ def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: file is missing") from None
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
-        raise ConfigError(f"{path}: cannot load checkpoint shard ({type(err).__name__}: {err})") \
-            from None
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused:
+            raise CheckpointError(f"{path}: refused to load global {refused[1]} (not a tensor "
+                                  f"or an allowed checkpoint type); the file is damaged or "
+                                  f"unsafe") from None
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot load checkpoint shard ({type(err).__name__}: "
+                              f"{first_line})") from None
 
 
 def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
@@ -121,6 +132,8 @@ class TorchCheckpoint:
     layout: ShardLayout
     args: argparse.Namespace
     vocab_source: str = "args.vocab_size"  # where the true vocabulary size came from
+    verify: bool = True  # check each record's checksum before reading it (see integrity.py)
+    check_finite: bool = False  # refuse tensors holding NaN/Inf
     _shards: dict[tuple[int, int], dict] = field(default_factory=dict, repr=False)
     _files: dict[tuple[int, int], RecordFile] = field(default_factory=dict, repr=False)
     # files are opened on first use, from any thread (a converter's writer makes row blocks)
@@ -137,11 +150,13 @@ class TorchCheckpoint:
     @classmethod
     def open(cls, root: str | Path, arch: Optional[str] = None,
              cfg: Optional[ModelConfig] = None, vocab_size: Optional[int] = None,
-             tokenizer: Optional[str | Path] = None) -> "TorchCheckpoint":
+             tokenizer: Optional[str | Path] = None, verify: bool = True,
+             check_finite: bool = False) -> "TorchCheckpoint":
         """Validate the directory structure and ``args`` before any tensor is read.
 
         ``vocab_size`` / ``tokenizer``: the true vocabulary where the args lack it
         (:func:`mlmega.checkpoint.vocab.true_vocab_size`); the padded size is the shards'.
+        ``verify``: check records' checksums; ``check_finite``: refuse NaN/Inf.
         """
         root = Path(root)
         iteration, release, directory = latest_directory(root)
@@ -179,7 +194,7 @@ class TorchCheckpoint:
         for rank, path in ranks.items():
             if not (path / SHARD_FILE).is_file():
                 raise ConfigError(f"{path}: {SHARD_FILE} is missing")
-        ckpt = cls(root, iteration, release, layout, args, vocab_source)
+        ckpt = cls(root, iteration, release, layout, args, vocab_source, verify, check_finite)
         ckpt._shards[first] = shard0
         return ckpt
 
@@ -198,7 +213,8 @@ class TorchCheckpoint:
         with self._opening:
             if key not in self._files:
                 self.shard(tp_rank, pp_rank)  # mapped first: RecordFile looks up the mapping
-                self._files[key] = RecordFile(self.shard_path(tp_rank, pp_rank))
+                path = self.shard_path(tp_rank, pp_rank)
+                self._files[key] = RecordFile(path, RecordChecks(path) if self.verify else None)
             return self._files[key]
 
     def model_state(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
@@ -210,9 +226,40 @@ class TorchCheckpoint:
             raise ConfigError(f"{self.shard_path(tp_rank, pp_rank)}: no 'model' state dict{hint}")
         return model
 
+    def _args_description(self, args: argparse.Namespace, source: str) -> dict[str, Any]:
+        """What ``args`` say of the layout and model, as compared between ranks."""
+        cfg = ModelConfig.from_megatron_args(args, arch=self.layout.cfg.arch, source=source,
+                                             vocab_size=self.layout.cfg.vocab_size)
+        tp = getattr(args, "tensor_model_parallel_size", 1)
+        pp = getattr(args, "pipeline_model_parallel_size", 1)
+        return {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                "layers_per_stage": _layers_per_stage(args, cfg, pp), **cfg.to_dict()}
+
+    def check_rank_agrees(self, tp_rank: int, pp_rank: int) -> None:
+        """A rank's ``args`` describe the first rank's model and layout, and its ``iteration`` is
+        the one the marker names; CheckpointError naming the file, key, found and expected."""
+        path = self.shard_path(tp_rank, pp_rank)
+        shard = self.shard(tp_rank, pp_rank)
+        stored = shard.get("iteration")
+        if not self.release and isinstance(stored, int) and stored != self.iteration:
+            raise CheckpointError(f"{path}: iteration={stored}, expected {self.iteration} (named "
+                                  f"by {self.root / TRACKER})")
+        args = shard.get("args")
+        if args is None:
+            raise CheckpointError(f"{path}: no 'args' key (every rank stores its args)")
+        first = self.shard_path(0, 0)
+        expected = self._args_description(self.args, str(first))
+        found = self._args_description(args, str(path))
+        for key, value in expected.items():
+            if found[key] != value:
+                raise CheckpointError(f"{path}: args.{key}={found[key]!r}, expected {value!r} "
+                                      f"(as in {first})")
+
     def validate_tensors(self) -> None:
-        """Every rank holds exactly the tensors its layout expects, with the expected shapes."""
+        """Every rank agrees with the first (args, iteration) and holds exactly the tensors its
+        layout expects, with the expected shapes."""
         for tp_rank, pp_rank in self.layout.ranks:
+            self.check_rank_agrees(tp_rank, pp_rank)
             state = self.model_state(tp_rank, pp_rank)
             path = self.shard_path(tp_rank, pp_rank)
             expected = {p.local_name: p for p in self.layout.stage_params(pp_rank)}
@@ -226,6 +273,14 @@ class TorchCheckpoint:
                 if tuple(state[name].shape) != shape:
                     raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
                                       f"expected {shape} for TP={self.layout.tp}")
+
+    def _read_into(self, out: torch.Tensor, tp_rank: int, pp_rank: int, local: str,
+                   stored: torch.Tensor) -> None:
+        """Fill ``out`` with rank (tp_rank, pp_rank)'s (mmapped) tensor ``local`` or a part of it
+        ``stored``: its record checksummed first, its values checked finite if asked."""
+        self._record_file(tp_rank, pp_rank).read_into(out, stored)
+        if self.check_finite:
+            check_finite(out, f"{self.shard_path(tp_rank, pp_rank)}: {local}")
 
     def _stored(self, global_name: str) -> tuple[ParamSpec, int, str]:
         """(spec, pipeline stage, local name) under which this checkpoint stores ``global_name``."""
@@ -243,7 +298,7 @@ class TorchCheckpoint:
         shards = [self.model_state(t, pp_rank)[local] for t in range(self.layout.tp)]
 
         def fill(region: torch.Tensor, tp_rank: int) -> None:
-            self._record_file(tp_rank, pp_rank).read_into(region, shards[tp_rank])
+            self._read_into(region, tp_rank, pp_rank, local, shards[tp_rank])
 
         return self.layout.gather(spec, shards, fill)
 
@@ -267,9 +322,8 @@ class TorchCheckpoint:
             lo = max(start, tp_rank * per_rank)
             hi = min(start + count, (tp_rank + 1) * per_rank)
             if lo < hi:
-                self._record_file(tp_rank, pp_rank).read_into(
-                    out.narrow(0, lo - start, hi - lo), stored.narrow(0, lo - tp_rank * per_rank,
-                                                                      hi - lo))
+                self._read_into(out.narrow(0, lo - start, hi - lo), tp_rank, pp_rank, local,
+                                stored.narrow(0, lo - tp_rank * per_rank, hi - lo))
         return out
 
     def read_shard(self, global_name: str, tp_rank: int) -> torch.Tensor:
@@ -279,7 +333,7 @@ class TorchCheckpoint:
         spec, pp_rank, local = self._stored(global_name)
         stored = self.model_state(tp_rank, pp_rank)[local]
         out = torch.empty(stored.shape, dtype=stored.dtype)
-        self._record_file(tp_rank, pp_rank).read_into(out, stored)
+        self._read_into(out, tp_rank, pp_rank, local, stored)
         return self.layout.zero_padding(spec, out, tp_rank)
 
 

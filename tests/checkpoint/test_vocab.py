@@ -11,6 +11,7 @@ import torch
 
 from mlmega.checkpoint.convert import save_full_state
 from mlmega.checkpoint.dist_format import open_checkpoint
+from mlmega.checkpoint.integrity import manifest_path
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.torch_format import load_file
 from mlmega.config.errors import ConfigError
@@ -31,7 +32,7 @@ def random_state(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
 def as_megatron_training_saves(root, vocab_file=None, **changes) -> None:
     """Rewrite the args of torch checkpoint ``root`` as Megatron-LM's training saves them:
     vocab_size None (its tokenizer sets only padded_vocab_size), a GPT-2 tokenizer, no mlmega
-    keys."""
+    keys, and no checksum manifest (torch.save's CRC32s stand instead)."""
     for path in root.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
         content = load_file(path, mmap=False)
         args = {k: v for k, v in vars(content["args"]).items() if not k.startswith("mlmega_")}
@@ -39,6 +40,7 @@ def as_megatron_training_saves(root, vocab_file=None, **changes) -> None:
                                                 "tokenizer_type": "GPT2BPETokenizer",
                                                 "vocab_file": vocab_file, **changes})
         torch.save(content, path)
+        manifest_path(path).unlink(missing_ok=True)
 
 
 @pytest.fixture
