@@ -21,6 +21,11 @@ def register(sub) -> None:
     convert.add_argument("--dst", required=True, help="output checkpoint root (must not exist)")
     convert.add_argument("--target-tp", type=int, help="tensor-parallel size of the output")
     convert.add_argument("--target-pp", type=int, help="pipeline-parallel size of the output")
+    convert.add_argument("--target-pp-layers", type=_layer_counts, metavar="N,N,...",
+                         help="layers per pipeline stage of the output, for an uneven split "
+                              "(e.g. 3,5; PP is their number; stages between the first and the "
+                              "last hold equal counts, as Megatron's decoder_first/last_pipeline_"
+                              "num_layers express)")
     convert.add_argument("--scheme", help="scheme file: mlmega YAML or the reference's JSON")
     convert.add_argument("--width-factor", type=int, help="merge K heads/query groups into one")
     convert.add_argument("--depth-factor", type=int, help="merge K layers into one")
@@ -56,6 +61,14 @@ def register(sub) -> None:
     inspect.set_defaults(handler=_inspect)
 
 
+def _layer_counts(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated layer counts, "
+                                         f"e.g. 3,5") from None
+
+
 def _vocab_options(parser) -> None:
     parser.add_argument("--vocab-size", type=int,
                         help="the source's true vocabulary size, where its args lack it "
@@ -84,7 +97,8 @@ def _convert(args: argparse.Namespace) -> int:
                                  time_limit_min=args.time_min, cpus_per_task=args.cpus_per_task)
         runner.check()  # before the (possibly long) validation of the checkpoint
     plan = plan_conversion(args.op, args.src, args.dst, target_tp=args.target_tp,
-                           target_pp=args.target_pp, schemes=_schemes(args), large=args.large,
+                           target_pp=args.target_pp, target_layers=args.target_pp_layers,
+                           schemes=_schemes(args), large=args.large,
                            alpha=args.alpha, fmt=args.format, overwrite=args.overwrite,
                            checksums=args.checksums, vocab_size=args.vocab_size,
                            tokenizer=args.tokenizer, verify=not args.no_verify,

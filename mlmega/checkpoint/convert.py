@@ -96,7 +96,9 @@ class RankResult:
 
 
 def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, target_tp: Optional[int] = None,
-                    target_pp: Optional[int] = None, schemes: Optional[LevelSchemes] = None,
+                    target_pp: Optional[int] = None,
+                    target_layers: Optional[Sequence[int]] = None,
+                    schemes: Optional[LevelSchemes] = None,
                     large: Optional[str | Path] = None, alpha: Optional[float] = None,
                     fmt: str = "torch", overwrite: bool = False, checksums: bool = False,
                     vocab_size: Optional[int] = None,
@@ -104,6 +106,7 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
                     check_finite: bool = False) -> ConversionPlan:
     """Open and validate the inputs and the target layout; raises ConfigError on bad input.
 
+    ``target_layers``: the layers of each output pipeline stage (an uneven split).
     ``vocab_size`` / ``tokenizer``: the source's true vocabulary where its args lack it
     (:func:`mlmega.checkpoint.vocab.true_vocab_size`). The target's vocabulary is padded by
     Megatron-LM's rule for its TP size (rows past the source's padding are zero).
@@ -139,12 +142,26 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
         if alpha is None or not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"--alpha={alpha!r}: expected a number in [0, 1]")
         large_ckpt = open_checkpoint(large, vocab_size=cfg.vocab_size)
-        if large_ckpt.layout.cfg.replace(source="") != cfg.replace(source=""):
-            raise ConfigError(f"{large}: its model {large_ckpt.layout.cfg.to_dict()} is not the "
-                              f"de-coalesced model {cfg.to_dict()} of {src}")
+        if large_ckpt.layout.cfg != cfg:
+            raise ConfigError(f"--large {large}: its model is not --src {src} de-coalesced "
+                              f"(--large vs de-coalesced --src): "
+                              f"{large_ckpt.layout.cfg.differences(cfg)}")
         large_ckpt.validate_tensors()
         layout = large_ckpt.layout  # default target layout: the large level's own
-    target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp)
+    if target_layers is not None:
+        if target_pp is not None and target_pp != len(target_layers):
+            raise ConfigError(f"--target-pp={target_pp} and --target-pp-layers="
+                              f"{','.join(map(str, target_layers))}: expected "
+                              f"{len(target_layers)} stages in both")
+        target_pp, target_layers = len(target_layers), tuple(target_layers)
+    target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp, target_layers)
+    same = (target.tp, target.layers_per_stage, target.padded_vocab) == \
+        (layout.tp, layout.layers_per_stage, layout.padded_vocab)  # re-padding is a conversion
+    if op == "reshard" and dst is not None and fmt == source.FORMAT and same:
+        raise ConfigError(f"convert reshard: --src {src} is already TP={layout.tp}, "
+                          f"PP={layout.pp} (layers per stage "
+                          f"{','.join(map(str, layout.layers_per_stage))}) in format {fmt}; give "
+                          f"another --target-tp, --target-pp, --target-pp-layers or --format")
     return ConversionPlan(op, src, dst, target, source.iteration, level,
                           Path(large) if large else None, 0.5 if alpha is None else alpha, fmt,
                           checksums, source.layout.cfg.vocab_size, source.vocab_source,

@@ -44,7 +44,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, ClassVar, Iterator, Mapping, Optional
 
 import torch
 
@@ -160,6 +160,8 @@ class _RegionPlanner:
 class DistCheckpoint:
     """An opened torch_dist checkpoint: its layout (from ``args``), index and files, read lazily."""
 
+    FORMAT: ClassVar[str] = "torch_dist"  # what --format calls it
+
     root: Path
     iteration: int
     release: bool
@@ -230,8 +232,9 @@ class DistCheckpoint:
                 args, arch=arch or _arch_from_keys(metadata.state_dict_metadata), source=source,
                 vocab_size=vocab)
             if cfg is not None and cfg.replace(source=found.source) != found:
-                raise ConfigError(f"{source}: checkpoint args describe {found.to_dict()}, which "
-                                  f"does not match the given model config {cfg.to_dict()}")
+                raise ConfigError(f"{source}: checkpoint args describe another model than the "
+                                  f"given model config (checkpoint vs given): "
+                                  f"{found.differences(cfg)}")
             tp = getattr(args, "tensor_model_parallel_size", 1) or 1
             pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
             layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp), padded)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from mlmega.checkpoint.dist_format import DistCheckpoint, open_checkpoint
+from mlmega.checkpoint.dist_format import open_checkpoint
 from mlmega.models.params import iter_params, num_parameters
 
 
@@ -16,7 +16,7 @@ def describe(path: str | Path, tensors: bool = False, vocab_size: Optional[int] 
     ckpt = open_checkpoint(path, vocab_size=vocab_size, tokenizer=tokenizer)
     ckpt.validate_tensors()
     layout, cfg = ckpt.layout, ckpt.layout.cfg
-    info = dict(format="torch_dist" if isinstance(ckpt, DistCheckpoint) else "torch", arch=cfg.arch, iteration=ckpt.iteration, tp=layout.tp,
+    info = dict(format=ckpt.FORMAT, arch=cfg.arch, iteration=ckpt.iteration, tp=layout.tp,
                 pp=layout.pp, layers_per_stage=list(layout.layers_per_stage),
                 parameters=num_parameters(cfg), padded_vocab=layout.padded_vocab,
                 vocab_source=ckpt.vocab_source, model=cfg.to_dict())

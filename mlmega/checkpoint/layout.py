@@ -73,6 +73,10 @@ class ShardLayout:
         elif len(stages) != pp or sum(stages) != cfg.num_layers or min(stages) < 1:
             raise ConfigError(f"layers_per_stage={list(stages)}: expected {pp} positive counts "
                               f"summing to num_layers={cfg.num_layers}")
+        elif len(set(stages[1:-1])) > 1:  # Megatron's args name the first and last stage only
+            raise ConfigError(f"layers_per_stage={list(stages)}: the stages between the first "
+                              f"and the last must hold equal numbers of layers (Megatron's "
+                              f"decoder_first/last_pipeline_num_layers)")
 
     # -- pipeline placement -------------------------------------------------------------------
     @property

@@ -20,7 +20,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -124,6 +124,8 @@ def latest_directory(root: Path) -> tuple[int, bool, Path]:
 class TorchCheckpoint:
     """An opened, validated torch-format checkpoint: its layout, args and shard files."""
 
+    FORMAT: ClassVar[str] = "torch"  # what --format calls it
+
     root: Path
     iteration: int
     release: bool
@@ -179,8 +181,8 @@ class TorchCheckpoint:
         found = ModelConfig.from_megatron_args(args, arch=arch or _arch_from_keys(shard0),
                                                source=source, vocab_size=vocab)
         if cfg is not None and cfg.replace(source=found.source) != found:
-            raise ConfigError(f"{source}: checkpoint args describe {found.to_dict()}, which does "
-                              f"not match the given model config {cfg.to_dict()}")
+            raise ConfigError(f"{source}: checkpoint args describe another model than the "
+                              f"given model config (checkpoint vs given): {found.differences(cfg)}")
         layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp), padded)
         expected = {(t, p) for t, p in layout.ranks}
         if set(ranks) != expected:
@@ -366,10 +368,10 @@ def _layers_per_stage(args: argparse.Namespace, cfg: ModelConfig, pp: int) -> Op
         return None
     middle_stages = pp - (first is not None) - (last is not None)
     rest = cfg.num_layers - (first or 0) - (last or 0)
-    if middle_stages <= 0 or rest % middle_stages:
+    if bool(rest) != bool(middle_stages) or (middle_stages and rest % middle_stages):
         raise ConfigError(f"args: decoder_first/last_pipeline_num_layers={first}/{last} do not "
                           f"split {cfg.num_layers} layers over PP={pp}")
-    middle = rest // middle_stages
+    middle = rest // middle_stages if middle_stages else 0
     return tuple(([first] if first is not None else []) + [middle] * middle_stages
                  + ([last] if last is not None else []))
 

@@ -70,14 +70,14 @@ class LocalExecutor(Executor):
             entry.attempts += 1
             entry.started, entry.ended = time.time(), None
             state.save()
+            log_dir = local_log_dir(run_dir, stage.name, entry.job_id)
             log(f"[{stage.name}] level {stage.level}: {stage.model.num_layers}L-"
                 f"{stage.model.hidden_size}, {stage.steps} steps on {stage.resources.world} "
-                f"rank(s)")
-            log_dir = run_dir / "logs" / stage.name
-            log_dir.mkdir(parents=True, exist_ok=True)
+                f"rank(s); logs {log_dir}")
             code = run_ranks_locally(["train", str(stage_config_path(run_dir, stage.name))],
-                                     stage.resources.world, log_dir=str(log_dir))
+                                     stage.resources.world, log_dir=log_dir, job=log_dir.name)
             entry.exit_code, entry.ended = code, time.time()
+            entry.wall[entry.job_id] = entry.ended - entry.started
             entry.status = COMPLETED if code == 0 and stage_finished(run_dir, stage) else \
                 CANCELLED if code in (3, -signal.SIGTERM) else FAILED
             if entry.status == CANCELLED:  # `mlmega cancel` stops the whole run
@@ -95,8 +95,11 @@ class LocalExecutor(Executor):
         coordinator = holder(Path(state.run_dir))
         for entry in state.stages:
             stage = plan.stage(entry.name)
-            if entry.status == RUNNING and (coordinator is None or
-                                            entry.job_id != f"local:{coordinator.pid}"):
+            if entry.status != RUNNING or not entry.job_id:
+                continue
+            if coordinator is not None and entry.job_id == f"local:{coordinator.pid}":
+                entry.wall[entry.job_id] = time.time() - (entry.started or time.time())
+            else:
                 entry.status = COMPLETED if stage_finished(Path(state.run_dir), stage) else FAILED
 
     def cancel(self, state: RunState) -> None:
@@ -106,6 +109,12 @@ class LocalExecutor(Executor):
             if entry.status not in FINAL_STATES:
                 entry.status = CANCELLED
         state.save()
+
+
+def local_log_dir(run_dir: Path, stage: str, job_id: str) -> Path:
+    """Where a local job keeps its ranks' logs, ``JOB_RANK_log.out``/``.err`` (as SLURM's jobs do
+    under ``RUN_DIR/submitit/STAGE/JOB``)."""
+    return Path(run_dir) / "logs" / stage / job_id.replace(":", "-")
 
 
 def make_executor(name: str) -> Executor:

@@ -86,8 +86,9 @@ def latest(save_dir: Path) -> Optional[TorchCheckpoint]:
 
 def check_resumable(ckpt: TorchCheckpoint, layout: ShardLayout) -> None:
     have = ckpt.layout
-    if (have.tp, have.pp) != (layout.tp, layout.pp) or \
-            have.cfg.replace(source="") != layout.cfg.replace(source=""):
-        raise ConfigError(f"{ckpt.root}: cannot resume: it holds {have.cfg.to_dict()} at TP="
-                          f"{have.tp}, PP={have.pp} but this stage trains {layout.cfg.to_dict()} at "
-                          f"TP={layout.tp}, PP={layout.pp} (use a fresh save_dir, or convert it)")
+    if (have.tp, have.pp) != (layout.tp, layout.pp) or have.cfg != layout.cfg:
+        model = have.cfg.differences(layout.cfg)
+        raise ConfigError(f"{ckpt.root}: cannot resume: it holds another model or layout than "
+                          f"this stage trains (checkpoint vs stage): "
+                          f"{model + ', ' if model else ''}TP={have.tp} vs {layout.tp}, "
+                          f"PP={have.pp} vs {layout.pp} (use a fresh save_dir, or convert it)")

@@ -101,7 +101,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown training option(s) {unknown}; known: "
                               f"{sorted(known)}")
-        data["model"] = ModelConfig.from_dict(data.get("model", {}), f"{source}: model")
+        data["model"] = ModelConfig.from_dict(data.get("model", {}), source)
         data["optimizer"] = section_from_mapping(OptimizerConfig, data.get("optimizer", {}), f"{source}: optimizer")
         if data.get("init") is not None:
             init = dict(data["init"])

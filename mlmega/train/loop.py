@@ -24,6 +24,7 @@ from mlmega.config.errors import ConfigError
 from mlmega.data.prepare import check_prepared
 from mlmega.models.build import build_model
 from mlmega.models.flops import training_flops_per_token
+from mlmega.models.megatron_warnings import fallback_note
 from mlmega.parallel.setup import init_model_parallel, init_process_group
 from mlmega.train import checkpointing
 from mlmega.train.config import TrainConfig
@@ -84,6 +85,9 @@ def train(cfg: TrainConfig) -> dict:
     _log(is_logger, f"training {cfg.model.arch} {cfg.model.num_layers}L-{cfg.model.hidden_size} "
                     f"TP={cfg.tp} PP={cfg.pp} DP={dp} steps {start_step}->{cfg.steps} "
                     f"({world} ranks, {str(dtype).replace('torch.', '')})")
+    note = fallback_note()  # said once per job, here: megatron's own warnings are silenced
+    if note:
+        _log(is_logger, note)
 
     def save(step: int) -> None:
         checkpointing.save(save_dir, layout, step, model.state_dict(), optimizer.state_dict(),
@@ -258,10 +262,10 @@ def _load_init(model, cfg: TrainConfig, layout: ShardLayout, tp_rank: int, pp_ra
     init = cfg.init
     plan = plan_conversion(init.op, init.checkpoint, None, target_tp=cfg.tp, target_pp=cfg.pp,
                            schemes=init.schemes, large=init.large, alpha=init.alpha)
-    if plan.target.cfg.replace(source="") != cfg.model.replace(source=""):
-        raise ConfigError(f"{cfg.source}: init {init.op} of {init.checkpoint} gives the model "
-                          f"{plan.target.cfg.to_dict()}, but this stage trains "
-                          f"{cfg.model.to_dict()}")
+    if plan.target.cfg != cfg.model:
+        raise ConfigError(f"{cfg.source}: init {init.op} of {init.checkpoint} gives another model "
+                          f"than this stage trains (init vs stage): "
+                          f"{plan.target.cfg.differences(cfg.model)}")
     dtype = next(model.parameters()).dtype
     state = {name: tensor.to(dtype) for name, tensor in rank_tensors(plan, tp_rank, pp_rank)}
     _load_model(model, state, f"init from {init.checkpoint}")

@@ -11,16 +11,28 @@ from mlmega.config.errors import ConfigError
 DEFAULT_RECIPE = "configs/tiny-gpt.yaml"
 
 
+RECIPE_HELP = ("a V-cycle recipe (YAML): the model, its levels (coalescing schemes), the "
+               "schedule, data, training, cluster and sizing sections; see configs/ "
+               f"(default: {DEFAULT_RECIPE})")
+SET_HELP = ("override one recipe value, KEY a dotted path into the recipe and VALUE parsed as "
+            "YAML (repeatable), e.g. --set schedule.alpha=0.5 --set cluster.partition=gpu "
+            "--set schedule.lr=[1e-3,3e-3]")
+
+
+def _recipe_arguments(parser) -> None:
+    parser.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, metavar="RECIPE",
+                        help=RECIPE_HELP)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=SET_HELP)
+
+
 def register(sub) -> None:
     plan = sub.add_parser("plan", help="show the stages, their jobs and the predicted saving")
-    plan.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE)
-    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a recipe value, e.g. --set schedule.alpha=0.5")
+    _recipe_arguments(plan)
     plan.set_defaults(handler=_plan)
 
     run = sub.add_parser("run", help="run (or submit) every stage of a V-cycle")
-    run.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE)
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _recipe_arguments(run)
     run.add_argument("--executor", choices=("local", "slurm"), help="default: the recipe's")
     run.add_argument("--run-dir", help="default: runs/NAME-TIMESTAMP")
     run.add_argument("--dry-run", action="store_true", help="print the jobs, submit nothing")
@@ -37,6 +49,9 @@ def register(sub) -> None:
                              help="change a cluster setting for the rest of the run (time limit, "
                                   "partition, ...), recorded in RUN_DIR/recipe.yaml")
         cmd.set_defaults(handler=handler)
+    sub.choices["status"].add_argument(
+        "--baseline", metavar="PATH", help="plot this baseline run's validation loss too (its run "
+        "directory, a stage directory or a metrics.jsonl; default: the recipe's baseline)")
 
 
 def _load(recipe: str, overrides):
@@ -66,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = run_dir.resolve()
     print_plan(plan)
     executor.check(plan, run_dir)
+    _baseline(recipe.baseline)  # refused before anything is written or submitted
     if args.dry_run:
         print(executor.describe(plan, run_dir))
         return 0
@@ -98,13 +114,25 @@ def _ensure_data(recipe) -> Path:
     return data_dir
 
 
-def _report(state, plan) -> int:
+def _baseline(path):
+    """The baseline's validation curve (None without one)."""
+    from mlmega.vcycle.report import run_curve
+
+    return run_curve(Path(path)) if path else None
+
+
+def _plot(run_dir: Path, plan, baseline: str | None = None) -> Path:
     from mlmega.vcycle.report import plot_run
+
+    return plot_run(run_dir, [s.name for s in plan.stages], run_dir / "loss.png",
+                    title=plan.recipe.name, baseline=_baseline(baseline or plan.recipe.baseline))
+
+
+def _report(state, plan) -> int:
     from mlmega.vcycle.run import COMPLETED, stage_dir
 
     run_dir = Path(state.run_dir)
-    png = plot_run(run_dir, [s.name for s in plan.stages], run_dir / "loss.png",
-                   title=plan.recipe.name)
+    png = _plot(run_dir, plan)
     done = [s for s in state.stages if s.status == COMPLETED]
     print(f"loss plot: {png}")
     if len(done) == len(state.stages):
@@ -132,7 +160,6 @@ def _reload(run_dir: str, overrides=()):
 
 def _status(args: argparse.Namespace) -> int:
     from mlmega.vcycle.lock import RunBusy, RunLock
-    from mlmega.vcycle.report import plot_run
     from mlmega.vcycle.tables import print_status
 
     state, plan, executor = _reload(args.run_dir)
@@ -143,9 +170,7 @@ def _status(args: argparse.Namespace) -> int:
     except RunBusy:
         pass
     print_status(state, plan)
-    png = plot_run(Path(args.run_dir), [s.name for s in plan.stages],
-                   Path(args.run_dir) / "loss.png", title=plan.recipe.name)
-    print(f"loss plot: {png}")
+    print(f"loss plot: {_plot(Path(args.run_dir), plan, args.baseline)}")
     return 0
 
 

@@ -129,6 +129,7 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sizing: SizingConfig = field(default_factory=SizingConfig)
+    baseline: Optional[str] = None  # a baseline run (its directory or metrics) for the loss plot
     source: str = field(default="<recipe>", compare=False)
 
     @property
@@ -138,11 +139,9 @@ class Recipe:
     def level_models(self) -> list[ModelConfig]:
         """The model of every level, largest first (validates every scheme against its level)."""
         models = [self.model]
-        for k, schemes in enumerate(self.levels):
-            try:
-                models.append(LevelMap.from_large(models[-1], schemes).small)
-            except ConfigError as err:
-                raise ConfigError(f"{self.source}: levels[{k}]: {err}") from None
+        for k, schemes in enumerate(self.levels):  # errors name the scheme or the level's model
+            large = models[-1].replace(source=f"{self.source}: levels[{k}]")
+            models.append(LevelMap.from_large(large, schemes).small)
         return models
 
     def validate(self) -> None:
@@ -153,6 +152,9 @@ class Recipe:
             if len(getattr(s, key)) != want:
                 raise ConfigError(f"{self.source}: schedule.{key} has {len(getattr(s, key))} "
                                   f"entries; expected {want} for {k + 1} levels")
+        if self.baseline is not None and not isinstance(self.baseline, str):
+            raise ConfigError(f"{self.source}: baseline={self.baseline!r}: expected the path of "
+                              f"a baseline run directory or metrics file")
         t = self.training
         if t.warmup_steps >= s.coalesce_steps[0]:
             raise ConfigError(f"{self.source}: training.warmup_steps={t.warmup_steps} must end "
@@ -210,7 +212,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str) -> Recipe:
         raise ConfigError(f"{source}: levels: expected a list of {{width, depth}} schemes")
     recipe = Recipe(
         name=data["name"],
-        model=ModelConfig.from_dict(data["model"], f"{source}: model"),
+        model=ModelConfig.from_dict(data["model"], source),
         levels=tuple(LevelSchemes.from_dict(lv, f"{source}: levels[{i}]")
                      for i, lv in enumerate(levels)),
         schedule=section_from_mapping(ScheduleConfig, data["schedule"], f"{source}: schedule"),
@@ -218,6 +220,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str) -> Recipe:
         training=section_from_mapping(TrainingConfig, data.get("training", {}), f"{source}: training"),
         cluster=section_from_mapping(ClusterConfig, data.get("cluster", {}), f"{source}: cluster"),
         sizing=section_from_mapping(SizingConfig, data.get("sizing", {}), f"{source}: sizing"),
+        baseline=data.get("baseline"),
         source=source,
     )
     check_fields(recipe, f"{source}:")

@@ -4,7 +4,8 @@
     RUN_DIR/state.json             stages: status, job ids, checkpoint, metrics (atomic writes)
     RUN_DIR/stages/NAME.yaml       each stage's ``mlmega train`` config
     RUN_DIR/stages/NAME/           each stage's checkpoints and metrics.jsonl
-    RUN_DIR/logs/                  job logs
+    RUN_DIR/logs/STAGE/JOB/        local jobs' logs, one .out/.err pair per rank (SLURM's:
+                                   RUN_DIR/submitit/STAGE/JOB/)
     RUN_DIR/writer.lock            held by the one process writing the run (:mod:`.lock`)
 Stage configs reference earlier stages' checkpoint directories, so a job started from this
 directory (any node, any time) finds its inputs on the shared filesystem. Paths inside the run are
@@ -43,6 +44,12 @@ class StageState:
     started: Optional[float] = None
     ended: Optional[float] = None
     exit_code: Optional[int] = None
+    wall: dict[str, float] = field(default_factory=dict)  # job id -> seconds run (all attempts)
+
+    @property
+    def wall_s(self) -> Optional[float]:
+        """Wall-clock seconds over every job and requeue of the stage (None before any ran)."""
+        return sum(self.wall.values()) if self.wall else None
 
 
 @dataclass

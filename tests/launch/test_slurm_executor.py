@@ -277,6 +277,25 @@ def test_refresh_completed_needs_the_last_checkpoint(tmp_path, monkeypatch):
     assert [s.status for s in state.stages] == [COMPLETED, FAILED, RUNNING]
 
 
+def test_refresh_sums_the_wall_time_of_every_run_of_a_job(tmp_path, monkeypatch):
+    plan = make_plan(tmp_path, recipe_dict())
+    state = fake_state(tmp_path, plan, [RUNNING, SUBMITTED, SUBMITTED])
+    state.stages[1].wall = {"9": 30.0}  # an earlier job of the stage (before a resume)
+    fake = FakeScheduler([_sacct_order(r) for r in (  # sacct -D: oldest run first
+        "11|REQUEUED|None|0:0|2026-11-25T00:30:00|2026-11-25T00:31:40",
+        "11|REQUEUED|None|0:0|2026-11-25T00:32:00|2026-11-25T00:32:05",
+        "11|PENDING|BeginTime|0:0|Unknown|Unknown",
+        "12|REQUEUED|None|0:0|2026-11-25T00:32:05|2026-11-25T00:32:15",
+        "12|PENDING|BeginTime|0:0|Unknown|Unknown",
+        "13|PENDING|Dependency|0:0|Unknown|Unknown")])
+    monkeypatch.setattr(slurm, "_run", fake)
+    SlurmExecutor().refresh(state, plan)
+    assert "-D" in fake.calls[0]
+    assert [s.wall for s in state.stages] == [{"11": 105.0}, {"9": 30.0, "12": 10.0}, {}]
+    assert [s.wall_s for s in state.stages] == [105.0, 40.0, None]
+    assert [s.status for s in state.stages] == [SUBMITTED] * 3  # each job's latest run
+
+
 def test_cancel_scancels_every_unfinished_job(tmp_path, monkeypatch):
     plan = make_plan(tmp_path, recipe_dict())
     state = fake_state(tmp_path, plan, [COMPLETED, RUNNING, SUBMITTED])

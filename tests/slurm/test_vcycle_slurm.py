@@ -227,6 +227,13 @@ def test_vcycle_chain_runs_through_slurm(tmp_path, gpt_data):
         assert _t(rows[job_id]["Start"]) >= _t(rows[previous]["End"])
     assert_final_checkpoint(run_dir)
     assert all(train_steps(run_dir, s) == [1, 2, 3, 4] for s in STAGES)
+    for name, job_id in zip(STAGES, ids):  # megatron's fallback warnings: once, not per rank
+        logs = run_dir / "submitit" / name / job_id
+        errs = [(logs / f"{job_id}_{rank}_log.err").read_text() for rank in (0, 1)]
+        assert not any("Warning" in err for err in errs), errs  # was 10 per rank
+        notes = [(logs / f"{job_id}_{rank}_log.out").read_text().count("megatron-core without")
+                 for rank in (0, 1)]
+        assert notes == [1, 0]
     status = mlmega("status", run_dir)
     assert status.count("completed") == 3
     print(f"mlmega run returned after {submit_s:.1f} s")
@@ -262,6 +269,10 @@ def test_cancelled_stage_resumes_and_nothing_repeats(tmp_path, gpt_data):
     rows = {r["JobID"]: r for r in sacct(ids + new[1:])}
     assert [rows[j]["State"].split()[0] for j in ids] == ["COMPLETED", "CANCELLED", "CANCELLED"]
     assert [rows[j]["State"] for j in new] == ["COMPLETED"] * 3
+    # the cancelled stage's wall time covers its cancelled job and the resumed one
+    bottom = refresh(run_dir).stages[1]
+    assert bottom.wall == {job: pytest.approx(_t(rows[job]["End"]) - _t(rows[job]["Start"]))
+                           for job in (ids[1], new[1])}, bottom
     # the cancelled stage went on from its checkpoint; the stages around it ran once
     (resumed,) = resumed_at(run_dir, STAGES[1], new[1])
     assert_resumed_without_repeats(train_steps(run_dir, STAGES[1]), resumed, 12)
@@ -306,6 +317,11 @@ def test_signalled_and_requeued_stages_keep_their_job_and_resume(tmp_path, gpt_d
     (resumed,) = resumed_at(run_dir, STAGES[1], ids[1])
     assert_resumed_without_repeats(train_steps(run_dir, STAGES[1]), resumed, 12)
     assert_final_checkpoint(run_dir)
+    # a stage's wall time: both runs of its requeued job
+    state = refresh(run_dir)
+    for entry in state.stages:
+        walls = [_t(r["End"]) - _t(r["Start"]) for r in runs if r["JobID"] == entry.job_id]
+        assert entry.wall == {entry.job_id: pytest.approx(sum(walls))}, (entry, runs)
     report_timings(runs, ids)
 
 

@@ -67,6 +67,16 @@ def test_vcycle_runs_end_to_end_and_resume_repeats_nothing(tmp_path, prepared):
               (run_dir / "stages" / "1-bottom-L1" / "metrics.jsonl").read_text().splitlines()]
     assert first_flops == pytest.approx(max(r["flops"] for r in bottom))
 
+    assert "training gpt" in out, "rank 0's output is shown as it runs"
+    for entry in state.stages:  # every rank's log kept as on SLURM: logs/STAGE/JOB/JOB_RANK_log.*
+        job = entry.job_id.replace(":", "-")
+        assert [p.name for p in (run_dir / "logs" / entry.name).iterdir()] == [job]
+        log = run_dir / "logs" / entry.name / job / f"{job}_0_log"
+        text = log.with_suffix(".out").read_text()
+        assert "training gpt" in text and text.count("megatron-core without Apex") == 1
+        assert "not installed" not in log.with_suffix(".err").read_text()
+        assert entry.wall_s == pytest.approx(entry.ended - entry.started)
+
     before = metric_lines(run_dir)
     out = mlmega("resume", run_dir)
     assert metric_lines(run_dir) == before, "a resumed complete run must repeat nothing"
@@ -118,6 +128,11 @@ def test_cancel_midway_then_resume_completes(tmp_path, prepared):
     state = RunState.load(run_dir)
     assert [s.status for s in state.stages] == ["completed"] * 3
     assert [s.attempts for s in state.stages] == [1, 2, 1], "no completed stage repeated"
+    # the bottom stage's wall time covers both attempts, each with its own logs
+    walls = state.stages[1].wall
+    assert len(walls) == 2 and state.stages[1].wall_s == sum(walls.values())
+    assert sorted(p.name for p in (run_dir / "logs" / "1-bottom-L1").iterdir()) == \
+        sorted(job.replace(":", "-") for job in walls)
     assert metric_lines(run_dir)["0-pre-L0"] == pre_lines
     steps = [json.loads(x)["step"] for x in (bottom / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]

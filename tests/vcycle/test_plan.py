@@ -120,6 +120,19 @@ def test_bad_recipes_fail_before_anything_runs(tmp_path, changes, message):
         plan_vcycle(load_recipe(_write(tmp_path, changes)))
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"levels": [{"width": {"kind": "stacked", "factor": 3}}]},
+     "levels[0]: width: num_attention_heads=4 is not divisible by the stacked factor 3"),
+    ({"model.hidden_size": 0}, "model.hidden_size=0: expected a positive integer"),
+    ({"model.colour": "red"}, "unknown model option(s) ['colour']"),
+])
+def test_errors_name_the_file_and_the_key_once(tmp_path, changes, message):
+    with pytest.raises(ConfigError) as err:
+        plan_vcycle(load_recipe(_write(tmp_path, changes)))
+    assert str(err.value).startswith(f"{tmp_path / 'recipe.yaml'}: {message}"), err.value
+    assert str(err.value).count("recipe.yaml") == 1
+
+
 def test_overrides_from_the_command_line():
     recipe = load_recipe(CONFIGS / "tiny-gpt.yaml", ["schedule.alpha=0.5", "training.seed=9"])
     assert recipe.schedule.alpha == 0.5 and recipe.training.seed == 9
