@@ -66,6 +66,11 @@ class TrainConfig:
     exit_interval: int = 0  # stop (after saving) once this many steps are done; 0: never
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     flops_offset: float = 0.0  # model FLOPs already spent before this stage (V-cycle accounting)
+    # The sample stream: this stage reads samples [first_sample, first_sample + steps x global
+    # batch) of a stream of data_samples samples (None: just those), so stages that continue one
+    # another (a V-cycle's) read on where the previous one stopped, in one data order.
+    first_sample: int = 0
+    data_samples: Optional[int] = None
     source: str = field(default="<memory>", compare=False)
 
     def __post_init__(self) -> None:
@@ -87,10 +92,21 @@ class TrainConfig:
         if self.optimizer.decay_style not in DECAY_STYLES:
             raise ConfigError(f"{self.source}: optimizer.decay_style="
                               f"{self.optimizer.decay_style!r}: expected one of {DECAY_STYLES}")
+        if not isinstance(self.first_sample, int) or self.first_sample < 0:
+            fail("first_sample", "a non-negative integer")
+        if self.data_samples is not None and (not isinstance(self.data_samples, int) or
+                                              self.data_samples < self.last_sample):
+            fail("data_samples", f"an integer of at least first_sample + steps x "
+                                 f"global_batch_size = {self.last_sample}")
         if self.precision not in ("auto", "fp32", "bf16"):
             fail("precision", "auto, fp32 or bf16")
         if self.init is not None and self.init.op not in INIT_OPS:
             raise ConfigError(f"{self.source}: init.op={self.init.op!r}: expected one of {INIT_OPS}")
+
+    @property
+    def last_sample(self) -> int:
+        """The sample stream position after this stage (Megatron's consumed_train_samples)."""
+        return self.first_sample + self.steps * self.global_batch_size
 
     @property
     def metrics_path(self) -> Path:

@@ -47,6 +47,9 @@ class TrainingConfig:
     eval_iters: int = 4
     save_interval: int = 0
     log_interval: int = 10
+    # Length of the sample stream (one data order) that the V-cycle's stages read on from one
+    # another and the baseline reads from its start; None: the longer of the two runs.
+    data_samples: Optional[int] = None
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class StageState:
     started: Optional[float] = None
     ended: Optional[float] = None
     exit_code: Optional[int] = None
+    first_sample: int = 0  # samples consumed by the stages before it (its data starts there)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def stage_finished(run_dir: Path, stage: Stage) -> bool:
 
 
 def train_config(plan: Plan, stage: Stage, run_dir: Path, data_dir: Path,
-                 flops_offset: float) -> TrainConfig:
+                 flops_offset: float, first_sample: int) -> TrainConfig:
     """The ``mlmega train`` config of one stage of the run."""
     from mlmega.train.config import InitConfig, OptimizerConfig
 
@@ -111,6 +112,7 @@ def train_config(plan: Plan, stage: Stage, run_dir: Path, data_dir: Path,
         init=init, seed=train.seed, log_interval=train.log_interval,
         eval_interval=train.eval_interval, eval_iters=train.eval_iters,
         save_interval=train.save_interval, flops_offset=flops_offset,
+        first_sample=first_sample, data_samples=plan.data_samples,
         source=str(stage_config_path(run_dir, stage.name)))
 
 
@@ -125,13 +127,13 @@ def create_run(plan: Plan, run_dir: Path, data_dir: Path, executor: str,
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(_recipe_dict(plan.recipe)))
-    offset = 0.0
-    for stage in stages:
-        cfg = train_config(plan, stage, run_dir, data_dir, offset)
+    flops, first_sample, entries = 0.0, 0, []
+    for stage in stages:  # each stage continues the previous one's FLOPs and sample stream
+        cfg = train_config(plan, stage, run_dir, data_dir, flops, first_sample)
         write_text_atomic(stage_config_path(run_dir, stage.name), yaml.safe_dump(cfg.to_dict()))
-        offset += stage.flops
-    state = RunState(str(run_dir), plan.recipe.source, executor,
-                     [StageState(s.name) for s in stages])
+        entries.append(StageState(stage.name, first_sample=first_sample))
+        flops, first_sample = flops + stage.flops, cfg.last_sample
+    state = RunState(str(run_dir), plan.recipe.source, executor, entries)
     state.save()
     return state
 
