@@ -27,7 +27,8 @@ def _num(value) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# V-cycle vs tuned baseline ({report['date']}{', --quick' if report['quick'] else ''})",
+    scale = ", --quick" if report["quick"] else ""
+    lines = [f"# V-cycle vs tuned baseline ({report['date']}{scale})",
              "", f"`{report['command']}`", "",
              f"Budgets of the tuned baseline: {', '.join(f'{b:g}' for b in report['budgets'])} of "
              f"its steps, each with its own schedule; seeds {report['seeds']}. Compute-equivalent "
@@ -36,11 +37,10 @@ def markdown(report: dict) -> str:
     lines += ["| comparison | compute-equivalent FLOPs saving: mean (min, max) | holds | "
               "wall-clock saving: mean (min, max) | holds |", "|---|---|---|---|---|"]
     for c in report["comparisons"]:
-        h = c["headline"]
-        lines.append(f"| {c['name']} | {h['compute']['mean']:.1f}% ({h['compute']['min']:.1f}, "
-                     f"{h['compute']['max']:.1f}) | {'yes' if h['compute']['holds'] else 'no'} | "
-                     f"{h['wallclock']['mean']:.1f}% ({h['wallclock']['min']:.1f}, "
-                     f"{h['wallclock']['max']:.1f}) | {'yes' if h['wallclock']['holds'] else 'no'} |")
+        cells = [f"{h['mean']:.1f}% ({h['min']:.1f}, {h['max']:.1f}) | "
+                 f"{'yes' if h['holds'] else 'no'}"
+                 for h in (c["headline"]["compute"], c["headline"]["wallclock"])]
+        lines.append(f"| {c['name']} | {' | '.join(cells)} |")
     for c in report["comparisons"]:
         lines += ["", f"## {c['name']}", "", "Baseline LR sweep (full budget, first seed):", "",
                   "| peak LR | final val loss | FLOPs | seconds |", "|---|---|---|---|"]

@@ -152,6 +152,8 @@ def base_recipe(arch: str, quick: bool, levels: int) -> dict:
     else:
         schedule = dict(coalesce_steps=[steps // 20, steps // 20], bottom_steps=steps // 2,
                         decoalesce_steps=[steps * 5 // 8, steps // 8], lr=[1e-3, 2e-3, 4e-3])
+    if quick:  # 32 steps of a toy model want larger LRs (so the sweep starts around its best)
+        schedule["lr"] = [4 * lr for lr in schedule["lr"]]
     # alpha: the paper uses 0.25 (GPT) and 0.5 (BERT); with function-preserving de-coalescing
     # the large model's early weights only need to break the copies' symmetry: 0.9 (start 3.96;
     # 0.5: 4.56); BERT: the same reasoning, not measured

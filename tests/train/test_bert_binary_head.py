@@ -1,5 +1,5 @@
-"""BERT with ``bert_binary_head``: the sentence-order head trains with Megatron-LM's loss (masked LM
-+ cross-entropy of the binary logits against ``is_random``), so its weights and the pooler's move."""
+"""BERT with ``bert_binary_head``: the sentence-order head trains with Megatron-LM's loss (masked
+LM + cross-entropy of the binary logits against ``is_random``): its weights and the pooler's move."""
 
 from __future__ import annotations
 
