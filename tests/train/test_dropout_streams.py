@@ -75,3 +75,22 @@ def test_tp2_ranks_drop_independently_as_tp1_heads_do():
     across_tp2 = agreement(rank0[:, :, 0], rank1[:, :, 0])
     assert within_tp1 == pytest.approx(0.5, abs=0.02)
     assert across_tp2 == pytest.approx(within_tp1, abs=0.03)
+
+
+def default_stream_draws() -> tuple[int, int, torch.Tensor]:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+            torch.rand(8))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_pipeline_stages_seed_their_own_default_stream():
+    """Megatron-LM's seed offset (seed + 100 x pipeline rank): hidden dropout, drawn from the
+    default stream, differs between pipeline stages and is equal across the TP ranks of a stage
+    (whose activations are replicated)."""
+    draws = {(t, p): x for t, p, x in run_ranks(default_stream_draws, 2, 2)}
+    assert torch.equal(draws[0, 0], draws[1, 0]) and torch.equal(draws[0, 1], draws[1, 1])
+    assert not torch.equal(draws[0, 0], draws[0, 1])
+    assert torch.equal(draws[0, 1], torch.rand(8, generator=torch.Generator().manual_seed(1334)))
