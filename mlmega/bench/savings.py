@@ -32,13 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import yaml
+
 from mlmega.bench.frontier import AT_MOST, saving
+from mlmega.config.errors import ConfigError
 from mlmega.data.prepare import PrepareOptions, prepare
 from mlmega.launch.executor import LocalExecutor
 from mlmega.vcycle.plan import Plan, plan_vcycle
 from mlmega.vcycle.recipe import Recipe, recipe_from_dict
 from mlmega.vcycle.report import read_metrics
-from mlmega.vcycle.run import RunState, create_run, stage_dir
+from mlmega.vcycle.run import RunState, create_run, recipe_dict, stage_dir
 
 BUDGETS = (0.5, 0.625, 0.75, 0.875, 1.0)  # of the baseline's steps, each its own LR schedule
 MAX_SWEEP = 8  # baseline peak LRs at most (4 to start, extended while the best is at an end)
@@ -67,6 +70,9 @@ def run_recipe(recipe: Recipe, run_dir: Path, data_dir: Path, baseline: bool,
     stages = [plan.baseline] if baseline else list(plan.stages)
     if (run_dir / "state.json").exists():
         state = RunState.load(run_dir)
+        if yaml.safe_load((run_dir / "recipe.yaml").read_text()) != recipe_dict(recipe):
+            raise ConfigError(f"{run_dir} holds a run of another recipe than {recipe.name} now "
+                              f"is (the benchmark changed?); delete it or use another --out")
     else:
         state = create_run(plan, run_dir, data_dir, "local", stages)
     LocalExecutor().launch(state, plan, log=log)
@@ -216,7 +222,7 @@ class Protocol:
         """The baseline at peak LR ``lr`` for ``budget`` of its steps, its schedule fitted."""
         s, t = recipe["schedule"], recipe["training"]
         name = f"{recipe['model']['arch']}-baseline-lr{lr:.3g}-b{budget:g}-s{seed}"
-        changed = variant(recipe, name, schedule__lr=[lr, *s["lr"][1:]],
+        changed = variant(recipe, name, schedule__lr=[lr] * len(s["lr"]),  # V-cycle LRs unused
                           schedule__baseline_steps=round(s["baseline_steps"] * budget),
                           training__warmup_steps=round(t["warmup_steps"] * budget),
                           training__seed=seed)
@@ -345,8 +351,6 @@ def run(args) -> int:
     from mlmega.bench.report import write_report
 
     if args.config:
-        import yaml
-
         recipe = yaml.safe_load(Path(args.config).read_text())
         recipe.setdefault("data", {})["prepare"] = False
         plan = plan_vcycle(recipe_from_dict(recipe, args.config))

@@ -126,7 +126,7 @@ def create_run(plan: Plan, run_dir: Path, data_dir: Path, executor: str,
     stages = list(stages if stages is not None else plan.stages)
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
-    write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(_recipe_dict(plan.recipe)))
+    write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe_dict(plan.recipe)))
     flops, first_sample, entries = 0.0, 0, []
     for stage in stages:  # each stage continues the previous one's FLOPs and sample stream
         cfg = train_config(plan, stage, run_dir, data_dir, flops, first_sample)
@@ -138,7 +138,8 @@ def create_run(plan: Plan, run_dir: Path, data_dir: Path, executor: str,
     return state
 
 
-def _recipe_dict(recipe: Recipe) -> dict:
+def recipe_dict(recipe: Recipe) -> dict:
+    """The recipe as RUN_DIR/recipe.yaml holds it (plain YAML types)."""
     data = asdict(recipe)
     data.pop("source")
     data["model"] = recipe.model.to_dict()
