@@ -70,9 +70,11 @@ def run_recipe(recipe: Recipe, run_dir: Path, data_dir: Path, baseline: bool,
     stages = [plan.baseline] if baseline else list(plan.stages)
     if (run_dir / "state.json").exists():
         state = RunState.load(run_dir)
-        if yaml.safe_load((run_dir / "recipe.yaml").read_text()) != recipe_dict(recipe):
-            raise ConfigError(f"{run_dir} holds a run of another recipe than {recipe.name} now "
-                              f"is (the benchmark changed?); delete it or use another --out")
+        stored = run_dir / "recipe.yaml"  # read as today's Recipe: new options take defaults
+        if recipe_dict(recipe_from_dict(yaml.safe_load(stored.read_text()), str(stored))) != \
+                recipe_dict(recipe):
+            raise ConfigError(f"{stored}: another recipe than {recipe.name} is now (the "
+                              f"benchmark changed?); delete {run_dir} or use another --out")
     else:
         state = create_run(plan, run_dir, data_dir, "local", stages)
     LocalExecutor().launch(state, plan, log=log)
