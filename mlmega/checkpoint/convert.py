@@ -16,10 +16,13 @@ the marker.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import os
 import shutil
+import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -33,7 +36,8 @@ import torch
 from mlmega.checkpoint.atomic import check_destination, publish, staging_dir, write_text_atomic
 from mlmega.checkpoint.dist_format import (finalize_dist, open_checkpoint, save_dist_full_state,
                                            write_dist_rank)
-from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.errors import CheckpointError
+from mlmega.checkpoint.layout import ShardLayout, tokenizer_args
 from mlmega.checkpoint.streaming import (LazyTensor, RowBlocks, StreamingWriter,
                                            reuse_freed_memory)
 from mlmega.checkpoint.torch_format import (TRACKER, TorchCheckpoint, iteration_dir_name,
@@ -61,10 +65,25 @@ class ConversionPlan:
     alpha: float = 0.5
     format: str = "torch"
     checksums: bool = False  # zip CRC32 per record (torch format): torch.load never checks them
+    vocab_size: Optional[int] = None  # the source's true vocabulary, resolved once (workers reopen)
+    vocab_source: str = ""  # where vocab_size came from
+    source_args: Optional[dict] = None  # Megatron args carried to the output (the tokenizer's)
+    verify: bool = True  # check the sources' record checksums before reading (--no-verify)
+    check_finite: bool = False  # refuse source tensors holding NaN/Inf (--check-finite)
 
     @property
     def ranks(self) -> list[tuple[int, int]]:
         return self.target.ranks
+
+    @property
+    def output_args(self) -> dict:
+        """Args the output's files hold besides its layout's (:meth:`ShardLayout.megatron_args`)."""
+        return {**(self.source_args or {}), "mlmega_converted_by": self.op}
+
+    @property
+    def sources(self) -> list[Path]:
+        """The checkpoints read (which the destination must not overlap)."""
+        return [self.src] + ([self.large] if self.large else [])
 
 
 @dataclass(frozen=True)
@@ -79,9 +98,16 @@ class RankResult:
 def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, target_tp: Optional[int] = None,
                     target_pp: Optional[int] = None, schemes: Optional[LevelSchemes] = None,
                     large: Optional[str | Path] = None, alpha: Optional[float] = None,
-                    fmt: str = "torch", overwrite: bool = False,
-                    checksums: bool = False) -> ConversionPlan:
-    """Open and validate the inputs and the target layout; raises ConfigError on bad input."""
+                    fmt: str = "torch", overwrite: bool = False, checksums: bool = False,
+                    vocab_size: Optional[int] = None,
+                    tokenizer: Optional[str | Path] = None, verify: bool = True,
+                    check_finite: bool = False) -> ConversionPlan:
+    """Open and validate the inputs and the target layout; raises ConfigError on bad input.
+
+    ``vocab_size`` / ``tokenizer``: the source's true vocabulary where its args lack it
+    (:func:`mlmega.checkpoint.vocab.true_vocab_size`). The target's vocabulary is padded by
+    Megatron-LM's rule for its TP size (rows past the source's padding are zero).
+    ``verify``: check records' checksums; ``check_finite``: refuse NaN/Inf source tensors."""
     if op not in OPS:
         raise ConfigError(f"unknown conversion {op!r}; expected one of {OPS}")
     if fmt not in FORMATS:
@@ -89,8 +115,9 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
     src = Path(src)
     if dst is not None:  # None: the tensors are consumed in memory (training's initial load)
         dst = Path(dst)
-        check_destination(dst, overwrite)
-    source = open_checkpoint(src)
+        check_destination(dst, overwrite, [src] + ([Path(large)] if large else []))
+    source = open_checkpoint(src, vocab_size=vocab_size, tokenizer=tokenizer, verify=verify,
+                             check_finite=check_finite)
     source.validate_tensors()
     layout = source.layout
     level = None
@@ -111,7 +138,7 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
                               "from before coalescing)")
         if alpha is None or not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"--alpha={alpha!r}: expected a number in [0, 1]")
-        large_ckpt = open_checkpoint(large)
+        large_ckpt = open_checkpoint(large, vocab_size=cfg.vocab_size)
         if large_ckpt.layout.cfg.replace(source="") != cfg.replace(source=""):
             raise ConfigError(f"{large}: its model {large_ckpt.layout.cfg.to_dict()} is not the "
                               f"de-coalesced model {cfg.to_dict()} of {src}")
@@ -120,7 +147,8 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
     target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp)
     return ConversionPlan(op, src, dst, target, source.iteration, level,
                           Path(large) if large else None, 0.5 if alpha is None else alpha, fmt,
-                          checksums)
+                          checksums, source.layout.cfg.vocab_size, source.vocab_source,
+                          tokenizer_args(source.args), verify, check_finite)
 
 
 class _Producer:
@@ -128,8 +156,10 @@ class _Producer:
 
     def __init__(self, plan: ConversionPlan):
         self.plan = plan
-        self.source = open_checkpoint(plan.src)
-        self.large = open_checkpoint(plan.large) if plan.large else None
+        checks = dict(verify=plan.verify, check_finite=plan.check_finite,
+                      vocab_size=plan.vocab_size)
+        self.source = open_checkpoint(plan.src, **checks)
+        self.large = open_checkpoint(plan.large, **checks) if plan.large else None
         self._last_read: tuple[str, Optional[torch.Tensor]] = ("", None)
 
     def mapped(self, param) -> torch.Tensor:
@@ -348,7 +378,7 @@ def convert_ranks(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int],
                 pending.result()
             for r in tp_ranks:
                 writers[r].finish(shard_content(target, pp_rank, written[r], plan.iteration,
-                                                {"mlmega_converted_by": plan.op}))
+                                                plan.output_args))
     seconds = time.monotonic() - start
     return [RankResult(r, pp_rank, len(names), nbytes[r], seconds) for r in tp_ranks]
 
@@ -382,6 +412,18 @@ def _worker_context():
     return get_context("fork" if "fork" in get_all_start_methods() else "spawn")
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: the kernel kills this worker when its coordinator dies (even by
+    SIGKILL, which runs no cleanup), so no orphan goes on converting."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
 def run_locally(tasks: Sequence[ConversionTask], workers: int, log=print) -> list[RankResult]:
     """Run ``tasks`` in this process (workers <= 1) or in ``workers`` forked processes."""
     if workers <= 1:
@@ -393,7 +435,8 @@ def run_locally(tasks: Sequence[ConversionTask], workers: int, log=print) -> lis
     # copy) every page of the parent's objects: measured, 29k page faults, 9% of interpolate.
     gc.freeze()
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(),
+                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             for done, task_results in enumerate(pool.map(convert_task, tasks), 1):
                 results.extend(task_results)
                 elapsed = time.monotonic() - start
@@ -413,6 +456,9 @@ def run_conversion(plan: ConversionPlan, workers: int = 1, overwrite: bool = Fal
     (mlmega.launch.conversion_job); by default :func:`run_locally`.
     """
     start = time.monotonic()
+    if plan.vocab_source:
+        log(f"convert {plan.op}: vocabulary {plan.vocab_size} (from {plan.vocab_source}), padded "
+            f"to {plan.target.padded_vocab} rows for TP={plan.target.tp}")
     staging = staging_dir(plan.dst)
     tasks = [(plan, pp, tp_ranks, staging) for pp, tp_ranks in conversion_tasks(plan.target,
                                                                                  workers)]
@@ -421,9 +467,16 @@ def run_conversion(plan: ConversionPlan, workers: int = 1, overwrite: bool = Fal
         results = runner(tasks, log) if runner else run_locally(tasks, workers, log)
         if plan.format == "torch_dist":  # merge the ranks' index parts; common.pt, metadata.json
             finalize_dist(staging / iteration_dir_name(plan.iteration), plan.target,
-                          plan.iteration, extra_args={"mlmega_converted_by": plan.op})
+                          plan.iteration, extra_args=plan.output_args)
         write_text_atomic(staging / TRACKER, str(plan.iteration))  # the marker, last
-        publish(staging, plan.dst, overwrite)
+        publish(staging, plan.dst, overwrite, plan.sources)
+    except CheckpointError as err:  # a damaged source, a full disk: one line
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"{err}; nothing was published to {plan.dst}") from None
+    except OSError as err:  # a write outside the writers (a directory, a rename)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"{err.filename or staging}: cannot write ({err.strerror or err}); "
+                              f"nothing was published to {plan.dst}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -456,11 +509,12 @@ def save_full_state(state: dict[str, torch.Tensor], layout: ShardLayout, dst: st
         write_text_atomic(staging / TRACKER, str(iteration))
 
 
-def load_full_state(src: str | Path) -> tuple[dict[str, torch.Tensor], ShardLayout]:
+def load_full_state(src: str | Path, vocab_size: Optional[int] = None
+                    ) -> tuple[dict[str, torch.Tensor], ShardLayout]:
     """Read a whole checkpoint (either format) into a full (TP=1 canonical) state dict."""
     from mlmega.models.params import iter_params
 
-    ckpt = open_checkpoint(src)
+    ckpt = open_checkpoint(src, vocab_size=vocab_size)
     ckpt.validate_tensors()
     state = {name: ckpt.read(name).clone() for name, _, _ in iter_params(ckpt.layout.cfg)}
     return state, ckpt.layout

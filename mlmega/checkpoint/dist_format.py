@@ -48,11 +48,16 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
-from mlmega.checkpoint.atomic import atomic_directory, write_text_atomic
-from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.atomic import atomic_directory, write_text_atomic, writing
+from mlmega.checkpoint.errors import CheckpointError
+from mlmega.checkpoint.integrity import RecordChecks, check_finite, write_manifest
+from mlmega.checkpoint.layout import WORD_EMBEDDINGS, ShardLayout, pad_rows
 from mlmega.checkpoint.torch_format import (CHECKPOINT_VERSION, TRACKER, TorchCheckpoint,
                                             _layers_per_stage, iteration_dir_name,
                                             latest_directory, load_file)
+from mlmega.checkpoint.streaming import StreamingWriter
+from mlmega.checkpoint.unpickle import load_dist_metadata
+from mlmega.checkpoint.vocab import true_vocab_size
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.models.params import ParamSpec, global_shape, iter_params, param_index, space_layout
@@ -118,13 +123,17 @@ def is_dist_directory(directory: Path) -> bool:
 
 
 def open_checkpoint(root: str | Path, arch: Optional[str] = None,
-                    cfg: Optional[ModelConfig] = None) -> "TorchCheckpoint | DistCheckpoint":
-    """Open a Megatron checkpoint in either format (told apart by its iteration directory)."""
+                    cfg: Optional[ModelConfig] = None, vocab_size: Optional[int] = None,
+                    tokenizer: Optional[str | Path] = None, verify: bool = True,
+                    check_finite: bool = False) -> "TorchCheckpoint | DistCheckpoint":
+    """Open a Megatron checkpoint in either format (told apart by its iteration directory);
+    ``vocab_size`` / ``tokenizer``: see :meth:`TorchCheckpoint.open`; ``verify``: check records'
+    checksums before reading them; ``check_finite``: refuse NaN/Inf."""
     root = Path(root)
     _, _, directory = latest_directory(root)
-    if is_dist_directory(directory):
-        return DistCheckpoint.open(root, arch=arch, cfg=cfg)
-    return TorchCheckpoint.open(root, arch=arch, cfg=cfg)
+    kind = DistCheckpoint if is_dist_directory(directory) else TorchCheckpoint
+    return kind.open(root, arch=arch, cfg=cfg, vocab_size=vocab_size, tokenizer=tokenizer,
+                     verify=verify, check_finite=check_finite)
 
 
 class _RegionPlanner:
@@ -158,7 +167,11 @@ class DistCheckpoint:
     args: Optional[argparse.Namespace]
     metadata: Any = field(repr=False)  # torch.distributed.checkpoint Metadata
     common: dict = field(default_factory=dict, repr=False)
+    vocab_source: str = "args.vocab_size"  # where the true vocabulary size came from
     _reader: Any = field(default=None, repr=False)
+    verify: bool = True  # check each chunk's checksum before reading it (see integrity.py)
+    check_finite: bool = False  # refuse tensors holding NaN/Inf
+    _checks: dict[str, RecordChecks] = field(default_factory=dict, repr=False)
 
     @property
     def directory(self) -> Path:
@@ -175,8 +188,11 @@ class DistCheckpoint:
     # -- opening ------------------------------------------------------------------------------
     @classmethod
     def open(cls, root: str | Path, arch: Optional[str] = None,
-             cfg: Optional[ModelConfig] = None) -> "DistCheckpoint":
-        """Validate the marker, index, files and ``args`` before any tensor is read."""
+             cfg: Optional[ModelConfig] = None, vocab_size: Optional[int] = None,
+             tokenizer: Optional[str | Path] = None, verify: bool = True,
+             check_finite: bool = False) -> "DistCheckpoint":
+        """Validate the marker, index, files and ``args`` before any tensor is read
+        (``vocab_size`` / ``tokenizer``: see :meth:`TorchCheckpoint.open`)."""
         from torch.distributed.checkpoint import FileSystemReader
 
         root = Path(root)
@@ -186,13 +202,13 @@ class DistCheckpoint:
         if not metadata_path.is_file():
             raise ConfigError(f"{metadata_path}: file is missing (the torch_dist index of keys "
                               f"and chunks)")
+        metadata = load_dist_metadata(metadata_path)  # never torch's plain pickle.load
         reader = FileSystemReader(str(directory))
         try:
-            metadata = reader.read_metadata()
             reader.set_up_storage_reader(metadata, True)
-        except Exception as err:  # pickle/EOF/attribute errors for a bad index
-            raise ConfigError(f"{metadata_path}: cannot read the checkpoint index "
-                              f"({type(err).__name__}: {err})") from None
+        except Exception as err:  # an index without storage data
+            raise CheckpointError(f"{metadata_path}: cannot read the checkpoint index "
+                                  f"({type(err).__name__}: {err})") from None
         _check_data_files(directory, metadata)
         common_path = directory / COMMON_FILE
         common = load_file(common_path, mmap=False)
@@ -200,25 +216,31 @@ class DistCheckpoint:
             raise ConfigError(f"{common_path}: expected a dict, got {type(common).__name__}")
         args = common.get("args")
         source = str(common_path)
+        vocab_source = "the given model config"
         if args is None:
             if cfg is None:
                 raise ConfigError(f"{common_path}: no 'args' key; cannot tell the model "
                                   f"configuration (pass the model config)")
             layout = ShardLayout(cfg)
         else:
+            word = metadata.state_dict_metadata.get(WORD_EMBEDDINGS)
+            padded = word.size[0] if getattr(word, "size", None) else None
+            vocab, vocab_source = true_vocab_size(args, padded, source, vocab_size, tokenizer)
             found = ModelConfig.from_megatron_args(
-                args, arch=arch or _arch_from_keys(metadata.state_dict_metadata), source=source)
+                args, arch=arch or _arch_from_keys(metadata.state_dict_metadata), source=source,
+                vocab_size=vocab)
             if cfg is not None and cfg.replace(source=found.source) != found:
                 raise ConfigError(f"{source}: checkpoint args describe {found.to_dict()}, which "
                                   f"does not match the given model config {cfg.to_dict()}")
             tp = getattr(args, "tensor_model_parallel_size", 1) or 1
             pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
-            layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp))
+            layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp), padded)
         stored = common.get("iteration")
         if not release and isinstance(stored, int) and stored != iteration:
             raise ConfigError(f"{common_path}: iteration {stored} differs from {iteration} "
                               f"named by {root / TRACKER}")
-        return cls(root, iteration, release, layout, args, metadata, common, reader)
+        return cls(root, iteration, release, layout, args, metadata, common, vocab_source, reader,
+                   verify, check_finite)
 
     # -- locating and reading -----------------------------------------------------------------
     def locate(self, global_name: str) -> Location:
@@ -249,8 +271,10 @@ class DistCheckpoint:
         where = self.locate(global_name)
         parts = [self._read_key(key, where.layer) for key in (where.parts or (where.key,))]
         full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.tp_dim)
+        if self.check_finite:
+            check_finite(full, f"{self.directory}: {where.key}")
         if spec.tp_dim is not None and spec.dims[spec.tp_dim] == "vocab":
-            full = _pad_rows(full, spec.tp_dim, self.layout.cfg.padded_vocab_size(1))
+            full = pad_rows(full, spec.tp_dim, self.layout.cfg.padded_vocab_size(1))
         return full
 
     def _read_key(self, key: str, layer: Optional[int]) -> torch.Tensor:
@@ -278,8 +302,13 @@ class DistCheckpoint:
                               f"the checkpoint is incomplete")
         by_file: dict[str, list] = {}
         for item in items:
-            by_file.setdefault(self.metadata.storage_data[item.storage_index].relative_path,
-                               []).append(item)
+            stored = self.metadata.storage_data[item.storage_index]
+            by_file.setdefault(stored.relative_path, []).append(item)
+            if self.verify:
+                if stored.relative_path not in self._checks:
+                    self._checks[stored.relative_path] = RecordChecks(
+                        self.directory / stored.relative_path, blobs=True)
+                self._checks[stored.relative_path].check(stored.offset, stored.length)
         planner = _RegionPlanner(out)
         for name, file_items in by_file.items():
             try:
@@ -415,7 +444,7 @@ def rank_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int,
         if tuple(shard.shape) != expected:
             raise ConfigError(f"rank tp{tp_rank} pp{pp_rank}: {param.local_name} has shape "
                               f"{tuple(shard.shape)}, expected {expected} for TP={layout.tp}")
-        shape = global_shape(cfg, spec, layout.tp)
+        shape = layout.global_shape(spec)
         pieces = [((0,) * shard.dim(), shard)]
         if spec.tp_dim is not None:
             dim = spec.tp_dim
@@ -466,12 +495,14 @@ def write_dist_rank(directory: str | Path, layout: ShardLayout, tp_rank: int, pp
     directory.mkdir(parents=True, exist_ok=True)
     rank = writer_rank(layout, tp_rank, pp_rank)
     name = f"__{rank}_0{DATA_SUFFIX}"
-    records = []
-    with open(directory / name, "wb") as stream:
+    records, checksums = [], []
+    with open(directory / name, "wb", buffering=0) as stream, writing(directory / name):
         for chunk in rank_chunks(layout, tp_rank, pp_rank, model):
             offset = stream.tell()
-            if chunk.is_tensor:
-                torch.save(chunk.data, stream)
+            if chunk.is_tensor:  # one archive as torch.save writes it (without CRC32s: hashed)
+                writer = StreamingWriter(stream, checksums=False)
+                writer.finish(chunk.data)
+                checksums += writer.checksum_records()
                 records.append(dict(kind="tensor", key=chunk.key,
                                     global_shape=list(chunk.global_shape),
                                     offsets=list(chunk.offsets), sizes=list(chunk.data.shape),
@@ -480,8 +511,8 @@ def write_dist_rank(directory: str | Path, layout: ShardLayout, tp_rank: int, pp
                 stream.write(chunk.data)
                 records.append(dict(kind="bytes", key=chunk.key))
             records[-1].update(file=name, offset=offset, length=stream.tell() - offset)
-        stream.flush()
         os.fsync(stream.fileno())
+    write_manifest(directory / name, checksums)
     write_text_atomic(directory / _INDEX_PART.format(rank=rank),
                       json.dumps({"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank,
                                   "chunks": records}))
@@ -489,9 +520,9 @@ def write_dist_rank(directory: str | Path, layout: ShardLayout, tp_rank: int, pp
 
 
 def common_state(layout: ShardLayout, iteration: int, extra_args: Optional[dict] = None,
-                 **extra: Any) -> dict[str, Any]:
+                 dtype: torch.dtype = torch.float32, **extra: Any) -> dict[str, Any]:
     """What ``common.pt`` holds, as Megatron-LM saves it (args first: readers need the model)."""
-    args = argparse.Namespace(**{**layout.megatron_args(), "ckpt_format": BACKEND,
+    args = argparse.Namespace(**{**layout.megatron_args(dtype), "ckpt_format": BACKEND,
                                  **(extra_args or {}), "iteration": iteration})
     return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
             "content_metadata": dict(CONTENT_METADATA), **extra}
@@ -546,8 +577,13 @@ def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
         if covered != math.prod(md.size):
             raise ConfigError(f"{directory}: the ranks' chunks of {key} cover {covered} of its "
                               f"{math.prod(md.size)} elements")
-    FileSystemWriter(str(directory)).finish(Metadata({**tensors, **objects}), [results])
-    torch.save(common_state(layout, iteration, extra_args, **extra), directory / COMMON_FILE)
+    dtype = tensors[WORD_EMBEDDINGS].properties.dtype if WORD_EMBEDDINGS in tensors \
+        else torch.float32
+    with writing(directory / METADATA_FILE):
+        FileSystemWriter(str(directory)).finish(Metadata({**tensors, **objects}), [results])
+    with writing(directory / COMMON_FILE):
+        torch.save(common_state(layout, iteration, extra_args, dtype, **extra),
+                   directory / COMMON_FILE)
     for path in parts:
         path.unlink()
     write_text_atomic(directory / CONFIG_FILE, json.dumps(
@@ -568,13 +604,3 @@ def save_dist_full_state(state: Mapping[str, torch.Tensor], layout: ShardLayout,
             write_dist_rank(directory, layout, tp_rank, pp_rank, model)
         finalize_dist(directory, layout, iteration, extra_args)
         write_text_atomic(staging / TRACKER, str(iteration))
-
-
-def _pad_rows(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """Trim or zero-pad ``tensor`` along ``dim`` to ``size`` rows."""
-    have = tensor.shape[dim]
-    if have >= size:
-        return tensor.narrow(dim, 0, size)
-    pad_shape = list(tensor.shape)
-    pad_shape[dim] = size - have
-    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)

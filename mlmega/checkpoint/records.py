@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from mlmega.config.errors import ConfigError
+from mlmega.checkpoint.integrity import RecordChecks
+from mlmega.checkpoint.errors import CheckpointError
 
 __all__ = ["RecordFile", "byte_view", "file_mappings"]
 
@@ -41,10 +43,12 @@ def byte_view(tensor: torch.Tensor):
 
 
 class RecordFile:
-    """One torch-format file whose tensors were loaded with mmap: reads their bytes by offset."""
+    """One torch-format file whose tensors were loaded with mmap: reads their bytes by offset,
+    each record's checksum verified before its first read (unless ``checks`` is None)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, checks: Optional[RecordChecks] = None):
         self.path = Path(path)
+        self.checks = checks
         self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed when collected)
         self._size = os.fstat(self._file.fileno()).st_size
         self._mappings = file_mappings(self.path)  # taken after torch.load mapped the file
@@ -67,6 +71,12 @@ class RecordFile:
         if offset is None:
             out.copy_(tensor.reshape(out.shape))
             return
+        whole = None  # an unverified record read whole: checked from the bytes read
+        if self.checks is not None:
+            nbytes = tensor.numel() * tensor.element_size()
+            whole = self.checks.unverified(offset, nbytes)
+            if whole is None:
+                self.checks.check(offset, nbytes)
         direct = out.is_contiguous() and out.dtype == tensor.dtype
         dest = out if direct else torch.empty(out.shape, dtype=tensor.dtype)
         view = memoryview(byte_view(dest))
@@ -74,7 +84,9 @@ class RecordFile:
         while done < len(view):  # one read moves at most ~2 GiB
             n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
             if n == 0:
-                raise ConfigError(f"{self.path}: file ends inside a tensor record (truncated?)")
+                raise CheckpointError(f"{self.path}: file ends inside a tensor record (truncated?)")
             done += n
+        if whole is not None:
+            self.checks.confirm(whole, [view])
         if not direct:
             out.copy_(dest)

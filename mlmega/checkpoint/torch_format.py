@@ -24,9 +24,12 @@ from typing import Any, Optional
 
 import torch
 
-from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.errors import CheckpointError
+from mlmega.checkpoint.integrity import RecordChecks, check_finite
+from mlmega.checkpoint.layout import WORD_EMBEDDINGS, ShardLayout
 from mlmega.checkpoint.records import RecordFile
 from mlmega.checkpoint.streaming import save_streaming
+from mlmega.checkpoint.vocab import true_vocab_size
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.models.params import ParamSpec, param_index
@@ -34,6 +37,7 @@ from mlmega.models.params import ParamSpec, param_index
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
+_REFUSED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 # Modules whose state dict carries an ``_extra_state`` entry (megatron's parallel linears).
 _EXTRA_STATE_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer")
@@ -59,7 +63,9 @@ def _stdlib_safe_globals() -> list:
 
 
 def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
-    """``torch.load`` one shard file safely; corrupt or truncated files raise ConfigError."""
+    """``torch.load`` one shard file safely: tensors plus the explicit allow-list of classes
+    (:func:`_stdlib_safe_globals`, else megatron-core's :func:`safe_globals`); anything else, and
+    corrupt or truncated files, raise CheckpointError."""
     try:
         try:
             with torch.serialization.safe_globals(_stdlib_safe_globals()):
@@ -72,8 +78,14 @@ def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: file is missing") from None
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
-        raise ConfigError(f"{path}: cannot load checkpoint shard ({type(err).__name__}: {err})") \
-            from None
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused:
+            raise CheckpointError(f"{path}: refused to load global {refused[1]} (not a tensor "
+                                  f"or an allowed checkpoint type); the file is damaged or "
+                                  f"unsafe") from None
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot load checkpoint shard ({type(err).__name__}: "
+                              f"{first_line})") from None
 
 
 def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
@@ -117,6 +129,9 @@ class TorchCheckpoint:
     release: bool
     layout: ShardLayout
     args: argparse.Namespace
+    vocab_source: str = "args.vocab_size"  # where the true vocabulary size came from
+    verify: bool = True  # check each record's checksum before reading it (see integrity.py)
+    check_finite: bool = False  # refuse tensors holding NaN/Inf
     _shards: dict[tuple[int, int], dict] = field(default_factory=dict, repr=False)
     _files: dict[tuple[int, int], RecordFile] = field(default_factory=dict, repr=False)
     # files are opened on first use, from any thread (a converter's writer makes row blocks)
@@ -132,8 +147,15 @@ class TorchCheckpoint:
 
     @classmethod
     def open(cls, root: str | Path, arch: Optional[str] = None,
-             cfg: Optional[ModelConfig] = None) -> "TorchCheckpoint":
-        """Validate the directory structure and ``args`` before any tensor is read."""
+             cfg: Optional[ModelConfig] = None, vocab_size: Optional[int] = None,
+             tokenizer: Optional[str | Path] = None, verify: bool = True,
+             check_finite: bool = False) -> "TorchCheckpoint":
+        """Validate the directory structure and ``args`` before any tensor is read.
+
+        ``vocab_size`` / ``tokenizer``: the true vocabulary where the args lack it
+        (:func:`mlmega.checkpoint.vocab.true_vocab_size`); the padded size is the shards'.
+        ``verify``: check records' checksums; ``check_finite``: refuse NaN/Inf.
+        """
         root = Path(root)
         iteration, release, directory = latest_directory(root)
         ranks = {}
@@ -150,14 +172,16 @@ class TorchCheckpoint:
             raise ConfigError(f"{ranks[first] / SHARD_FILE}: no 'args' key; cannot tell the "
                               f"model configuration")
         source = str(ranks[first] / SHARD_FILE)
+        tp = getattr(args, "tensor_model_parallel_size", 1)
+        pp = getattr(args, "pipeline_model_parallel_size", 1)
+        padded = _stored_vocab_rows(shard0, tp, source)
+        vocab, vocab_source = true_vocab_size(args, padded, source, vocab_size, tokenizer)
         found = ModelConfig.from_megatron_args(args, arch=arch or _arch_from_keys(shard0),
-                                               source=source)
+                                               source=source, vocab_size=vocab)
         if cfg is not None and cfg.replace(source=found.source) != found:
             raise ConfigError(f"{source}: checkpoint args describe {found.to_dict()}, which does "
                               f"not match the given model config {cfg.to_dict()}")
-        tp = getattr(args, "tensor_model_parallel_size", 1)
-        pp = getattr(args, "pipeline_model_parallel_size", 1)
-        layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp))
+        layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp), padded)
         expected = {(t, p) for t, p in layout.ranks}
         if set(ranks) != expected:
             missing = sorted(expected - set(ranks))
@@ -168,7 +192,7 @@ class TorchCheckpoint:
         for rank, path in ranks.items():
             if not (path / SHARD_FILE).is_file():
                 raise ConfigError(f"{path}: {SHARD_FILE} is missing")
-        ckpt = cls(root, iteration, release, layout, args)
+        ckpt = cls(root, iteration, release, layout, args, vocab_source, verify, check_finite)
         ckpt._shards[first] = shard0
         return ckpt
 
@@ -187,7 +211,8 @@ class TorchCheckpoint:
         with self._opening:
             if key not in self._files:
                 self.shard(tp_rank, pp_rank)  # mapped first: RecordFile looks up the mapping
-                self._files[key] = RecordFile(self.shard_path(tp_rank, pp_rank))
+                path = self.shard_path(tp_rank, pp_rank)
+                self._files[key] = RecordFile(path, RecordChecks(path) if self.verify else None)
             return self._files[key]
 
     def model_state(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
@@ -199,9 +224,40 @@ class TorchCheckpoint:
             raise ConfigError(f"{self.shard_path(tp_rank, pp_rank)}: no 'model' state dict{hint}")
         return model
 
+    def _args_description(self, args: argparse.Namespace, source: str) -> dict[str, Any]:
+        """What ``args`` say of the layout and model, as compared between ranks."""
+        cfg = ModelConfig.from_megatron_args(args, arch=self.layout.cfg.arch, source=source,
+                                             vocab_size=self.layout.cfg.vocab_size)
+        tp = getattr(args, "tensor_model_parallel_size", 1)
+        pp = getattr(args, "pipeline_model_parallel_size", 1)
+        return {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                "layers_per_stage": _layers_per_stage(args, cfg, pp), **cfg.to_dict()}
+
+    def check_rank_agrees(self, tp_rank: int, pp_rank: int) -> None:
+        """A rank's ``args`` describe the first rank's model and layout, and its ``iteration`` is
+        the one the marker names; CheckpointError naming the file, key, found and expected."""
+        path = self.shard_path(tp_rank, pp_rank)
+        shard = self.shard(tp_rank, pp_rank)
+        stored = shard.get("iteration")
+        if not self.release and isinstance(stored, int) and stored != self.iteration:
+            raise CheckpointError(f"{path}: iteration={stored}, expected {self.iteration} (named "
+                                  f"by {self.root / TRACKER})")
+        args = shard.get("args")
+        if args is None:
+            raise CheckpointError(f"{path}: no 'args' key (every rank stores its args)")
+        first = self.shard_path(0, 0)
+        expected = self._args_description(self.args, str(first))
+        found = self._args_description(args, str(path))
+        for key, value in expected.items():
+            if found[key] != value:
+                raise CheckpointError(f"{path}: args.{key}={found[key]!r}, expected {value!r} "
+                                      f"(as in {first})")
+
     def validate_tensors(self) -> None:
-        """Every rank holds exactly the tensors its layout expects, with the expected shapes."""
+        """Every rank agrees with the first (args, iteration) and holds exactly the tensors its
+        layout expects, with the expected shapes."""
         for tp_rank, pp_rank in self.layout.ranks:
+            self.check_rank_agrees(tp_rank, pp_rank)
             state = self.model_state(tp_rank, pp_rank)
             path = self.shard_path(tp_rank, pp_rank)
             expected = {p.local_name: p for p in self.layout.stage_params(pp_rank)}
@@ -215,6 +271,14 @@ class TorchCheckpoint:
                 if tuple(state[name].shape) != shape:
                     raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
                                       f"expected {shape} for TP={self.layout.tp}")
+
+    def _read_into(self, out: torch.Tensor, tp_rank: int, pp_rank: int, local: str,
+                   stored: torch.Tensor) -> None:
+        """Fill ``out`` with rank (tp_rank, pp_rank)'s (mmapped) tensor ``local`` or a part of it
+        ``stored``: its record checksummed first, its values checked finite if asked."""
+        self._record_file(tp_rank, pp_rank).read_into(out, stored)
+        if self.check_finite:
+            check_finite(out, f"{self.shard_path(tp_rank, pp_rank)}: {local}")
 
     def _stored(self, global_name: str) -> tuple[ParamSpec, int, str]:
         """(spec, pipeline stage, local name) under which this checkpoint stores ``global_name``."""
@@ -232,7 +296,7 @@ class TorchCheckpoint:
         shards = [self.model_state(t, pp_rank)[local] for t in range(self.layout.tp)]
 
         def fill(region: torch.Tensor, tp_rank: int) -> None:
-            self._record_file(tp_rank, pp_rank).read_into(region, shards[tp_rank])
+            self._read_into(region, tp_rank, pp_rank, local, shards[tp_rank])
 
         return self.layout.gather(spec, shards, fill)
 
@@ -248,13 +312,16 @@ class TorchCheckpoint:
                   for t in (range(self.layout.tp) if split else [0])]
         out = torch.empty((count, *shards[0].shape[1:]), dtype=shards[0].dtype)
         per_rank = shards[0].shape[0] if split else count + start
+        stored_rows = per_rank * len(shards)
+        if start + count > stored_rows:  # the canonical rows past the stored padding are zero
+            out.narrow(0, max(0, stored_rows - start), start + count - max(start, stored_rows)
+                       ).zero_()
         for tp_rank, stored in enumerate(shards):
             lo = max(start, tp_rank * per_rank)
             hi = min(start + count, (tp_rank + 1) * per_rank)
             if lo < hi:
-                self._record_file(tp_rank, pp_rank).read_into(
-                    out.narrow(0, lo - start, hi - lo), stored.narrow(0, lo - tp_rank * per_rank,
-                                                                      hi - lo))
+                self._read_into(out.narrow(0, lo - start, hi - lo), tp_rank, pp_rank, local,
+                                stored.narrow(0, lo - tp_rank * per_rank, hi - lo))
         return out
 
     def read_shard(self, global_name: str, tp_rank: int) -> torch.Tensor:
@@ -264,7 +331,7 @@ class TorchCheckpoint:
         spec, pp_rank, local = self._stored(global_name)
         stored = self.model_state(tp_rank, pp_rank)[local]
         out = torch.empty(stored.shape, dtype=stored.dtype)
-        self._record_file(tp_rank, pp_rank).read_into(out, stored)
+        self._read_into(out, tp_rank, pp_rank, local, stored)
         return self.layout.zero_padding(spec, out, tp_rank)
 
 
@@ -275,6 +342,21 @@ def _arch_from_keys(shard: dict) -> Optional[str]:
     if any(k.startswith("decoder.") for k in keys):
         return "gpt"
     return None
+
+
+def _stored_vocab_rows(shard: dict, tp: int, source: str) -> Optional[int]:
+    """The padded vocabulary the shards hold: the rows of the first stage's word-embedding shard
+    times TP, checked against ``args.padded_vocab_size`` (None: no such shard; validation says)."""
+    weight = shard.get("model", {}).get(WORD_EMBEDDINGS) if isinstance(shard.get("model"), dict) \
+        else None
+    if weight is None or weight.dim() != 2:
+        return None
+    rows = weight.shape[0] * tp
+    in_args = getattr(shard.get("args"), "padded_vocab_size", None)
+    if in_args is not None and in_args != rows:
+        raise ConfigError(f"{source}: args.padded_vocab_size={in_args} but {WORD_EMBEDDINGS} has "
+                          f"{weight.shape[0]} rows per TP rank ({rows} over TP={tp})")
+    return rows
 
 
 def _layers_per_stage(args: argparse.Namespace, cfg: ModelConfig, pp: int) -> Optional[tuple]:
@@ -302,8 +384,10 @@ def shard_content(layout: ShardLayout, pp_rank: int, model: dict[str, torch.Tens
             model.setdefault(f"{module}._extra_state", None)
     if pp_rank == layout.pp - 1:  # the output layer module exists even when its weight is tied
         model.setdefault("output_layer._extra_state", None)
-    args = argparse.Namespace(**{**layout.megatron_args(), **(extra_args or {}),
-                                 "iteration": iteration})
+    dtype = next((v.dtype for v in model.values() if isinstance(getattr(v, "dtype", None),
+                                                                torch.dtype)), torch.float32)
+    args = argparse.Namespace(**{**layout.megatron_args(dtype), "ckpt_format": "torch",
+                                 **(extra_args or {}), "iteration": iteration})
     return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
             "model": model, **extra}
 

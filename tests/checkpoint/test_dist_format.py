@@ -17,6 +17,7 @@ from mlmega.checkpoint.convert import (load_full_state, plan_conversion, run_con
 from mlmega.checkpoint.dist_format import (COMMON_FILE, CONFIG_FILE, METADATA_FILE, DistCheckpoint,
                                            finalize_dist, open_checkpoint, rank_chunks,
                                            save_dist_full_state, write_dist_rank)
+from mlmega.checkpoint.integrity import MANIFEST_SUFFIX
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.torch_format import TRACKER, TorchCheckpoint, iteration_dir_name
 from mlmega.config.errors import ConfigError
@@ -84,9 +85,10 @@ def test_torch_to_dist_and_back_is_exact(tmp_path, name):
     assert isinstance(dist, DistCheckpoint)
     assert (dist.layout.tp, dist.layout.pp, dist.iteration) == (2, 2, 7)
     assert dist.args.mlmega_converted_by == "reshard"
-    assert sorted(p.name for p in dist.directory.iterdir()) == [
-        ".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp", COMMON_FILE,
-        CONFIG_FILE], "one data file per target rank; no index parts left over"
+    data = [f"__{r}_0.distcp" for r in range(4)]
+    assert sorted(p.name for p in dist.directory.iterdir()) == sorted(
+        [".metadata", *data, *(name + MANIFEST_SUFFIX for name in data), COMMON_FILE,
+         CONFIG_FILE]), "one data file (and its checksums) per target rank; no index parts left"
     got, layout = load_full_state(tmp_path / "dist22")
     assert all(torch.equal(got[k], state[k]) for k in state)
     # torch_dist -> torch_dist at another layout, and back to a TP=1, PP=1 torch checkpoint
@@ -149,9 +151,10 @@ def _scramble(path: Path) -> None:
 @pytest.mark.parametrize("damage, target, match", [
     (_truncate, "__1_0.distcp", r"__1_0\.distcp: truncated"),
     (os.unlink, "__1_0.distcp", r"__1_0\.distcp: file is missing"),
-    (_scramble, "__1_0.distcp", r"__1_0\.distcp: cannot read"),
+    (_scramble, "__1_0.distcp", r"__1_0\.distcp: the \d+-byte record at byte \d+ fails its "
+                                r"xxh3_64 check"),
     (os.unlink, METADATA_FILE, r"\.metadata: file is missing"),
-    (_scramble, METADATA_FILE, r"\.metadata: cannot read the checkpoint index"),
+    (_scramble, METADATA_FILE, r"\.metadata: (cannot read the checkpoint index|refused)"),
     (os.unlink, CONFIG_FILE, r"metadata\.json: file is missing"),
     (os.unlink, COMMON_FILE, r"common\.pt: file is missing"),
     (_truncate, COMMON_FILE, r"common\.pt: cannot load"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
+import os
 import subprocess
 import sys
 import weakref
@@ -213,25 +214,26 @@ def test_failing_or_short_row_blocks_raise_and_leave_no_file(tmp_path, checksums
 
 _FILE_SIZE_LIMITED = """
 import resource, signal, sys, torch
+from mlmega.checkpoint.errors import CheckpointError
 from mlmega.checkpoint.streaming import save_streaming
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit: write() fails with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 try:
     save_streaming({"a": torch.ones(1 << 19)}, sys.argv[1], checksums=sys.argv[2] == "1")
-except OSError as exc:
-    print("raised", exc.errno)
+except CheckpointError as exc:
+    print("raised", exc)
 """
 
 
 @pytest.mark.parametrize("checksums", [True, False])
 def test_a_failing_write_raises_and_leaves_no_file(tmp_path, checksums):
     """A write error (here: over the process's file size limit, as a full disk would) comes out as
-    the OSError, not as an abort inside torch's C++ writer."""
+    one line naming the file, not as an abort inside torch's C++ writer."""
     path = tmp_path / "f.pt"
     run = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMITED, str(path), str(int(checksums))],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == f"raised {errno.EFBIG}"
+    assert run.stdout.strip() == f"raised {path}: cannot write ({os.strerror(errno.EFBIG)})"
     assert not path.exists()
 
 

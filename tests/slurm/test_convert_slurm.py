@@ -1,5 +1,5 @@
 """`mlmega convert --executor slurm`: one job whose tasks write their ranks' files; the submitting
-process publishes only after every task succeeded."""
+process publishes only after every task succeeded, and a job whose submitter died cancels itself."""
 
 import subprocess
 import sys
@@ -61,3 +61,57 @@ def test_partition_with_a_line_break_is_refused_before_submitting(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "--partition" in proc.stderr and "line break" in proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.slurm").exists()
+
+
+_COORDINATOR = """
+import sys
+from mlmega.checkpoint.convert import plan_conversion, run_conversion
+from mlmega.launch.conversion_job import SlurmConversion
+from mlmega.operators import LevelSchemes
+src, dst, logs = sys.argv[1:4]
+plan = plan_conversion("decoalesce", src, dst, schemes=LevelSchemes.from_factors(2, 2))
+run_conversion(plan, workers=2, log=lambda line: print(line, flush=True),
+               runner=SlurmConversion(logs, ntasks=2, partition="debug", time_limit_min=5,
+                                      poll_s=0.2, orphan_after_s=1.0))
+"""
+
+
+def test_a_job_whose_coordinator_dies_cancels_itself_and_the_rerun_cleans_up(tmp_path):
+    """kill -9 of the submitting process: its tasks notice the heartbeat stop and scancel the
+    job (the coordinator alone publishes); the next run removes the staging it left."""
+    import os
+    import signal
+    import time
+
+    big = ModelConfig(arch="gpt", num_layers=8, hidden_size=256, num_attention_heads=8,
+                      vocab_size=1000, max_sequence_length=64)
+    save_full_state(make_model_state(big, seed=0), ShardLayout(big, 2, 1), tmp_path / "src")
+    logs = tmp_path / "logs"
+    proc = subprocess.Popen([sys.executable, "-c", _COORDINATOR, str(tmp_path / "src"),
+                             str(tmp_path / "dst"), str(logs)], stdout=subprocess.PIPE,
+                            text=True)
+    job_id = None
+    for line in proc.stdout:
+        if "SLURM job" in line:
+            job_id = line.split("SLURM job ")[1].split()[0]
+            break
+    assert job_id is not None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True)
+        if job_id not in queue.stdout:
+            break
+        time.sleep(0.5)
+    assert job_id not in queue.stdout, "the orphaned job must end"
+    task_logs = "".join(p.read_text() for p in (logs / job_id).glob("*_log.err"))
+    assert f"cancelling job {job_id}" in task_logs
+    assert not (tmp_path / "dst").exists()
+    [staging] = tmp_path.glob(".dst.tmp-*")
+    rerun = subprocess.run([sys.executable, "-m", "mlmega", "convert", "reshard", "--src",
+                            str(tmp_path / "src"), "--dst", str(tmp_path / "dst")],
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{staging}: removed (left by process {proc.pid}" in rerun.stderr
+    assert not list(tmp_path.glob(".dst.*"))

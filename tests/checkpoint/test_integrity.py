@@ -1,0 +1,135 @@
+"""Damage is detected, not copied: flipped bytes in a tensor record, NaN/Inf values (on request),
+and ranks whose args or iteration disagree are one-line errors (exit code 2) before anything is
+published."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlmega.checkpoint.convert import load_full_state
+from mlmega.checkpoint.integrity import MANIFEST_SUFFIX, zip_records
+from mlmega.checkpoint.torch_format import TRACKER
+from mlmega.cli import main
+from tests.checkpoint.conftest import SMALL_GPT, copy_of
+from tests.helpers import make_model_state
+
+SHARD = "iter_0000003/mp_rank_01_000/model_optim_rng.pt"
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([byte ^ 0x40]))
+
+
+def _convert(src: Path, dst: Path, capsys, *options: str) -> tuple[int, str]:
+    code = main(["convert", "reshard", "--src", str(src), "--dst", str(dst), "--target-tp", "1",
+                 *options])
+    return code, capsys.readouterr().err.strip()
+
+
+def _largest_record(path: Path):
+    """The file's largest tensor record but the word embeddings' (data/0, whose rows on this TP
+    rank are vocab padding, never read): a TP-split weight, read by every conversion."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        records = zip_records(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    return max((r for name, r in records.items() if name.startswith("data/") and name != "data/0"),
+               key=lambda r: r.length)
+
+
+@pytest.mark.parametrize("written_by", ["mlmega", "torch.save"])
+def test_flipped_bytes_in_a_torch_record_are_detected(small_checkpoints, tmp_path, capsys, written_by):
+    """mlmega's files: their xxh3 manifest; torch.save's (Megatron-LM's): the zip's CRC32s."""
+    ckpt = copy_of(small_checkpoints["torch"], tmp_path / "ckpt")
+    path = ckpt / SHARD
+    algorithm = "xxh3_64"
+    if written_by == "torch.save":
+        torch.save(torch.load(path, weights_only=False), path)
+        Path(str(path) + MANIFEST_SUFFIX).unlink()
+        algorithm = "crc32"
+    record = _largest_record(path)
+    _flip(path, record.offset + record.length // 2)
+    dst = tmp_path / "out"
+    code, err = _convert(ckpt, dst, capsys)
+    assert code == 2
+    assert err == (f"mlmega: error: {path}: the {record.length}-byte record at byte "
+                   f"{record.offset} fails its {algorithm} check " + err.split(" check ", 1)[1])
+    assert "the file is damaged; nothing was published to" in err and "\n" not in err
+    assert not dst.exists() and not list(tmp_path.glob(".out.*")), "nothing published or left"
+    # --no-verify converts it as it is: the flipped value is copied
+    assert _convert(ckpt, dst, capsys, "--no-verify")[0] == 0
+    assert dst.exists()
+
+
+def test_flipped_bytes_in_a_dist_chunk_are_detected(small_checkpoints, tmp_path, capsys):
+    ckpt = copy_of(small_checkpoints["torch_dist"], tmp_path / "ckpt")
+    path = ckpt / "iter_0000003" / "__1_0.distcp"
+    records = json.loads(Path(str(path) + MANIFEST_SUFFIX).read_text())["records"]
+    offset, length, _ = max(records, key=lambda r: r[1])
+    _flip(path, offset + length // 2)
+    code, err = _convert(ckpt, tmp_path / "out", capsys)
+    assert code == 2 and "\n" not in err
+    assert f"{path}: the {length}-byte record at byte {offset} fails its xxh3_64 check" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_check_finite_refuses_nan_and_inf_on_request(small_checkpoints, tmp_path, capsys):
+    ckpt = copy_of(small_checkpoints["torch"], tmp_path / "ckpt")
+    path = ckpt / SHARD
+    content = torch.load(path, weights_only=False)
+    content["model"]["decoder.layers.0.mlp.linear_fc1.weight"][3, 5] = float("nan")
+    torch.save(content, path)
+    Path(str(path) + MANIFEST_SUFFIX).unlink()
+    code, err = _convert(ckpt, tmp_path / "out", capsys, "--check-finite")
+    assert code == 2
+    assert f"{path}: decoder.layers.0.mlp.linear_fc1.weight: 1 of " in err
+    assert "values are NaN or Inf" in err and not (tmp_path / "out").exists()
+    assert _convert(ckpt, tmp_path / "out", capsys)[0] == 0  # not checked by default
+
+
+def _edit_shard(ckpt: Path, relative: str, **changes) -> Path:
+    path = ckpt / relative
+    content = torch.load(path, weights_only=False)
+    for key, value in changes.items():
+        if key == "iteration":
+            content["iteration"] = value
+        else:
+            setattr(content["args"], key, value)
+    torch.save(content, path)
+    Path(str(path) + MANIFEST_SUFFIX).unlink()
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(tensor_model_parallel_size=4), "args.tensor_model_parallel_size=4, expected 2"),
+    (dict(num_attention_heads=8), "args.num_attention_heads=8, expected 4"),
+    (dict(iteration=9), "iteration=9, expected 3 (named by {tracker})"),
+])
+def test_ranks_that_disagree_are_refused_before_writing(small_checkpoints, tmp_path, capsys, change,
+                                                        message):
+    ckpt = copy_of(small_checkpoints["torch"], tmp_path / "ckpt")
+    path = _edit_shard(ckpt, SHARD, **change)
+    code, err = _convert(ckpt, tmp_path / "out", capsys)
+    assert code == 2 and "\n" not in err
+    expected = message.format(tracker=ckpt / TRACKER)
+    assert err.startswith(f"mlmega: error: {path}: {expected}"), err
+    if "args." in expected:
+        assert err.endswith(f"(as in {ckpt / 'iter_0000003/mp_rank_00_000/model_optim_rng.pt'})")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_intact_checkpoints_verify_and_read_back(small_checkpoints):
+    state = make_model_state(SMALL_GPT, seed=0)
+    for fmt in ("torch", "torch_dist"):
+        back, _ = load_full_state(small_checkpoints[fmt])
+        assert all(torch.equal(back[k], state[k]) for k in state)
