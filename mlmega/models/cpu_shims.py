@@ -8,11 +8,17 @@ resolve to the CPU instead. It changes nothing that could have worked: only requ
 device, on a machine that has none, are redirected. One function is replaced: megatron's
 ``clip_grad_by_total_norm_fp32`` asserts that gradients are ``torch.cuda.FloatTensor``; the
 replacement scales the same gradients by the same coefficient without that assertion.
+
+megatron's model-parallel RNG tracker (``tensor_parallel.get_cuda_rng_tracker``: per-TP-rank
+dropout streams) swaps CUDA generator states; on CPU, dropout draws from the CPU generator, so the
+tracker's CUDA generator calls are pointed at it (get/set state, seed), and the tracker's warning
+that the CPU state changed inside a fork (which on CPU is the fork's purpose) is dropped.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -34,6 +40,7 @@ def install() -> bool:
     for name in _FACTORIES:
         setattr(torch, name, _cpu_instead_of_cuda(getattr(torch, name)))
     _replace_grad_clipping()
+    _rng_tracker_on_cpu_generator()
     _installed = True
     return True
 
@@ -63,3 +70,19 @@ def _replace_grad_clipping() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+def _rng_tracker_on_cpu_generator() -> None:
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    def get_rng_state(device="cuda"):
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = get_rng_state
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    megatron_random._set_cuda_rng_state = set_rng_state
+    logging.getLogger(megatron_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())

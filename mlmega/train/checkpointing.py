@@ -26,25 +26,26 @@ from mlmega.config.errors import ConfigError
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
+    from megatron.core import tensor_parallel
 
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(_tuplify(state["python"]))
-    if torch.cuda.is_available() and "cuda" in state:
-        from megatron.core import tensor_parallel
-
-        torch.cuda.set_rng_state(state["cuda"])
+    if "tracker" in state:
         tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _tuplify(value):

@@ -66,6 +66,11 @@ class TrainConfig:
     exit_interval: int = checked(0, ge=0)  # stop (after saving) after this many steps; 0: never
     precision: str = checked("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU
     flops_offset: float = checked(0.0, ge=0)  # model FLOPs spent before this stage (V-cycle)
+    # The sample stream: this stage reads samples [first_sample, first_sample + steps x global
+    # batch) of a stream of data_samples samples (None: just those), so stages that continue one
+    # another (a V-cycle's) read on where the previous one stopped, in one data order.
+    first_sample: int = checked(0, ge=0)
+    data_samples: Optional[int] = checked(None, ge=1)
     source: str = field(default="<memory>", compare=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +90,14 @@ class TrainConfig:
         if self.optimizer.warmup_steps >= self.steps:
             raise ConfigError(f"{self.source}: optimizer.warmup_steps={self.optimizer.warmup_steps}"
                               f": expected fewer than steps={self.steps}")
+        if self.data_samples is not None and self.data_samples < self.last_sample:
+            fail("data_samples", f"an integer of at least first_sample + steps x "
+                                 f"global_batch_size = {self.last_sample}")
+
+    @property
+    def last_sample(self) -> int:
+        """The sample stream position after this stage (Megatron's consumed_train_samples)."""
+        return self.first_sample + self.steps * self.global_batch_size
 
     @property
     def metrics_path(self) -> Path:

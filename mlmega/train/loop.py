@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as nnf
 
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.config.errors import ConfigError
@@ -51,7 +52,7 @@ def train(cfg: TrainConfig) -> dict:
     if torch.cuda.is_available():
         model.cuda()
     save_dir = Path(cfg.save_dir)
-    start_step, consumed = 0, 0
+    start_step = 0
     resume = checkpointing.latest(save_dir)
     # The weights go in before the optimizer is built: under bf16 it keeps fp32 main copies of
     # the parameters, taken at construction, and its first step would write those back.
@@ -67,13 +68,15 @@ def train(cfg: TrainConfig) -> dict:
         optimizer.load_state_dict(shard["optimizer"])
         scheduler.load_state_dict(shard["opt_param_scheduler"])
         checkpointing.set_rng_state(shard["rng_state"])
-        start_step, consumed = resume.iteration, shard["args"].consumed_train_samples
+        start_step = resume.iteration
+        _check_consumed(cfg, start_step, shard["args"].consumed_train_samples, resume.directory)
         _log(is_logger, f"resumed from {resume.directory} at step {start_step}")
 
     train_set, val_set = open_datasets(cfg.model.arch, cfg.data_dir, cfg.seq_length, cfg.seed,
-                                       cfg.steps * cfg.global_batch_size,
+                                       cfg.data_samples or cfg.last_sample,
                                        max(cfg.eval_iters, 1) * cfg.global_batch_size)
-    train_batches = Batches(train_set, cfg.global_batch_size, cfg.micro_batch_size, dp, dp_rank)
+    train_batches = Batches(train_set, cfg.global_batch_size, cfg.micro_batch_size, dp, dp_rank,
+                            first_sample=cfg.first_sample)
     val_batches = Batches(val_set, cfg.global_batch_size, cfg.micro_batch_size, dp, dp_rank)
 
     flops_per_step = training_flops_per_token(cfg.model, cfg.seq_length) * \
@@ -91,8 +94,8 @@ def train(cfg: TrainConfig) -> dict:
 
     def save(step: int) -> None:
         checkpointing.save(save_dir, layout, step, model.state_dict(), optimizer.state_dict(),
-                           scheduler.state_dict(), step * cfg.global_batch_size, tp_rank, pp_rank,
-                           dp_rank, extra_args={"mlmega_train": cfg.to_dict()})
+                           scheduler.state_dict(), cfg.first_sample + step * cfg.global_batch_size,
+                           tp_rank, pp_rank, dp_rank, extra_args={"mlmega_train": cfg.to_dict()})
 
     def evaluate(step: int) -> float:
         ddp.eval()
@@ -172,6 +175,15 @@ def _init_distributed(cfg: TrainConfig) -> int:
     return world
 
 
+def _check_consumed(cfg: TrainConfig, step: int, consumed: int, source) -> None:
+    expected = cfg.first_sample + step * cfg.global_batch_size
+    if consumed != expected:
+        raise ConfigError(f"{source}: consumed_train_samples={consumed} at step {step}, but "
+                          f"{cfg.source} reads sample {expected} next (first_sample="
+                          f"{cfg.first_sample}, global_batch_size={cfg.global_batch_size}); "
+                          f"the stage's data settings changed since the checkpoint")
+
+
 def _dtype(cfg: TrainConfig) -> torch.dtype:
     if cfg.precision == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -217,16 +229,21 @@ def _run_step(microbatches: list[dict], forward_only: bool, ddp, cfg: TrainConfi
     def forward_step(data_iterator, model):
         batch = {k: v.to(device) for k, v in next(data_iterator).items()}
         mask = batch["loss_mask"].float()
+        sop_logits = None
         if cfg.model.arch == "gpt":
             output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         else:
             labels = batch["labels"].clamp(min=0)  # unmasked positions: ignored via loss_mask
             output = model(batch["text"], batch["padding_mask"], tokentype_ids=batch["types"],
                            lm_labels=labels)
-            output = output[0] if isinstance(output, tuple) else output
+            if isinstance(output, tuple):  # last pipeline stage: (MLM loss, binary logits)
+                output, sop_logits = output
 
         def loss_func(per_token):
             loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+            if sop_logits is not None:  # Megatron-LM's BERT loss: MLM + sentence order
+                loss = loss + nnf.cross_entropy(sop_logits.view(-1, 2).float(),
+                                                batch["is_random"].view(-1), ignore_index=-1)
             # clone: the schedule divides the returned loss in place by the micro-batch count
             return loss, {"loss": loss.detach().clone()}
 

@@ -50,6 +50,9 @@ class TrainingConfig:
     eval_iters: int = checked(4, ge=1)
     save_interval: int = checked(0, ge=0)
     log_interval: int = checked(10, ge=1)
+    # Length of the sample stream (one data order) that the V-cycle's stages read on from one
+    # another and the baseline reads from its start; None: the longer of the two runs.
+    data_samples: Optional[int] = checked(None, ge=1)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class StageState:
     ended: Optional[float] = None
     exit_code: Optional[int] = None
     wall: dict[str, float] = field(default_factory=dict)  # job id -> seconds run (all attempts)
+    first_sample: int = 0  # samples consumed by the stages before it (its data starts there)
 
     @property
     def wall_s(self) -> Optional[float]:
@@ -111,7 +112,7 @@ def saved_step(run_dir: Path, name: str) -> int:
 
 
 def train_config(plan: Plan, stage: Stage, run_dir: Path, data_dir: Path,
-                 flops_offset: float) -> TrainConfig:
+                 flops_offset: float, first_sample: int) -> TrainConfig:
     """The ``mlmega train`` config of one stage of the run (checkpoint paths relative to the
     config's directory, ``stages/``)."""
     from mlmega.train.config import InitConfig, OptimizerConfig
@@ -133,6 +134,7 @@ def train_config(plan: Plan, stage: Stage, run_dir: Path, data_dir: Path,
         init=init, seed=train.seed, log_interval=train.log_interval,
         eval_interval=train.eval_interval, eval_iters=train.eval_iters,
         save_interval=train.save_interval, flops_offset=flops_offset,
+        first_sample=first_sample, data_samples=plan.data_samples,
         source=str(stage_config_path(run_dir, stage.name)))
 
 
@@ -146,25 +148,30 @@ def create_run(plan: Plan, run_dir: Path, data_dir: Path, executor: str,
     stages = list(stages if stages is not None else plan.stages)
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
-    recipe = plan.recipe  # as run: with the data directory it uses
-    record_recipe(run_dir, replace(recipe, data=replace(recipe.data, dir=str(data_dir))))
-    offset = 0.0
-    for stage in stages:
-        cfg = train_config(plan, stage, run_dir, data_dir, offset)
+    record_recipe(run_dir, as_run(plan.recipe, data_dir))
+    flops, first_sample, entries = 0.0, 0, []
+    for stage in stages:  # each stage continues the previous one's FLOPs and sample stream
+        cfg = train_config(plan, stage, run_dir, data_dir, flops, first_sample)
         write_text_atomic(stage_config_path(run_dir, stage.name), yaml.safe_dump(cfg.to_dict()))
-        offset += stage.flops
-    state = RunState(str(run_dir.absolute()), plan.recipe.source, executor,
-                     [StageState(s.name) for s in stages])
+        entries.append(StageState(stage.name, first_sample=first_sample))
+        flops, first_sample = flops + stage.flops, cfg.last_sample
+    state = RunState(str(run_dir.absolute()), plan.recipe.source, executor, entries)
     state.save()
     return state
 
 
+def as_run(recipe: Recipe, data_dir: Path) -> Recipe:
+    """The recipe as a run follows it: with the data directory it uses."""
+    return replace(recipe, data=replace(recipe.data, dir=str(data_dir)))
+
+
 def record_recipe(run_dir: Path, recipe: Recipe) -> None:
     """Write ``RUN_DIR/recipe.yaml``: the recipe the run follows (overrides applied)."""
-    write_text_atomic(Path(run_dir) / "recipe.yaml", yaml.safe_dump(_recipe_dict(recipe)))
+    write_text_atomic(Path(run_dir) / "recipe.yaml", yaml.safe_dump(recipe_dict(recipe)))
 
 
-def _recipe_dict(recipe: Recipe) -> dict:
+def recipe_dict(recipe: Recipe) -> dict:
+    """The recipe as RUN_DIR/recipe.yaml holds it (plain YAML types)."""
     data = asdict(recipe)
     data.pop("source")
     data["model"] = recipe.model.to_dict()

@@ -80,3 +80,22 @@ def test_a_bad_model_is_named_once(tmp_path, prepared):
     with pytest.raises(ConfigError) as err:
         TrainConfig.from_yaml(config)
     assert str(err.value) == f"{config}: model.num_layers=0: expected a positive integer"
+
+def test_data_stream_too_short(tmp_path, prepared):
+    config = stage_config(tmp_path, "run", prepared["gpt"], first_sample=16, data_samples=40)
+    assert "data_samples=40: expected an integer of at least first_sample + steps x " \
+           "global_batch_size = 48" in fails(config)
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_sample_stream(tmp_path, prepared):
+    """A checkpoint that consumed samples [0, 16) cannot resume as a stage starting at 8."""
+    from tests.train.conftest import run_stage
+
+    run_stage(stage_config(tmp_path, "run", prepared["gpt"], steps=2))
+    config = stage_config(tmp_path, "run", prepared["gpt"], steps=4, first_sample=8)
+    proc = subprocess.run([sys.executable, "-m", "mlmega", "train", str(config)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "consumed_train_samples=16 at step 2, but" in proc.stderr
+    assert "reads sample 24 next (first_sample=8, global_batch_size=8)" in proc.stderr

@@ -59,6 +59,9 @@ def test_vcycle_runs_end_to_end_and_resume_repeats_nothing(tmp_path, prepared):
     ckpt = TorchCheckpoint.open(final)
     ckpt.validate_tensors()
     assert ckpt.iteration == 4 and ckpt.layout.cfg.hidden_size == 64
+    # one sample stream: each stage starts where the previous one stopped (4 steps x 8 samples)
+    assert [s.first_sample for s in state.stages] == [0, 32, 64]
+    assert ckpt.args.consumed_train_samples == 96
     assert (run_dir / "loss.png").stat().st_size > 10_000
     # the post stage's validation curve continues the V-cycle's cumulative FLOPs
     records = [json.loads(x) for x in (final / "metrics.jsonl").read_text().splitlines()]
