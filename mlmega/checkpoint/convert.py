@@ -79,9 +79,12 @@ class RankResult:
 def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, target_tp: Optional[int] = None,
                     target_pp: Optional[int] = None, schemes: Optional[LevelSchemes] = None,
                     large: Optional[str | Path] = None, alpha: Optional[float] = None,
-                    fmt: str = "torch", overwrite: bool = False,
-                    checksums: bool = False) -> ConversionPlan:
-    """Open and validate the inputs and the target layout; raises ConfigError on bad input."""
+                    fmt: str = "torch", overwrite: bool = False, checksums: bool = False,
+                    target_impl: Optional[str] = None) -> ConversionPlan:
+    """Open and validate the inputs and the target layout; raises ConfigError on bad input.
+
+    ``target_impl``: the layer spec whose parameter names the target uses (local or
+    transformer_engine; default: the source's)."""
     if op not in OPS:
         raise ConfigError(f"unknown conversion {op!r}; expected one of {OPS}")
     if fmt not in FORMATS:
@@ -117,7 +120,8 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
                               f"de-coalesced model {cfg.to_dict()} of {src}")
         large_ckpt.validate_tensors()
         layout = large_ckpt.layout  # default target layout: the large level's own
-    target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp)
+    target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp,
+                         transformer_impl=target_impl or layout.transformer_impl)
     return ConversionPlan(op, src, dst, target, source.iteration, level,
                           Path(large) if large else None, 0.5 if alpha is None else alpha, fmt,
                           checksums)

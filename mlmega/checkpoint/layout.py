@@ -7,6 +7,8 @@ keeps the rows of the TP=1 padded vocabulary (the canonical full tensor, what a 
 splitting pads with zero rows to the target's padded size. PP gives each stage a contiguous block of
 layers numbered locally, the embeddings to the first stage, the final norm and heads to the last
 and, with tied embeddings and PP > 1, the last stage its own ``output_layer.weight`` copy.
+Local names follow the layout's ``transformer_impl`` (TE's fused layer-norm names, or local's);
+global names are always the parameter table's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
-from mlmega.models.params import FIRST, LAST, ParamSpec, parameter_table, space_layout
+from mlmega.models.params import (FIRST, LAST, TRANSFORMER_IMPLS, ParamSpec, impl_name,
+                                  parameter_table, space_layout)
 
 # The shared-embedding copy held by the last stage when tied embeddings meet PP > 1.
 TIED_OUTPUT = "output_layer.weight"
@@ -43,11 +46,15 @@ class ShardLayout:
     tp: int = 1
     pp: int = 1
     layers_per_stage: Optional[tuple[int, ...]] = None  # None: an even split
+    transformer_impl: str = "local"  # the layer spec whose parameter names the shards use
 
     def __post_init__(self) -> None:
         cfg, tp, pp = self.cfg, self.tp, self.pp
         if tp < 1 or pp < 1:
             raise ConfigError(f"TP={tp}, PP={pp}: expected positive sizes")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ConfigError(f"transformer_impl={self.transformer_impl!r}: expected one of "
+                              f"{TRANSFORMER_IMPLS}")
         for what, value in (("num_attention_heads", cfg.num_attention_heads),
                             ("num_query_groups", cfg.num_query_groups),
                             ("ffn_hidden_size", cfg.ffn_hidden_size)):
@@ -80,12 +87,16 @@ class ShardLayout:
         for spec in table:
             if spec.per_layer:
                 for local, layer in enumerate(self.stage_layers(pp_rank)):
-                    yield LocalParam(spec.template.format(local), spec.name(layer), spec, layer)
+                    yield LocalParam(self.local_name(spec, local), spec.name(layer), spec, layer)
             elif (spec.stage == FIRST and first) or (spec.stage == LAST and last):
                 yield LocalParam(spec.template, spec.template, spec, None)
         if self.cfg.tie_embeddings and last and not first:
             embedding = next(s for s in table if s.template == WORD_EMBEDDINGS)
             yield LocalParam(TIED_OUTPUT, WORD_EMBEDDINGS, embedding, None)
+
+    def local_name(self, spec: ParamSpec, local_layer: Optional[int] = None) -> str:
+        """The name a stage's model gives ``spec`` (at local layer index ``local_layer``)."""
+        return impl_name(spec.name(local_layer), self.transformer_impl)
 
     def stage_of_layer(self, layer: int) -> int:
         for pp_rank in range(self.pp):
@@ -180,7 +191,8 @@ class ShardLayout:
         """Megatron-LM arguments for this layout (model args plus parallel sizes)."""
         args = self.cfg.to_megatron_args()
         args.update(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-                    padded_vocab_size=self.cfg.padded_vocab_size(self.tp))
+                    padded_vocab_size=self.cfg.padded_vocab_size(self.tp),
+                    transformer_impl=self.transformer_impl)
         if len(set(self.layers_per_stage)) > 1:
             args.update(decoder_first_pipeline_num_layers=self.layers_per_stage[0],
                         decoder_last_pipeline_num_layers=self.layers_per_stage[-1])

@@ -7,11 +7,16 @@ calls ``torch.cuda.synchronize()`` around collectives, moves the tied-embedding 
 resolve to the CPU instead. It changes nothing that could have worked: only requests for a CUDA
 device, on a machine that has none, are redirected. One function is replaced: megatron's
 ``clip_grad_by_total_norm_fp32`` asserts that gradients are ``torch.cuda.FloatTensor``; the
-replacement scales the same gradients by the same coefficient without that assertion.
+replacement scales the same gradients by the same coefficient without that assertion. The
+distributed optimizer sorts parameters by ``Tensor.type()`` names ('torch.cuda.FloatTensor', ...)
+while it is built; during its constructor a CPU tensor's ``type()`` answers with that CUDA name.
+megatron's RNG tracker (dropout under TP/sequence parallelism, recomputation) keeps "CUDA" generator
+states: on a CPU machine the device generator is the CPU's, so those states are the CPU generator's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -31,9 +36,14 @@ def install() -> bool:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = torch.manual_seed
+    _rng_tracker_on_cpu_generator()
     for name in _FACTORIES:
         setattr(torch, name, _cpu_instead_of_cuda(getattr(torch, name)))
     _replace_grad_clipping()
+    _type_params_as_cuda_in_distributed_optimizer()
     _installed = True
     return True
 
@@ -63,3 +73,39 @@ def _replace_grad_clipping() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+@contextlib.contextmanager
+def _cpu_tensor_types_named_as_cuda():
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _type_params_as_cuda_in_distributed_optimizer() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    init = DistributedOptimizer.__init__
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        with _cpu_tensor_types_named_as_cuda():
+            init(self, *args, **kwargs)
+
+    DistributedOptimizer.__init__ = wrapper
+
+
+def _rng_tracker_on_cpu_generator() -> None:
+    from megatron.core.tensor_parallel import random
+
+    random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)

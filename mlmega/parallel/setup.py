@@ -49,8 +49,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                              pipeline_model_parallel_size=pp)
     torch.manual_seed(seed)
-    if torch.cuda.is_available():  # the tracker holds CUDA generator states only
-        model_parallel_cuda_manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)  # the tracker's states; CPU generator's without CUDA
 
 
 def teardown() -> None:

@@ -3,7 +3,9 @@
 Each (TP, PP) rank of DP replica 0 writes ``model_optim_rng.pt`` (model shard, optimizer, LR
 scheduler, RNG states, consumed samples) into a hidden staging directory; after a barrier rank 0
 renames the iteration directory into place and then rewrites the ``latest`` marker, so a crash at any
-point leaves either the previous checkpoint or the new one, never half of one.
+point leaves either the previous checkpoint or the new one, never half of one. With the distributed
+optimizer, the DP-sharded parameter state (fp32 main weights, Adam moments) is gathered on DP rank
+0 and written beside it as ``distrib_optim.pt``, as Megatron-LM does.
 """
 
 from __future__ import annotations
@@ -21,30 +23,33 @@ import torch.distributed as dist
 from mlmega.checkpoint.atomic import write_text_atomic
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.torch_format import (TRACKER, TorchCheckpoint, iteration_dir_name,
-                                            write_rank_file)
+                                            load_file, rank_dir_name, write_rank_file)
 from mlmega.config.errors import ConfigError
+
+OPTIMIZER_SHARDS_FILE = "distrib_optim.pt"  # Megatron-LM's name, beside model_optim_rng.pt
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
+    from megatron.core import tensor_parallel
 
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(_tuplify(state["python"]))
-    if torch.cuda.is_available() and "cuda" in state:
-        from megatron.core import tensor_parallel
-
-        torch.cuda.set_rng_state(state["cuda"])
+    if "tracker" in state:
         tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _tuplify(value):
@@ -53,8 +58,12 @@ def _tuplify(value):
 
 def save(save_dir: Path, layout: ShardLayout, iteration: int, model_state: dict,
          optimizer_state: Any, scheduler_state: dict, consumed_samples: int,
-         tp_rank: int, pp_rank: int, dp_rank: int, extra_args: dict) -> None:
-    """Collective: every rank calls it; DP replica 0 writes; rank 0 publishes."""
+         tp_rank: int, pp_rank: int, dp_rank: int, extra_args: dict,
+         optimizer_shards: Optional[dict] = None) -> None:
+    """Collective: every rank calls it; DP replica 0 writes; rank 0 publishes.
+
+    ``optimizer_shards``: the distributed optimizer's parameter state gathered on DP rank 0
+    (``get_parameter_state_dp_zero``), or None."""
     staging = save_dir / f".staging-{iteration_dir_name(iteration)}"
     final = save_dir / iteration_dir_name(iteration)
     rank = dist.get_rank()
@@ -67,6 +76,10 @@ def save(save_dir: Path, layout: ShardLayout, iteration: int, model_state: dict,
                         extra_args={**extra_args, "consumed_train_samples": consumed_samples},
                         optimizer=optimizer_state, opt_param_scheduler=scheduler_state,
                         rng_state=rng_state(), num_floating_point_operations_so_far=0)
+        if optimizer_shards is not None:
+            rank_dir = rank_dir_name(tp_rank, pp_rank, layout.pp)
+            torch.save(optimizer_shards,
+                       staging / iteration_dir_name(iteration) / rank_dir / OPTIMIZER_SHARDS_FILE)
     dist.barrier()
     if rank == 0:
         if final.exists():  # re-saving an iteration (a resumed run that stopped again)
@@ -84,10 +97,35 @@ def latest(save_dir: Path) -> Optional[TorchCheckpoint]:
     return TorchCheckpoint.open(save_dir)
 
 
+def gather_optimizer_shards(optimizer) -> Any:
+    """Collective over DP: the distributed optimizer's parameter state, gathered on DP rank 0 (None
+    elsewhere), as Megatron-LM's ``distrib_optim.pt`` holds it (a list for chained optimizers)."""
+    states = [opt.get_parameter_state_dp_zero() for opt in optimizer.chained_optimizers]
+    return states[0] if len(states) == 1 else states
+
+
+def load_optimizer_shards(optimizer, ckpt: TorchCheckpoint, tp_rank: int, pp_rank: int,
+                          dp_rank: int) -> None:
+    """Collective over DP: DP rank 0 reads ``distrib_optim.pt`` and scatters it into the shards."""
+    states = None
+    if dp_rank == 0:
+        path = ckpt.shard_path(tp_rank, pp_rank).parent / OPTIMIZER_SHARDS_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path}: missing: the checkpoint was saved without the distributed "
+                              f"optimizer; resume with performance.distributed_optimizer=false")
+        states = load_file(path, mmap=False)
+    chained = optimizer.chained_optimizers
+    for i, opt in enumerate(chained):
+        opt.load_parameter_state_from_dp_zero(
+            None if states is None else states if len(chained) == 1 else states[i])
+
+
 def check_resumable(ckpt: TorchCheckpoint, layout: ShardLayout) -> None:
     have = ckpt.layout
-    if (have.tp, have.pp) != (layout.tp, layout.pp) or \
+    if (have.tp, have.pp, have.transformer_impl) != (layout.tp, layout.pp,
+                                                     layout.transformer_impl) or \
             have.cfg.replace(source="") != layout.cfg.replace(source=""):
         raise ConfigError(f"{ckpt.root}: cannot resume: it holds {have.cfg.to_dict()} at TP="
-                          f"{have.tp}, PP={have.pp} but this stage trains {layout.cfg.to_dict()} at "
-                          f"TP={layout.tp}, PP={layout.pp} (use a fresh save_dir, or convert it)")
+                          f"{have.tp}, PP={have.pp} ({have.transformer_impl} spec) but this stage "
+                          f"trains {layout.cfg.to_dict()} at TP={layout.tp}, PP={layout.pp} "
+                          f"({layout.transformer_impl} spec) (use a fresh save_dir, or convert it)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -108,6 +108,7 @@ def train_config(plan: Plan, stage: Stage, run_dir: Path, data_dir: Path,
                                   warmup_steps=stage.warmup_steps, decay_style=stage.decay_style,
                                   weight_decay=train.weight_decay, clip_grad=train.clip_grad,
                                   beta2=train.beta2),
+        performance=replace(recipe.performance, recompute=res.recompute),
         init=init, seed=train.seed, log_interval=train.log_interval,
         eval_interval=train.eval_interval, eval_iters=train.eval_iters,
         save_interval=train.save_interval, flops_offset=flops_offset,

@@ -1,25 +1,36 @@
 """Size a stage's job from its model: the fewest GPUs whose memory holds the stage.
 
-Memory per GPU (bf16 mixed precision with megatron-core's optimizer, no distributed optimizer):
-  model states  18 bytes per parameter on the GPU (bf16 weight 2, fp32 main grad 4, fp32 master
-                weight 4, Adam moments 8), parameters = the largest pipeline stage's share / TP;
-  activations   s*b*h*(34 + 5*a*s/h) bytes per layer and micro-batch (Korthikanti et al. 2022,
-                no recomputation), / TP, x layers on the stage, x PP micro-batches in flight (1F1B);
+Memory per GPU (:func:`memory_per_gpu`; bf16 mixed precision with megatron-core's optimizer), for
+the largest pipeline stage's parameters / TP (P):
+  weights       2 bytes x P (bf16);
+  gradients     4 bytes x P (fp32 main grads, grad_reduce_in_fp32);
+  optimizer     12 bytes x P (fp32 master weight 4, Adam moments 8), / DP with the distributed
+                optimizer (ZeRO-1 shards it over the data-parallel ranks);
+  activations   per layer and micro-batch (Korthikanti et al. 2022, bytes; t = TP, a = heads):
+                  no recompute          s*b*h*(10 + 24/t + 5*a*s/(h*t)), sequence parallel: all / t
+                  selective recompute   s*b*h*(10 + 24/t) (attention scores recomputed), SP: 34/t
+                  full recompute        2*s*b*h per layer (its input, bf16), SP: / t, plus one
+                                        layer's activations without recompute while it reruns;
+                x layers on the stage x PP micro-batches in flight (1F1B on the first stage);
   logits        s*b*V/TP fp32 values, twice (output and gradient), on the last stage.
 Search order: total GPUs ascending (from ``min_gpus``); for each, TP = 1, 2, 4, ... up to the GPUs of
-one node before any PP > 1; the global batch is kept (DP must divide it).
+one node before any PP > 1; the global batch is kept (DP must divide it). Each layout takes the
+least recomputation that fits (none, selective, full) unless the recipe fixes it; the distributed
+optimizer and sequence parallelism count as the recipe's ``performance`` section resolves them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
+from mlmega.config.performance import RECOMPUTE, PerformanceConfig
 from mlmega.models.params import iter_params, space_size
 
-BYTES_PER_PARAM = 18
+WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 4, 12  # per parameter (bf16, fp32, fp32 + Adam)
+RECOMPUTE_CHOICES = tuple(r for r in RECOMPUTE if r != "auto")  # least recomputation first
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,7 @@ class Resources:
     micro_batch_size: int
     global_batch_size: int
     memory_gb: float  # estimated peak per GPU (0 for CPU runs)
+    recompute: str = "none"  # the activation recomputation the estimate assumes
 
     @property
     def world(self) -> int:
@@ -60,13 +72,62 @@ def stage_param_counts(cfg: ModelConfig, pp: int) -> int:
     return per_layer * layers + max(first, last)
 
 
-def memory_per_gpu_gb(cfg: ModelConfig, tp: int, pp: int, micro: int, seq: int) -> float:
-    states = BYTES_PER_PARAM * stage_param_counts(cfg, pp) / tp
-    h, a = cfg.hidden_size, cfg.num_attention_heads
-    per_layer = seq * micro * h * (34 + 5 * a * seq / h) / tp
-    activations = per_layer * math.ceil(cfg.num_layers / pp) * pp
+@dataclass(frozen=True)
+class Memory:
+    """Estimated peak bytes per GPU, by kind (see the module docstring)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+
+    @property
+    def total_gb(self) -> float:
+        return (self.weights + self.gradients + self.optimizer + self.activations
+                + self.logits) / 1e9
+
+
+def memory_per_gpu(cfg: ModelConfig, tp: int, pp: int, dp: int, micro: int, seq: int,
+                   perf: PerformanceConfig) -> Memory:
+    """Bytes per GPU of the largest pipeline stage at TP x PP x DP with the switches of ``perf``
+    (resolved: distributed_optimizer, sequence_parallel and recompute are taken as they are)."""
+    params = stage_param_counts(cfg, pp) / tp
+    optimizer = OPTIMIZER_BYTES * params / (dp if perf.distributed_optimizer else 1)
+    sbh, t = seq * micro * cfg.hidden_size, tp
+    attention = 5 * cfg.num_attention_heads * seq / cfg.hidden_size  # the s x s scores, softmax
+    sp = bool(perf.sequence_parallel) and tp > 1
+    stored = (34 / t if sp else 10 + 24 / t) * sbh  # every layer keeps these but the scores
+    whole_layer = stored + attention * sbh / t
+    layers_in_flight = math.ceil(cfg.num_layers / pp) * pp
+    if perf.recompute == "full":
+        activations = 2 * sbh / (t if sp else 1) * layers_in_flight + whole_layer
+    elif perf.recompute == "selective":
+        activations = stored * layers_in_flight
+    else:
+        activations = whole_layer * layers_in_flight
     logits = 2 * 4 * seq * micro * cfg.padded_vocab_size(tp) / tp
-    return (states + activations + logits) / 1e9
+    return Memory(WEIGHT_BYTES * params, GRAD_BYTES * params, optimizer, activations, logits)
+
+
+def memory_per_gpu_gb(cfg: ModelConfig, tp: int, pp: int, micro: int, seq: int, dp: int = 1,
+                      perf: PerformanceConfig = PerformanceConfig()) -> float:
+    """Estimated peak GB per GPU, ``perf`` resolved for this layout on GPU nodes with
+    TransformerEngine."""
+    resolved = perf.resolved(cfg.arch, tp, dp, cuda=True, kernels=True)
+    return memory_per_gpu(cfg, tp, pp, dp, micro, seq, resolved).total_gb
+
+
+def _least_recompute(cfg: ModelConfig, tp: int, pp: int, dp: int, micro: int, seq: int,
+                     perf: PerformanceConfig, budget_gb: float) -> tuple[str, float]:
+    """(recompute, GB per GPU): the least recomputation that fits ``budget_gb`` (the recipe's own
+    choice when it fixes one), or the most there is when none fits."""
+    choices = RECOMPUTE_CHOICES if perf.recompute == "auto" else (perf.recompute,)
+    for recompute in choices:
+        need = memory_per_gpu_gb(cfg, tp, pp, micro, seq, dp, replace(perf, recompute=recompute))
+        if need <= budget_gb:
+            break
+    return recompute, need
 
 
 def _tp_sizes(cfg: ModelConfig, limit: int) -> list[int]:
@@ -76,7 +137,7 @@ def _tp_sizes(cfg: ModelConfig, limit: int) -> list[int]:
 
 def size_stage(cfg: ModelConfig, micro: int, global_batch: int, seq: int, gpus_per_node: int,
                max_nodes: int, gpu_memory_gb: float, headroom: float, min_gpus: int = 1,
-               what: str = "stage") -> Resources:
+               what: str = "stage", perf: PerformanceConfig = PerformanceConfig()) -> Resources:
     """The smallest GPU job that holds ``cfg`` (see the module docstring for the rules)."""
     budget = gpu_memory_gb * headroom
     max_gpus = gpus_per_node * max_nodes
@@ -89,11 +150,12 @@ def size_stage(cfg: ModelConfig, micro: int, global_batch: int, seq: int, gpus_p
                 dp = gpus // (tp * pp)
                 if global_batch % (micro * dp):
                     continue
-                need = memory_per_gpu_gb(cfg, tp, pp, micro, seq)
+                recompute, need = _least_recompute(cfg, tp, pp, dp, micro, seq, perf, budget)
                 best = need if best is None else min(best, need)
                 if need <= budget:
                     return Resources(math.ceil(gpus / gpus_per_node), min(gpus, gpus_per_node),
-                                     gpus_per_node, tp, pp, dp, micro, global_batch, need)
+                                     gpus_per_node, tp, pp, dp, micro, global_batch, need,
+                                     recompute)
     raise ConfigError(f"{what} ({cfg.num_layers}L-{cfg.hidden_size}, "
                       f"{cfg.num_attention_heads} heads) does not fit {max_nodes} node(s) x "
                       f"{gpus_per_node} GPU(s) of {gpu_memory_gb:g} GB (headroom {headroom:g}): "
@@ -103,7 +165,8 @@ def size_stage(cfg: ModelConfig, micro: int, global_batch: int, seq: int, gpus_p
 
 def fixed_resources(cfg: ModelConfig, tp: int, pp: int, dp: int, micro: int, global_batch: int,
                     seq: int, tasks_per_node: int, gpus_per_node: int,
-                    what: str = "stage") -> Resources:
+                    what: str = "stage", perf: PerformanceConfig = PerformanceConfig(),
+                    gpu_memory_gb: float = math.inf) -> Resources:
     """A job of exactly TP x PP x DP ranks (CPU runs, or a forced layout)."""
     if cfg.num_attention_heads % tp or cfg.num_query_groups % tp or cfg.num_layers % pp:
         raise ConfigError(f"{what}: TP={tp}, PP={pp} do not divide the model "
@@ -114,5 +177,8 @@ def fixed_resources(cfg: ModelConfig, tp: int, pp: int, dp: int, micro: int, glo
                           f"{micro} x DP {dp}")
     world = tp * pp * dp
     per_node = min(tasks_per_node, world)
+    recompute, need = ("none" if perf.recompute == "auto" else perf.recompute, 0.0)
+    if gpus_per_node:
+        recompute, need = _least_recompute(cfg, tp, pp, dp, micro, seq, perf, gpu_memory_gb)
     return Resources(math.ceil(world / per_node), per_node, gpus_per_node, tp, pp, dp, micro,
-                     global_batch, memory_per_gpu_gb(cfg, tp, pp, micro, seq) if gpus_per_node else 0)
+                     global_batch, need, recompute)

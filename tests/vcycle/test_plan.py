@@ -10,6 +10,7 @@ import yaml
 from mlmega.config.errors import ConfigError
 from mlmega.vcycle.plan import plan_vcycle
 from mlmega.vcycle.recipe import load_recipe
+from mlmega.config.performance import PerformanceConfig
 from mlmega.vcycle.sizing import memory_per_gpu_gb, size_stage
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -43,13 +44,24 @@ def test_sizing_by_hand_for_gpt_base():
     2 x 4 B x 1024 x 8 x 50304 = 3.30 GB; total 14.15 GB."""
     cfg = load_recipe(CONFIGS / "gpt-base.yaml").model
     assert memory_per_gpu_gb(cfg, tp=1, pp=1, micro=8, seq=1024) == pytest.approx(14.15, abs=0.02)
-    # fits one 80 GB GPU; with a 16 GB GPU (85% usable) TP=2 is the smallest layout that fits
+    # fits one 80 GB GPU; a 16 GB GPU (85% usable) holds it with selective recomputation (8.1 GB:
+    # activations 12 x 1024 x 8 x 768 x 34 B = 2.57 GB); without it, DP=2 with the distributed
+    # optimizer (optimizer states 12 B x 124.4M / 2: 13.40 GB), and without that TP=2
     one = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=80,
                      headroom=0.85)
-    assert (one.tp, one.pp, one.dp, one.nodes) == (1, 1, 1, 1)
+    assert (one.tp, one.pp, one.dp, one.nodes, one.recompute) == (1, 1, 1, 1, "none")
     small_gpu = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=16,
                            headroom=0.85)
-    assert (small_gpu.tp, small_gpu.pp) == (2, 1) and small_gpu.memory_gb <= 16 * 0.85
+    assert (small_gpu.tp, small_gpu.pp, small_gpu.recompute) == (1, 1, "selective")
+    assert small_gpu.memory_gb == pytest.approx(8.11, abs=0.02)
+    no_recompute = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=16,
+                              headroom=0.85, perf=PerformanceConfig(recompute="none"))
+    assert (no_recompute.tp, no_recompute.pp, no_recompute.dp) == (1, 1, 2)
+    assert no_recompute.memory_gb == pytest.approx(13.40, abs=0.02)
+    plain = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=16,
+                       headroom=0.85, perf=PerformanceConfig(recompute="none",
+                                                             distributed_optimizer=False))
+    assert (plain.tp, plain.pp) == (2, 1) and plain.memory_gb <= 16 * 0.85
 
 
 def test_sizing_prefers_tp_within_a_node_before_pp():
