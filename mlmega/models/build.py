@@ -32,7 +32,7 @@ from mlmega.models.norms import SequenceParallelNorm
 
 LOCAL = PerformanceConfig(transformer_impl="local", distributed_optimizer=False,
                           overlap_grad_reduce=False, overlap_param_gather=False,
-                          sequence_parallel=False, fused_kernels=False)
+                          sequence_parallel=False, recompute="none", fused_kernels=False)
 
 
 def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1,
