@@ -31,7 +31,7 @@ def _init(tmp_path, arch: str) -> dict:
     return dict(checkpoint=str(tmp_path / "init"), op="reshard")
 
 
-def test_switches_keep_the_losses_at_tp2_pp2_dp2(tmp_path, prepared):
+def test_switches_keep_the_losses_at_tp2_pp2_dp2(tmp_path, prepared, model_parallel):
     init = _init(tmp_path, "gpt")
     settings = {"off": (2, 8, OFF),
                 "zero1_sp_selective": (2, 8, dict(distributed_optimizer=True,
@@ -51,7 +51,7 @@ def test_switches_keep_the_losses_at_tp2_pp2_dp2(tmp_path, prepared):
             assert got[step] == pytest.approx(loss, rel=1e-4), f"{name} step {step}"
 
 
-def test_distributed_optimizer_resumes_exactly(tmp_path, prepared):
+def test_distributed_optimizer_resumes_exactly(tmp_path, prepared, model_parallel):
     """4 steps straight vs 2 + resume 2 (TP=1, PP=1, DP=2; the state is DP-sharded), and the
     run's checkpoint records the switch under Megatron-LM's argument name."""
     from mlmega.checkpoint.torch_format import TorchCheckpoint
