@@ -10,6 +10,7 @@ optimizer, the DP-sharded parameter state (fp32 main weights, Adam moments) is g
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -115,9 +116,26 @@ def load_optimizer_shards(optimizer, ckpt: TorchCheckpoint, tp_rank: int, pp_ran
                               f"optimizer; resume with performance.distributed_optimizer=false")
         states = load_file(path, mmap=False)
     chained = optimizer.chained_optimizers
-    for i, opt in enumerate(chained):
-        opt.load_parameter_state_from_dp_zero(
-            None if states is None else states if len(chained) == 1 else states[i])
+    # no_grad: in fp32 the optimizer's main params are views of the model's (leaf) parameters,
+    # which it copies into in place
+    with torch.no_grad():
+        for i, opt in enumerate(chained):
+            with _step_state_set_aside(opt.optimizer):
+                opt.load_parameter_state_from_dp_zero(
+                    None if states is None else states if len(chained) == 1 else states[i])
+
+
+@contextlib.contextmanager
+def _step_state_set_aside(inner):
+    """megatron-core 0.16.1 copies every per-parameter state key of the inner optimizer from the
+    gathered file, which holds param / exp_avg / exp_avg_sq only; torch's Adam (used without TE or
+    apex) also keeps ``step`` there (load_state_dict has already set it): keep it out meanwhile."""
+    steps = {param: state.pop("step") for param, state in inner.state.items() if "step" in state}
+    try:
+        yield
+    finally:
+        for param, step in steps.items():
+            inner.state[param]["step"] = step
 
 
 def check_resumable(ckpt: TorchCheckpoint, layout: ShardLayout) -> None:
