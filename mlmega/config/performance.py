@@ -24,7 +24,7 @@ class PerformanceConfig:
 
     transformer_impl: str = "auto"  # auto: transformer_engine where it imports, else local
     distributed_optimizer: Optional[bool] = None  # ZeRO-1 over DP; auto: on when DP > 1
-    overlap_grad_reduce: Optional[bool] = None  # auto: on with DP > 1 on GPUs
+    overlap_grad_reduce: Optional[bool] = None  # auto: on with DP > 1 on GPUs (runs on gloo too)
     overlap_param_gather: Optional[bool] = None  # auto: with overlap_grad_reduce + dist. optimizer
     sequence_parallel: Optional[bool] = None  # auto: on when TP > 1 (BERT: with fused norms)
     recompute: str = "auto"  # none | selective (core attention) | full (whole layers); auto:
@@ -56,7 +56,8 @@ class PerformanceConfig:
             impl = "transformer_engine" if cuda and te else "local"
         elif impl == "transformer_engine" and not (cuda and te):
             raise ConfigError("performance.transformer_impl='transformer_engine' needs a GPU with "
-                              "the transformer_engine package importable; use 'auto' or 'local'")
+                              "the transformer_engine package importable; use 'auto' or 'local' "
+                              "(the device check benchmarks/train_throughput.py --suite runs TE)")
         dist_opt = dp > 1 if self.distributed_optimizer is None else self.distributed_optimizer
         overlap = (cuda and dp > 1) if self.overlap_grad_reduce is None else self.overlap_grad_reduce
         gather = (overlap and dist_opt) if self.overlap_param_gather is None \
@@ -64,10 +65,6 @@ class PerformanceConfig:
         if gather and not (dist_opt and overlap):
             raise ConfigError("performance.overlap_param_gather needs distributed_optimizer and "
                               "overlap_grad_reduce")
-        if (overlap or gather) and not cuda:
-            raise ConfigError("performance.overlap_grad_reduce / overlap_param_gather run on GPUs "
-                              "only (megatron-core overlaps on CUDA streams; gloo/CPU has none); "
-                              "the device check train_throughput.py --suite covers them")
         seq_par = (tp > 1 and (arch == "gpt" or fused_ok)) \
             if self.sequence_parallel is None else self.sequence_parallel
         fused = fused_ok if self.fused_kernels is None else self.fused_kernels

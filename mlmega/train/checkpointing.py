@@ -129,13 +129,15 @@ def load_optimizer_shards(optimizer, ckpt: TorchCheckpoint, tp_rank: int, pp_ran
 def _step_state_set_aside(inner):
     """megatron-core 0.16.1 copies every per-parameter state key of the inner optimizer from the
     gathered file, which holds param / exp_avg / exp_avg_sq only; torch's Adam (used without TE or
-    apex) also keeps ``step`` there (load_state_dict has already set it): keep it out meanwhile."""
+    apex) also keeps ``step`` there: keep it out meanwhile. load_state_dict set it to one tensor
+    shared by every parameter, which Adam would then advance once per parameter and step: each
+    parameter gets its own copy back."""
     steps = {param: state.pop("step") for param, state in inner.state.items() if "step" in state}
     try:
         yield
     finally:
         for param, step in steps.items():
-            inner.state[param]["step"] = step
+            inner.state[param]["step"] = step.clone()
 
 
 def check_resumable(ckpt: TorchCheckpoint, layout: ShardLayout) -> None:

@@ -27,7 +27,6 @@ def test_auto_resolves_from_the_layout_and_machine():
 
 @pytest.mark.parametrize("switches, message", [
     (dict(transformer_impl="transformer_engine"), "needs a GPU with the transformer_engine"),
-    (dict(overlap_grad_reduce=True), "run on GPUs only"),
     (dict(overlap_param_gather=True, distributed_optimizer=False), "needs distributed_optimizer"),
     (dict(fused_kernels=True), "needs a GPU with TransformerEngine or apex"),
 ])

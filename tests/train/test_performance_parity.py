@@ -1,13 +1,14 @@
 """megatron-core's performance switches change how a step runs, not what it computes (gloo, CPU).
 
 The same model, data and seed train to the same losses with the distributed optimizer (ZeRO-1),
-sequence parallelism and activation recomputation (selective, full) on as with them off: at TP=2,
-PP=2, DP=2 (8 ranks) for all but full recomputation, which runs at TP=2 with sequence parallelism
-(2 ranks; tests/train/test_parallel_parity.py shows the layouts agree). Tolerance: 1e-4 relative per step over 4 steps (fp32;
-only the order of reductions differs, measured differences are ~1e-6). A run with the distributed
-optimizer stopped and resumed gives the straight run's losses exactly (its DP-sharded state is
-saved as ``distrib_optim.pt``), and a stage started from another level's weights with it loses
-what the same stage without it loses.
+overlapped grad reduce and param gather (gloo's async collectives), sequence parallelism and
+activation recomputation (selective, full) on as with them off: at TP=2, PP=2, DP=2 (8 ranks) for
+all but full recomputation, which runs at TP=2 with sequence parallelism (2 ranks;
+tests/train/test_parallel_parity.py shows the layouts agree). Tolerance: 1e-4 relative per step
+over 4 steps (fp32; only the order of reductions differs: measured equal to 4 decimals). Every run
+starts from one checkpoint, resharded at load (the V-cycle's hand-off path). A run with the
+distributed optimizer stopped and resumed gives the straight run's losses exactly (its DP-sharded
+state is saved as ``distrib_optim.pt``).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def _init(tmp_path, arch: str) -> dict:
 def test_switches_keep_the_losses_at_tp2_pp2_dp2(tmp_path, prepared, model_parallel):
     init = _init(tmp_path, "gpt")
     settings = {"off": (2, 8, OFF),
-                "zero1_sp_selective": (2, 8, dict(distributed_optimizer=True,
-                                                  sequence_parallel=True, recompute="selective")),
+                "zero1_overlap_sp_selective": (2, 8, dict(
+                    distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True,
+                    sequence_parallel=True, recompute="selective")),
                 "sp_full_recompute": (1, 2, dict(OFF, sequence_parallel=True, recompute="full"))}
     runs = {}
     for name, (pp, nproc, perf) in settings.items():
@@ -69,9 +71,10 @@ def test_distributed_optimizer_resumes_exactly(tmp_path, prepared, model_paralle
 
 
 def test_switch_that_needs_a_gpu_is_refused_on_cpu(tmp_path, prepared):
-    """Overlapped grad reduce runs on CUDA streams: refused on gloo with a clear message (the GPU
-    device check ``benchmarks/train_throughput.py --suite`` covers it)."""
-    config = stage_config(tmp_path, "overlap", prepared["gpt"],
-                          performance=dict(overlap_grad_reduce=True))
-    proc = run_stage(config, 1, expect=1)
-    assert "overlap_grad_reduce / overlap_param_gather run on GPUs only" in proc.stderr
+    """TransformerEngine needs CUDA: refused on gloo with a one-line error that names the GPU
+    device check covering it (``benchmarks/train_throughput.py --suite``)."""
+    config = stage_config(tmp_path, "te", prepared["gpt"],
+                          performance=dict(transformer_impl="transformer_engine"))
+    proc = run_stage(config, 1, expect=2)
+    assert "performance.transformer_impl='transformer_engine' needs a GPU" in proc.stderr
+    assert "train_throughput.py --suite" in proc.stderr
