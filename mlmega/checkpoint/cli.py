@@ -45,13 +45,24 @@ def register(sub) -> None:
     convert.add_argument("--checksums", action="store_true",
                          help="store zip CRC32s in torch-format files (for zip tools; torch.load "
                               "never checks them; writing is ~5x slower)")
+    _vocab_options(convert)
     convert.set_defaults(handler=_convert)
 
     inspect = sub.add_parser("inspect", help="describe a Megatron checkpoint")
     inspect.add_argument("path", help="checkpoint root")
     inspect.add_argument("--tensors", action="store_true", help="also list every tensor")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _vocab_options(inspect)
     inspect.set_defaults(handler=_inspect)
+
+
+def _vocab_options(parser) -> None:
+    parser.add_argument("--vocab-size", type=int,
+                        help="the source's true vocabulary size, where its args lack it "
+                             "(Megatron-LM often saves only the padded size)")
+    parser.add_argument("--tokenizer", help="or a tokenizer to count it from: tokenizer.json (or "
+                                            "a directory holding one), GPT-2 vocab.json, "
+                                            "WordPiece vocab.txt")
 
 
 def _schemes(args: argparse.Namespace):
@@ -75,7 +86,8 @@ def _convert(args: argparse.Namespace) -> int:
     plan = plan_conversion(args.op, args.src, args.dst, target_tp=args.target_tp,
                            target_pp=args.target_pp, schemes=_schemes(args), large=args.large,
                            alpha=args.alpha, fmt=args.format, overwrite=args.overwrite,
-                           checksums=args.checksums, target_impl=args.transformer_impl)
+                           checksums=args.checksums, vocab_size=args.vocab_size,
+                           tokenizer=args.tokenizer, target_impl=args.transformer_impl)
     run_conversion(plan, workers=args.workers, overwrite=args.overwrite, runner=runner)
     return 0
 
@@ -86,13 +98,15 @@ def _inspect(args: argparse.Namespace) -> int:
     from mlmega.checkpoint.inspect import describe
     from mlmega.progress import console as wide_console
 
-    info = describe(args.path, tensors=args.tensors)
+    info = describe(args.path, tensors=args.tensors, vocab_size=args.vocab_size,
+                    tokenizer=args.tokenizer)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     console = wide_console()
     summary = Table(title=str(args.path), show_header=False)
-    for key in ("format", "arch", "iteration", "tp", "pp", "layers_per_stage", "parameters"):
+    for key in ("format", "arch", "iteration", "tp", "pp", "layers_per_stage", "parameters",
+                "padded_vocab", "vocab_source"):
         summary.add_row(key, f"{info[key]:,}" if key == "parameters" else str(info[key]))
     for key, value in info["model"].items():
         summary.add_row(f"model.{key}", str(value))

@@ -33,7 +33,7 @@ import torch
 from mlmega.checkpoint.atomic import check_destination, publish, staging_dir, write_text_atomic
 from mlmega.checkpoint.dist_format import (finalize_dist, open_checkpoint, save_dist_full_state,
                                            write_dist_rank)
-from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.layout import ShardLayout, tokenizer_args
 from mlmega.checkpoint.streaming import (LazyTensor, RowBlocks, StreamingWriter,
                                            reuse_freed_memory)
 from mlmega.checkpoint.torch_format import (TRACKER, TorchCheckpoint, iteration_dir_name,
@@ -61,10 +61,18 @@ class ConversionPlan:
     alpha: float = 0.5
     format: str = "torch"
     checksums: bool = False  # zip CRC32 per record (torch format): torch.load never checks them
+    vocab_size: Optional[int] = None  # the source's true vocabulary, resolved once (workers reopen)
+    vocab_source: str = ""  # where vocab_size came from
+    source_args: Optional[dict] = None  # Megatron args carried to the output (the tokenizer's)
 
     @property
     def ranks(self) -> list[tuple[int, int]]:
         return self.target.ranks
+
+    @property
+    def output_args(self) -> dict:
+        """Args the output's files hold besides its layout's (:meth:`ShardLayout.megatron_args`)."""
+        return {**(self.source_args or {}), "mlmega_converted_by": self.op}
 
 
 @dataclass(frozen=True)
@@ -80,9 +88,14 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
                     target_pp: Optional[int] = None, schemes: Optional[LevelSchemes] = None,
                     large: Optional[str | Path] = None, alpha: Optional[float] = None,
                     fmt: str = "torch", overwrite: bool = False, checksums: bool = False,
+                    vocab_size: Optional[int] = None,
+                    tokenizer: Optional[str | Path] = None,
                     target_impl: Optional[str] = None) -> ConversionPlan:
     """Open and validate the inputs and the target layout; raises ConfigError on bad input.
 
+    ``vocab_size`` / ``tokenizer``: the source's true vocabulary where its args lack it
+    (:func:`mlmega.checkpoint.vocab.true_vocab_size`). The target's vocabulary is padded by
+    Megatron-LM's rule for its TP size (rows past the source's padding are zero).
     ``target_impl``: the layer spec whose parameter names the target uses (local or
     transformer_engine; default: the source's)."""
     if op not in OPS:
@@ -93,7 +106,7 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
     if dst is not None:  # None: the tensors are consumed in memory (training's initial load)
         dst = Path(dst)
         check_destination(dst, overwrite)
-    source = open_checkpoint(src)
+    source = open_checkpoint(src, vocab_size=vocab_size, tokenizer=tokenizer)
     source.validate_tensors()
     layout = source.layout
     level = None
@@ -114,7 +127,7 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
                               "from before coalescing)")
         if alpha is None or not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"--alpha={alpha!r}: expected a number in [0, 1]")
-        large_ckpt = open_checkpoint(large)
+        large_ckpt = open_checkpoint(large, vocab_size=cfg.vocab_size)
         if large_ckpt.layout.cfg.replace(source="") != cfg.replace(source=""):
             raise ConfigError(f"{large}: its model {large_ckpt.layout.cfg.to_dict()} is not the "
                               f"de-coalesced model {cfg.to_dict()} of {src}")
@@ -124,7 +137,8 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
                          transformer_impl=target_impl or layout.transformer_impl)
     return ConversionPlan(op, src, dst, target, source.iteration, level,
                           Path(large) if large else None, 0.5 if alpha is None else alpha, fmt,
-                          checksums)
+                          checksums, source.layout.cfg.vocab_size, source.vocab_source,
+                          tokenizer_args(source.args))
 
 
 class _Producer:
@@ -132,8 +146,9 @@ class _Producer:
 
     def __init__(self, plan: ConversionPlan):
         self.plan = plan
-        self.source = open_checkpoint(plan.src)
-        self.large = open_checkpoint(plan.large) if plan.large else None
+        self.source = open_checkpoint(plan.src, vocab_size=plan.vocab_size)
+        self.large = open_checkpoint(plan.large, vocab_size=plan.vocab_size) if plan.large \
+            else None
         self._last_read: tuple[str, Optional[torch.Tensor]] = ("", None)
 
     def mapped(self, param) -> torch.Tensor:
@@ -352,7 +367,7 @@ def convert_ranks(plan: ConversionPlan, pp_rank: int, tp_ranks: Sequence[int],
                 pending.result()
             for r in tp_ranks:
                 writers[r].finish(shard_content(target, pp_rank, written[r], plan.iteration,
-                                                {"mlmega_converted_by": plan.op}))
+                                                plan.output_args))
     seconds = time.monotonic() - start
     return [RankResult(r, pp_rank, len(names), nbytes[r], seconds) for r in tp_ranks]
 
@@ -417,6 +432,9 @@ def run_conversion(plan: ConversionPlan, workers: int = 1, overwrite: bool = Fal
     (mlmega.launch.conversion_job); by default :func:`run_locally`.
     """
     start = time.monotonic()
+    if plan.vocab_source:
+        log(f"convert {plan.op}: vocabulary {plan.vocab_size} (from {plan.vocab_source}), padded "
+            f"to {plan.target.padded_vocab} rows for TP={plan.target.tp}")
     staging = staging_dir(plan.dst)
     tasks = [(plan, pp, tp_ranks, staging) for pp, tp_ranks in conversion_tasks(plan.target,
                                                                                  workers)]
@@ -425,7 +443,7 @@ def run_conversion(plan: ConversionPlan, workers: int = 1, overwrite: bool = Fal
         results = runner(tasks, log) if runner else run_locally(tasks, workers, log)
         if plan.format == "torch_dist":  # merge the ranks' index parts; common.pt, metadata.json
             finalize_dist(staging / iteration_dir_name(plan.iteration), plan.target,
-                          plan.iteration, extra_args={"mlmega_converted_by": plan.op})
+                          plan.iteration, extra_args=plan.output_args)
         write_text_atomic(staging / TRACKER, str(plan.iteration))  # the marker, last
         publish(staging, plan.dst, overwrite)
     except BaseException:
@@ -460,11 +478,12 @@ def save_full_state(state: dict[str, torch.Tensor], layout: ShardLayout, dst: st
         write_text_atomic(staging / TRACKER, str(iteration))
 
 
-def load_full_state(src: str | Path) -> tuple[dict[str, torch.Tensor], ShardLayout]:
+def load_full_state(src: str | Path, vocab_size: Optional[int] = None
+                    ) -> tuple[dict[str, torch.Tensor], ShardLayout]:
     """Read a whole checkpoint (either format) into a full (TP=1 canonical) state dict."""
     from mlmega.models.params import iter_params
 
-    ckpt = open_checkpoint(src)
+    ckpt = open_checkpoint(src, vocab_size=vocab_size)
     ckpt.validate_tensors()
     state = {name: ckpt.read(name).clone() for name, _, _ in iter_params(ckpt.layout.cfg)}
     return state, ckpt.layout

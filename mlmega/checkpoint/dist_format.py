@@ -51,10 +51,11 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 
 from mlmega.checkpoint.atomic import atomic_directory, write_text_atomic
-from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.layout import WORD_EMBEDDINGS, ShardLayout, pad_rows
 from mlmega.checkpoint.torch_format import (CHECKPOINT_VERSION, TRACKER, TorchCheckpoint,
                                             _layers_per_stage, iteration_dir_name,
                                             latest_directory, load_file)
+from mlmega.checkpoint.vocab import true_vocab_size
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.models.params import (TE_FUSED_NORMS, ParamSpec, block_name, extra_state_modules,
@@ -110,13 +111,14 @@ def is_dist_directory(directory: Path) -> bool:
 
 
 def open_checkpoint(root: str | Path, arch: Optional[str] = None,
-                    cfg: Optional[ModelConfig] = None) -> "TorchCheckpoint | DistCheckpoint":
-    """Open a Megatron checkpoint in either format (told apart by its iteration directory)."""
+                    cfg: Optional[ModelConfig] = None, vocab_size: Optional[int] = None,
+                    tokenizer: Optional[str | Path] = None) -> "TorchCheckpoint | DistCheckpoint":
+    """Open a Megatron checkpoint in either format (told apart by its iteration directory);
+    ``vocab_size`` / ``tokenizer``: see :meth:`TorchCheckpoint.open`."""
     root = Path(root)
     _, _, directory = latest_directory(root)
-    if is_dist_directory(directory):
-        return DistCheckpoint.open(root, arch=arch, cfg=cfg)
-    return TorchCheckpoint.open(root, arch=arch, cfg=cfg)
+    kind = DistCheckpoint if is_dist_directory(directory) else TorchCheckpoint
+    return kind.open(root, arch=arch, cfg=cfg, vocab_size=vocab_size, tokenizer=tokenizer)
 
 
 class _RegionPlanner:
@@ -150,6 +152,7 @@ class DistCheckpoint:
     args: Optional[argparse.Namespace]
     metadata: Any = field(repr=False)  # torch.distributed.checkpoint Metadata
     common: dict = field(default_factory=dict, repr=False)
+    vocab_source: str = "args.vocab_size"  # where the true vocabulary size came from
     _reader: Any = field(default=None, repr=False)
 
     @property
@@ -167,8 +170,10 @@ class DistCheckpoint:
     # -- opening ------------------------------------------------------------------------------
     @classmethod
     def open(cls, root: str | Path, arch: Optional[str] = None,
-             cfg: Optional[ModelConfig] = None) -> "DistCheckpoint":
-        """Validate the marker, index, files and ``args`` before any tensor is read."""
+             cfg: Optional[ModelConfig] = None, vocab_size: Optional[int] = None,
+             tokenizer: Optional[str | Path] = None) -> "DistCheckpoint":
+        """Validate the marker, index, files and ``args`` before any tensor is read
+        (``vocab_size`` / ``tokenizer``: see :meth:`TorchCheckpoint.open`)."""
         from torch.distributed.checkpoint import FileSystemReader
 
         root = Path(root)
@@ -192,27 +197,33 @@ class DistCheckpoint:
             raise ConfigError(f"{common_path}: expected a dict, got {type(common).__name__}")
         args = common.get("args")
         source = str(common_path)
+        vocab_source = "the given model config"
         if args is None:
             if cfg is None:
                 raise ConfigError(f"{common_path}: no 'args' key; cannot tell the model "
                                   f"configuration (pass the model config)")
             layout = ShardLayout(cfg)
         else:
+            word = metadata.state_dict_metadata.get(WORD_EMBEDDINGS)
+            padded = word.size[0] if getattr(word, "size", None) else None
+            vocab, vocab_source = true_vocab_size(args, padded, source, vocab_size, tokenizer)
             found = ModelConfig.from_megatron_args(
-                args, arch=arch or _arch_from_keys(metadata.state_dict_metadata), source=source)
+                args, arch=arch or _arch_from_keys(metadata.state_dict_metadata), source=source,
+                vocab_size=vocab)
             if cfg is not None and cfg.replace(source=found.source) != found:
                 raise ConfigError(f"{source}: checkpoint args describe {found.to_dict()}, which "
                                   f"does not match the given model config {cfg.to_dict()}")
             tp = getattr(args, "tensor_model_parallel_size", 1) or 1
             pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
             impl = getattr(args, "transformer_impl", "local")
-            layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp),
-                                 impl if impl == "transformer_engine" else "local")
+            layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp), padded,
+                                 transformer_impl="transformer_engine"
+                                 if impl == "transformer_engine" else "local")
         stored = common.get("iteration")
         if not release and isinstance(stored, int) and stored != iteration:
             raise ConfigError(f"{common_path}: iteration {stored} differs from {iteration} "
                               f"named by {root / TRACKER}")
-        return cls(root, iteration, release, layout, args, metadata, common, reader)
+        return cls(root, iteration, release, layout, args, metadata, common, vocab_source, reader)
 
     # -- locating and reading -----------------------------------------------------------------
     def locate(self, global_name: str) -> Location:
@@ -244,7 +255,7 @@ class DistCheckpoint:
         parts = [self._read_key(key, where.layer) for key in (where.parts or (where.key,))]
         full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.tp_dim)
         if spec.tp_dim is not None and spec.dims[spec.tp_dim] == "vocab":
-            full = _pad_rows(full, spec.tp_dim, self.layout.cfg.padded_vocab_size(1))
+            full = pad_rows(full, spec.tp_dim, self.layout.cfg.padded_vocab_size(1))
         return full
 
     def _read_key(self, key: str, layer: Optional[int]) -> torch.Tensor:
@@ -409,7 +420,7 @@ def rank_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int,
         if tuple(shard.shape) != expected:
             raise ConfigError(f"rank tp{tp_rank} pp{pp_rank}: {param.local_name} has shape "
                               f"{tuple(shard.shape)}, expected {expected} for TP={layout.tp}")
-        shape = global_shape(cfg, spec, layout.tp)
+        shape = layout.global_shape(spec)
         pieces = [((0,) * shard.dim(), shard)]
         if spec.tp_dim is not None:
             dim = spec.tp_dim
@@ -483,9 +494,9 @@ def write_dist_rank(directory: str | Path, layout: ShardLayout, tp_rank: int, pp
 
 
 def common_state(layout: ShardLayout, iteration: int, extra_args: Optional[dict] = None,
-                 **extra: Any) -> dict[str, Any]:
+                 dtype: torch.dtype = torch.float32, **extra: Any) -> dict[str, Any]:
     """What ``common.pt`` holds, as Megatron-LM saves it (args first: readers need the model)."""
-    args = argparse.Namespace(**{**layout.megatron_args(), "ckpt_format": BACKEND,
+    args = argparse.Namespace(**{**layout.megatron_args(dtype), "ckpt_format": BACKEND,
                                  **(extra_args or {}), "iteration": iteration})
     return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
             "content_metadata": dict(CONTENT_METADATA), **extra}
@@ -541,7 +552,10 @@ def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
             raise ConfigError(f"{directory}: the ranks' chunks of {key} cover {covered} of its "
                               f"{math.prod(md.size)} elements")
     FileSystemWriter(str(directory)).finish(Metadata({**tensors, **objects}), [results])
-    torch.save(common_state(layout, iteration, extra_args, **extra), directory / COMMON_FILE)
+    dtype = tensors[WORD_EMBEDDINGS].properties.dtype if WORD_EMBEDDINGS in tensors \
+        else torch.float32
+    torch.save(common_state(layout, iteration, extra_args, dtype, **extra),
+               directory / COMMON_FILE)
     for path in parts:
         path.unlink()
     write_text_atomic(directory / CONFIG_FILE, json.dumps(
@@ -562,13 +576,3 @@ def save_dist_full_state(state: Mapping[str, torch.Tensor], layout: ShardLayout,
             write_dist_rank(directory, layout, tp_rank, pp_rank, model)
         finalize_dist(directory, layout, iteration, extra_args)
         write_text_atomic(staging / TRACKER, str(iteration))
-
-
-def _pad_rows(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """Trim or zero-pad ``tensor`` along ``dim`` to ``size`` rows."""
-    have = tensor.shape[dim]
-    if have >= size:
-        return tensor.narrow(dim, 0, size)
-    pad_shape = list(tensor.shape)
-    pad_shape[dim] = size - have
-    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)

@@ -4,15 +4,18 @@ Reads the parameter table (:mod:`mlmega.models.params`) only. TP splits a tensor
 table names, along that dim's unit-major axis (fused QKV: whole query groups; SwiGLU fc1: the F axis
 of [gate; up], so each rank holds [gate_r; up_r]). The vocab dim is padded per TP size: gathering
 keeps the rows of the TP=1 padded vocabulary (the canonical full tensor, what a TP=1 model holds);
-splitting pads with zero rows to the target's padded size. PP gives each stage a contiguous block of
-layers numbered locally, the embeddings to the first stage, the final norm and heads to the last
-and, with tied embeddings and PP > 1, the last stage its own ``output_layer.weight`` copy.
-Local names follow the layout's ``transformer_impl`` (TE's fused layer-norm names, or local's);
-global names are always the parameter table's.
+splitting pads with zero rows to the target's padded size. A layout's padded size is Megatron's rule
+(``make_vocab_size_divisible_by * tp``), or, for a checkpoint read, the size its shards have (the
+truth of the files: Megatron's converter keeps a source's padding when it changes the TP size).
+PP gives each stage a contiguous block of layers numbered locally, the embeddings to the first
+stage, the final norm and heads to the last and, with tied embeddings and PP > 1, the last stage
+its own ``output_layer.weight`` copy. Local names follow the layout's ``transformer_impl`` (TE's
+fused layer-norm names, or local's); global names are always the parameter table's.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -46,6 +49,7 @@ class ShardLayout:
     tp: int = 1
     pp: int = 1
     layers_per_stage: Optional[tuple[int, ...]] = None  # None: an even split
+    padded_vocab: Optional[int] = None  # vocab rows over all TP ranks; None: Megatron's rule
     transformer_impl: str = "local"  # the layer spec whose parameter names the shards use
 
     def __post_init__(self) -> None:
@@ -55,6 +59,12 @@ class ShardLayout:
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(f"transformer_impl={self.transformer_impl!r}: expected one of "
                               f"{TRANSFORMER_IMPLS}")
+        if self.padded_vocab is None:
+            object.__setattr__(self, "padded_vocab", cfg.padded_vocab_size(tp))
+        elif self.padded_vocab % tp or self.padded_vocab < cfg.vocab_size:
+            raise ConfigError(f"{cfg.source}: padded vocabulary of {self.padded_vocab} rows: "
+                              f"expected a multiple of TP={tp} of at least vocab_size="
+                              f"{cfg.vocab_size}")
         for what, value in (("num_attention_heads", cfg.num_attention_heads),
                             ("num_query_groups", cfg.num_query_groups),
                             ("ffn_hidden_size", cfg.ffn_hidden_size)):
@@ -151,7 +161,7 @@ class ShardLayout:
         """(start, rows, keep): TP rank ``tp_rank``'s vocab shard holds rows [start, start + rows)
         of the vocabulary padded for this TP size; the first ``keep`` of them are rows of the
         canonical (TP=1 padded) one, the others zero padding."""
-        rows = self.cfg.padded_vocab_size(self.tp) // self.tp
+        rows = self.padded_vocab // self.tp
         start = tp_rank * rows
         return start, rows, max(0, min(rows, self.cfg.padded_vocab_size(1) - start))
 
@@ -177,23 +187,59 @@ class ShardLayout:
         for r, region in enumerate(view.chunk(self.tp, dim=axis)):
             fill(region, r)
         if spec.dims[spec.tp_dim] == "vocab":
-            full = full.narrow(spec.tp_dim, 0, self.cfg.padded_vocab_size(1))
+            full = pad_rows(full, spec.tp_dim, self.cfg.padded_vocab_size(1))
         return full
 
     def local_shape(self, spec: ParamSpec) -> tuple[int, ...]:
-        shape = [space_layout(self.cfg, s, self.tp)[0] * space_layout(self.cfg, s, self.tp)[1]
+        shape = [self.padded_vocab if s == "vocab" else math.prod(space_layout(self.cfg, s))
                  for s in spec.dims]
         if spec.tp_dim is not None:
             shape[spec.tp_dim] //= self.tp
         return tuple(shape)
 
-    def megatron_args(self) -> dict:
-        """Megatron-LM arguments for this layout (model args plus parallel sizes)."""
+    def global_shape(self, spec: ParamSpec) -> tuple[int, ...]:
+        """The TP-gathered shape as stored at this layout (the vocab padded for it)."""
+        shape = list(self.local_shape(spec))
+        if spec.tp_dim is not None:
+            shape[spec.tp_dim] *= self.tp
+        return tuple(shape)
+
+    def megatron_args(self, dtype: torch.dtype = torch.float32) -> dict:
+        """The args Megatron-LM saves for this model at this layout with parameters of ``dtype``
+        (model args, parallel sizes, padded vocabulary, precision; tokenizer: mlmega's Hugging
+        Face tokenizer, unless :data:`TOKENIZER_ARGS` of a source are given instead)."""
         args = self.cfg.to_megatron_args()
+        uneven = len(set(self.layers_per_stage)) > 1
         args.update(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-                    padded_vocab_size=self.cfg.padded_vocab_size(self.tp),
+                    virtual_pipeline_model_parallel_size=None,
+                    num_layers_per_virtual_pipeline_stage=None, expert_model_parallel_size=1,
+                    decoder_first_pipeline_num_layers=self.layers_per_stage[0] if uneven else None,
+                    decoder_last_pipeline_num_layers=self.layers_per_stage[-1] if uneven else None,
+                    padded_vocab_size=self.padded_vocab, fp16=dtype == torch.float16,
+                    bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                    tokenizer_type="HuggingFaceTokenizer", tokenizer_model=None,
+                    consumed_train_samples=0, consumed_valid_samples=0,
                     transformer_impl=self.transformer_impl)
-        if len(set(self.layers_per_stage)) > 1:
-            args.update(decoder_first_pipeline_num_layers=self.layers_per_stage[0],
-                        decoder_last_pipeline_num_layers=self.layers_per_stage[-1])
+        if self.cfg.arch == "bert" and self.transformer_impl == "transformer_engine":
+            args.update(spec=None)  # pretrain_bert.py: its TE spec
         return args
+
+
+# The tokenizer a checkpoint's args name: a conversion carries them from its source.
+TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file",
+                  "vocab_extra_ids", "tiktoken_pattern")
+
+
+def tokenizer_args(args) -> dict:
+    """The :data:`TOKENIZER_ARGS` that ``args`` (a Megatron args namespace, or None) set."""
+    return {k: getattr(args, k) for k in TOKENIZER_ARGS if getattr(args, k, None) is not None}
+
+
+def pad_rows(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Trim or zero-pad ``tensor`` along ``dim`` to ``size`` rows."""
+    have = tensor.shape[dim]
+    if have >= size:
+        return tensor.narrow(dim, 0, size)
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = size - have
+    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)

@@ -95,10 +95,10 @@ class _StorageRef:
 class _WrittenTensor:
     """Stand-in for a written tensor: pickles exactly as ``Tensor.__reduce_ex__`` would."""
 
-    __slots__ = ("reduced", "nbytes")
+    __slots__ = ("reduced", "nbytes", "dtype")
 
-    def __init__(self, reduced: tuple, nbytes: int):
-        self.reduced, self.nbytes = reduced, nbytes
+    def __init__(self, reduced: tuple, nbytes: int, dtype: torch.dtype):
+        self.reduced, self.nbytes, self.dtype = reduced, nbytes, dtype
 
     def __reduce_ex__(self, protocol):
         return self.reduced
@@ -349,7 +349,7 @@ def _written(key: str, location: str, shape: tuple, stride: tuple, requires_grad
         storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[dtype])
         ref = _StorageRef(storage_type, key, location, nbytes // dtype.itemsize)
         reduced = (torch._utils._rebuild_tensor_v2, (ref, 0, shape, stride, requires_grad, hooks))
-    return _WrittenTensor(reduced, nbytes)
+    return _WrittenTensor(reduced, nbytes, dtype)
 
 
 def save_streaming(obj: Any, path: str | Path, checksums: Optional[bool] = None) -> int:

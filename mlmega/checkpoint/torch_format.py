@@ -24,9 +24,10 @@ from typing import Any, Optional
 
 import torch
 
-from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.layout import WORD_EMBEDDINGS, ShardLayout
 from mlmega.checkpoint.records import RecordFile
 from mlmega.checkpoint.streaming import save_streaming
+from mlmega.checkpoint.vocab import true_vocab_size
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.models.params import (ParamSpec, block_name, extra_state_modules, param_index,
@@ -116,6 +117,7 @@ class TorchCheckpoint:
     release: bool
     layout: ShardLayout
     args: argparse.Namespace
+    vocab_source: str = "args.vocab_size"  # where the true vocabulary size came from
     _shards: dict[tuple[int, int], dict] = field(default_factory=dict, repr=False)
     _files: dict[tuple[int, int], RecordFile] = field(default_factory=dict, repr=False)
     # files are opened on first use, from any thread (a converter's writer makes row blocks)
@@ -131,8 +133,13 @@ class TorchCheckpoint:
 
     @classmethod
     def open(cls, root: str | Path, arch: Optional[str] = None,
-             cfg: Optional[ModelConfig] = None) -> "TorchCheckpoint":
-        """Validate the directory structure and ``args`` before any tensor is read."""
+             cfg: Optional[ModelConfig] = None, vocab_size: Optional[int] = None,
+             tokenizer: Optional[str | Path] = None) -> "TorchCheckpoint":
+        """Validate the directory structure and ``args`` before any tensor is read.
+
+        ``vocab_size`` / ``tokenizer``: the true vocabulary where the args lack it
+        (:func:`mlmega.checkpoint.vocab.true_vocab_size`); the padded size is the shards'.
+        """
         root = Path(root)
         iteration, release, directory = latest_directory(root)
         ranks = {}
@@ -149,16 +156,19 @@ class TorchCheckpoint:
             raise ConfigError(f"{ranks[first] / SHARD_FILE}: no 'args' key; cannot tell the "
                               f"model configuration")
         source = str(ranks[first] / SHARD_FILE)
+        tp = getattr(args, "tensor_model_parallel_size", 1)
+        pp = getattr(args, "pipeline_model_parallel_size", 1)
+        padded = _stored_vocab_rows(shard0, tp, source)
+        vocab, vocab_source = true_vocab_size(args, padded, source, vocab_size, tokenizer)
         found = ModelConfig.from_megatron_args(args, arch=arch or _arch_from_keys(shard0),
-                                               source=source)
+                                               source=source, vocab_size=vocab)
         if cfg is not None and cfg.replace(source=found.source) != found:
             raise ConfigError(f"{source}: checkpoint args describe {found.to_dict()}, which does "
                               f"not match the given model config {cfg.to_dict()}")
-        tp = getattr(args, "tensor_model_parallel_size", 1)
-        pp = getattr(args, "pipeline_model_parallel_size", 1)
         model = shard0.get("model")
         impl = transformer_impl_of(model.keys() if isinstance(model, dict) else ())
-        layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp), impl)
+        layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp), padded,
+                             transformer_impl=impl)
         expected = {(t, p) for t, p in layout.ranks}
         if set(ranks) != expected:
             missing = sorted(expected - set(ranks))
@@ -169,7 +179,7 @@ class TorchCheckpoint:
         for rank, path in ranks.items():
             if not (path / SHARD_FILE).is_file():
                 raise ConfigError(f"{path}: {SHARD_FILE} is missing")
-        ckpt = cls(root, iteration, release, layout, args)
+        ckpt = cls(root, iteration, release, layout, args, vocab_source)
         ckpt._shards[first] = shard0
         return ckpt
 
@@ -249,6 +259,10 @@ class TorchCheckpoint:
                   for t in (range(self.layout.tp) if split else [0])]
         out = torch.empty((count, *shards[0].shape[1:]), dtype=shards[0].dtype)
         per_rank = shards[0].shape[0] if split else count + start
+        stored_rows = per_rank * len(shards)
+        if start + count > stored_rows:  # the canonical rows past the stored padding are zero
+            out.narrow(0, max(0, stored_rows - start), start + count - max(start, stored_rows)
+                       ).zero_()
         for tp_rank, stored in enumerate(shards):
             lo = max(start, tp_rank * per_rank)
             hi = min(start + count, (tp_rank + 1) * per_rank)
@@ -278,6 +292,21 @@ def _arch_from_keys(shard: dict) -> Optional[str]:
     return None
 
 
+def _stored_vocab_rows(shard: dict, tp: int, source: str) -> Optional[int]:
+    """The padded vocabulary the shards hold: the rows of the first stage's word-embedding shard
+    times TP, checked against ``args.padded_vocab_size`` (None: no such shard; validation says)."""
+    weight = shard.get("model", {}).get(WORD_EMBEDDINGS) if isinstance(shard.get("model"), dict) \
+        else None
+    if weight is None or weight.dim() != 2:
+        return None
+    rows = weight.shape[0] * tp
+    in_args = getattr(shard.get("args"), "padded_vocab_size", None)
+    if in_args is not None and in_args != rows:
+        raise ConfigError(f"{source}: args.padded_vocab_size={in_args} but {WORD_EMBEDDINGS} has "
+                          f"{weight.shape[0]} rows per TP rank ({rows} over TP={tp})")
+    return rows
+
+
 def _layers_per_stage(args: argparse.Namespace, cfg: ModelConfig, pp: int) -> Optional[tuple]:
     first = getattr(args, "decoder_first_pipeline_num_layers", None)
     last = getattr(args, "decoder_last_pipeline_num_layers", None)
@@ -303,8 +332,10 @@ def shard_content(layout: ShardLayout, pp_rank: int, model: dict[str, torch.Tens
             model.setdefault(f"{block}.layers.{layer}.{module}._extra_state", None)
     if pp_rank == layout.pp - 1:  # the output layer module exists even when its weight is tied
         model.setdefault("output_layer._extra_state", None)
-    args = argparse.Namespace(**{**layout.megatron_args(), **(extra_args or {}),
-                                 "iteration": iteration})
+    dtype = next((v.dtype for v in model.values() if isinstance(getattr(v, "dtype", None),
+                                                                torch.dtype)), torch.float32)
+    args = argparse.Namespace(**{**layout.megatron_args(dtype), "ckpt_format": "torch",
+                                 **(extra_args or {}), "iteration": iteration})
     return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
             "model": model, **extra}
 

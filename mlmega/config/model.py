@@ -141,21 +141,30 @@ class ModelConfig:
         return data
 
     @classmethod
-    def from_megatron_args(cls, args: Any, arch: Optional[str] = None,
-                           source: str = "<args>") -> "ModelConfig":
+    def from_megatron_args(cls, args: Any, arch: Optional[str] = None, source: str = "<args>",
+                           vocab_size: Optional[int] = None) -> "ModelConfig":
         """Build from a Megatron-LM ``args`` namespace (as stored in torch-format checkpoints).
 
         ``arch`` is needed when args do not say it (Megatron-LM stores no model type); mlmega's own
-        checkpoints record it as ``args.mlmega_arch``.
+        checkpoints record it as ``args.mlmega_arch``. ``vocab_size``: the true vocabulary, where
+        the caller knows it better than ``args.vocab_size`` (Megatron-LM often saves None there: its
+        tokenizer sets only ``padded_vocab_size``). Megatron-LM's names are read, and mlmega's
+        earlier ``norm_epsilon``; features mlmega's models do not have are refused.
         """
         get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
         arch = arch or get("mlmega_arch")
         if arch is None:
             raise ConfigError(f"{source}: args do not name the architecture; pass arch='gpt'|'bert'")
+        unsupported = _unsupported_megatron_args(args)
+        if unsupported:
+            name, value = unsupported[0]
+            raise ConfigError(f"{source}: args.{name}={value!r}: mlmega's models do not support it")
         groups = get("num_query_groups") if get("group_query_attention", False) else None
-        vocab = get("vocab_size") or get("padded_vocab_size")
+        vocab = vocab_size or get("vocab_size")
         if vocab is None:
-            raise ConfigError(f"{source}: args have neither vocab_size nor padded_vocab_size")
+            raise ConfigError(f"{source}: args.vocab_size is None (padded_vocab_size="
+                              f"{get('padded_vocab_size')}): the true vocabulary is unknown; give "
+                              f"it (--vocab-size N or --tokenizer FILE)")
         data = dict(
             arch=arch,
             num_layers=get("num_layers"),
@@ -169,7 +178,7 @@ class ModelConfig:
             position_embedding=get("position_embedding_type", "learned_absolute"),
             rotary_base=get("rotary_base", 10000),
             normalization=get("normalization", "LayerNorm"),
-            norm_epsilon=get("norm_epsilon", get("layernorm_epsilon", 1e-5)),
+            norm_epsilon=get("layernorm_epsilon", get("norm_epsilon", 1e-5)),
             activation="swiglu" if get("swiglu", False) else "gelu",
             tie_embeddings=not get("untie_embeddings_and_output_weights", False),
             add_bias_linear=get("add_bias_linear", True),
@@ -186,10 +195,18 @@ class ModelConfig:
         return cls.from_dict(data, source=source)
 
     def to_megatron_args(self) -> dict[str, Any]:
-        """The Megatron-LM argument names and values that describe this model (TP/PP not included)."""
+        """The args Megatron-LM saves for this model, under its names (TP/PP, vocabulary padding,
+        precision and tokenizer not included), with mlmega's ``mlmega_*`` additions.
+
+        Every model argument that Megatron-LM's ``load_args_from_checkpoint`` and its converter
+        (tools/checkpoint) read is here, valued as Megatron-LM's own training would have saved it
+        for a model built with the local transformer implementation (mlmega's keys).
+        """
         return dict(
             mlmega_arch=self.arch,
+            mlmega_num_tokentypes=self.num_tokentypes,
             num_layers=self.num_layers,
+            encoder_num_layers=self.num_layers,
             hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads,
             group_query_attention=self.num_query_groups != self.num_attention_heads,
@@ -200,16 +217,41 @@ class ModelConfig:
             make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
             max_position_embeddings=self.max_sequence_length,
             seq_length=self.max_sequence_length,
+            encoder_seq_length=self.max_sequence_length,
             position_embedding_type=self.position_embedding,
+            add_position_embedding=True,
+            use_rotary_position_embeddings=False,
             rotary_base=self.rotary_base,
+            **_MEGATRON_FIXED_ARGS,
             normalization=self.normalization,
-            norm_epsilon=self.norm_epsilon,
+            layernorm_epsilon=self.norm_epsilon,
             swiglu=self.gated,
             untie_embeddings_and_output_weights=not self.tie_embeddings,
             add_bias_linear=self.add_bias_linear,
+            add_qkv_bias=self.add_bias_linear,
             bert_binary_head=self.bert_binary_head,
-            mlmega_num_tokentypes=self.num_tokentypes,
             hidden_dropout=self.hidden_dropout,
             attention_dropout=self.attention_dropout,
             init_method_std=self.init_method_std,
+            transformer_impl="local",
+            # pretrain_bert.py picks its layer spec from args.spec (GPT: from transformer_impl)
+            spec=["local"] if self.arch == "bert" else None,
         )
+
+
+# Megatron-LM arguments for features mlmega's models do not have, at the value that turns them off
+# (what to_megatron_args writes; a checkpoint with another value is refused).
+_MEGATRON_FIXED_ARGS: dict[str, Any] = dict(
+    rotary_percent=1.0, rotary_interleaved=False, apply_layernorm_1p=False, squared_relu=False,
+    openai_gelu=False, qk_layernorm=False, num_experts=None, apply_query_key_layer_scaling=False,
+    sequence_parallel=False, use_legacy_models=False)
+_NOT_REFUSED = ("apply_query_key_layer_scaling", "sequence_parallel")  # no effect on the weights
+
+
+def _unsupported_megatron_args(args: Any) -> list[tuple[str, Any]]:
+    """(name, value) of the args that turn on a feature mlmega's models do not have."""
+    found = [(name, getattr(args, name)) for name, off in _MEGATRON_FIXED_ARGS.items()
+             if name not in _NOT_REFUSED and getattr(args, name, off) not in (off, None)]
+    if getattr(args, "add_qkv_bias", None) not in (None, getattr(args, "add_bias_linear", True)):
+        found.append(("add_qkv_bias", args.add_qkv_bias))
+    return found

@@ -179,3 +179,30 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self._fingerprint[:12]})"
+
+
+def vocabulary_size(path: PathLike) -> int:
+    """The vocabulary size of a tokenizer file, counted as Megatron-LM's tokenizers count it: a
+    Hugging Face ``tokenizer.json`` (or a directory holding one, e.g. a prepared data directory)
+    with its added tokens, a GPT-2 ``vocab.json`` (its entries) or a WordPiece ``vocab.txt`` (its
+    lines)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the tokenizer ({type(err).__name__}: {err})") \
+            from None
+    if path.suffix != ".json":
+        return len(text.splitlines())
+    try:
+        data = json.loads(text)
+        if isinstance(data, dict) and "model" in data:
+            return tokenizers.Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
+    except Exception as err:  # json / tokenizers parse errors
+        raise ConfigError(f"{path}: not a tokenizer file ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a tokenizer.json or a GPT-2 vocab.json (a mapping), "
+                          f"got {type(data).__name__}")
+    return len(data)

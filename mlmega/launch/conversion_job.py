@@ -61,7 +61,7 @@ class SlurmConversion:
         params = dict(job_name="mlmega-convert", nodes=1, ntasks_per_node=self.ntasks,
                       cpus_per_task=self.cpus_per_task, time=int(self.time_limit_min),
                       setup=['export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"'],
-                      srun_args=["--kill-on-bad-exit=1"])
+                      srun_args=["--kill-on-bad-exit=1"], wckey=None)  # no --wckey=submitit
         if self.partition:
             params["partition"] = self.partition
         executor = submitit.SlurmExecutor(folder=Path(self.folder).absolute() / "%j",

@@ -1,22 +1,28 @@
 """Run a V-cycle's stages as a chain of SLURM jobs (submitit), one job per stage.
 
 ``launch`` submits every stage that is not completed through submitit and returns at once: each
-stage is one sbatch job sized by the plan (``stage.resources``: nodes x ranks per node, one GPU per
-rank on GPU clusters), held with ``--dependency=afterok:<previous stage's job>``, so SLURM starts it
-only when the previous stage's job *succeeded*. Job ids and statuses go to ``RUN_DIR/state.json``;
-``refresh`` reads them back from ``sacct`` (one call for all jobs) and from the checkpoints.
+stage is one sbatch job sized by the plan (``stage.resources``: nodes x ranks per node, exactly the
+stage's TP x PP x DP ranks, one GPU per rank on GPU clusters; ``--time`` from the stage's planned
+time, :mod:`mlmega.vcycle.time_limits`), held with ``--dependency=afterok:<previous stage's job>``,
+so SLURM starts it only when the previous stage's job *succeeded*. Job ids and statuses go to
+``RUN_DIR/state.json``; ``refresh`` reads them back from ``sacct`` (one call for all jobs) and from
+the checkpoints.
 
-Every task of a job runs :class:`StageJob`: it exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
-MASTER_PORT (submitit's ``TorchDistributedEnvironment``: the first node of the allocation; a port
-seeded from the job id below the ephemeral port range, :func:`rendezvous_port`, unless
-``cluster.env`` sets MASTER_PORT) and runs the stage's ``mlmega train`` in-process.
+Every task of a job runs ``cluster.python`` (default: the interpreter running mlmega) on
+:mod:`mlmega.launch.job_main`, then submitit's job, :class:`StageJob`: it exports RANK/WORLD_SIZE/
+LOCAL_RANK/MASTER_ADDR/MASTER_PORT (submitit's ``TorchDistributedEnvironment``: the first node of
+the allocation; a port seeded from the job id below the ephemeral port range,
+:func:`rendezvous_port`, unless ``cluster.env`` sets MASTER_PORT) and runs the stage's
+``mlmega train`` in-process. No ``--wckey`` unless ``cluster.wckey`` sets one.
 
 Signals and requeue (end to end):
   * sbatch: ``--signal=USR2@90`` (submitit's preemption warning, 90 s before the time limit; also
-    what ``scancel --signal=USR2`` sends), ``--requeue`` (a requeued job keeps its id, so the next
-    stage's ``afterok`` still holds) and ``--kill-on-invalid-dep=yes``.
-  * submitit installs its own handlers before calling the job (USR2: checkpoint + requeue + exit,
-    TERM: ignored); :class:`StageJob` replaces them at once (``signals.catch_early``), and training
+    what ``scancel --signal=USR2`` sends; a time limit leaving under ``STARTUP_S`` before it is
+    refused), ``--requeue`` (a requeued job keeps its id, so the next stage's ``afterok`` still
+    holds) and ``--kill-on-invalid-dep=yes``.
+  * :mod:`mlmega.launch.job_main` records TERM/USR1/USR2 before anything is imported; submitit
+    installs its own handlers before calling the job (USR2: checkpoint + requeue + exit, TERM:
+    ignored); :class:`StageJob` replaces them at once (``signals.catch_early``), and training
     replaces those with its StopFlag: on TERM/USR1/USR2 every rank agrees, saves a checkpoint and
     training returns exit code 3.
   * After a USR1/USR2 (preemption warning, ``scancel --signal``), rank 0 runs ``scontrol requeue
@@ -53,15 +59,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import submitit
+
 from mlmega.config.errors import ConfigError
 from mlmega.launch.executor import Executor
 from mlmega.vcycle.plan import Plan, Stage
 from mlmega.vcycle.run import (CANCELLED, COMPLETED, FAILED, FINAL_STATES, RUNNING, SUBMITTED,
                                RunState, stage_config_path, stage_dir, stage_finished)
+from mlmega.vcycle.time_limits import TimeLimit, check_time_limits, stage_time_limit
 
 MAX_REQUEUES_ENV = "MLMEGA_MAX_REQUEUES"  # a cluster.env key: restarts allowed per job
 DEFAULT_MAX_REQUEUES = 3
 SIGNAL_DELAY_S = 90  # USR2 this long before the time limit (submitit's default)
+STARTUP_S = 120  # a job's time limit leaves at least this long before its USR2 warning
 REQUEUE_GRACE_S = 120.0  # how long a task waits to be stopped by its job's requeue
 
 # sbatch states (sacct/squeue) -> stage statuses
@@ -83,7 +93,8 @@ _RESERVED = {"dependency", "array", "output", "error", "open-mode", "requeue", "
              "kill-on-invalid-dep", "nodes", "ntasks", "ntasks-per-node", "wrap", "parsable"}
 _FIELDS = {"partition": "partition", "account": "account", "qos": "qos",
            "constraint": "constraint", "time": "time_limit_min", "mem": "mem_gb",
-           "cpus-per-task": "cpus_per_task", "gpus-per-node": "gpus_per_node", "job-name": None}
+           "cpus-per-task": "cpus_per_task", "gpus-per-node": "gpus_per_node", "job-name": None,
+           "wckey": "wckey"}
 
 
 # ---------------------------------------------------------------- the job (runs on every task)
@@ -190,14 +201,31 @@ def submitit_folder(run_dir: Path, stage: Stage) -> Path:
     return Path(run_dir).absolute() / "submitit" / stage.name / "%j"
 
 
-def python_executable() -> str:
-    """This interpreter, shell-quoted (what the job runs)."""
-    return shlex.quote(sys.executable)
+def python_executable(python: Optional[str] = None) -> str:
+    """``python`` (default: this interpreter), shell-quoted: what the job runs."""
+    return shlex.quote(python or sys.executable)
 
 
-def _command(folder: Path) -> str:
-    """What submitit runs under srun (``SlurmExecutor._submitit_command_str``)."""
-    return " ".join([python_executable(), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+def _command(folder: Path, python: str) -> str:
+    """What every task runs under srun: :mod:`mlmega.launch.job_main` (``python`` quoted)."""
+    return " ".join([python, "-u -m mlmega.launch.job_main", shlex.quote(str(folder))])
+
+
+class StageExecutor(submitit.SlurmExecutor):
+    """submitit's SLURM executor, starting each task through :mod:`mlmega.launch.job_main`."""
+
+    @property
+    def _submitit_command_str(self) -> str:
+        return _command(self.folder, self.python)
+
+
+def stage_executor(plan: Plan, stage: Stage, run_dir: Path,
+                   dependency: Optional[str] = None) -> StageExecutor:
+    """The executor that submits ``stage``'s job (needs srun on the PATH)."""
+    executor = StageExecutor(folder=submitit_folder(run_dir, stage),
+                             python=python_executable(plan.recipe.cluster.python))
+    executor.update_parameters(**sbatch_parameters(plan, stage, run_dir, dependency))
+    return executor
 
 
 def submit(executor, fn, what: str, hint: str = ""):
@@ -233,10 +261,11 @@ def sbatch_parameters(plan: Plan, stage: Stage, run_dir: Path,
     """submitit ``SlurmExecutor`` parameters of one stage's job (validated: see :func:`check`)."""
     cluster, res = plan.recipe.cluster, stage.resources
     params: dict[str, Any] = dict(
-        job_name=f"mlmega-{plan.recipe.name}-{stage.name}", time=int(cluster.time_limit_min),
-        nodes=res.nodes, ntasks_per_node=res.tasks_per_node, cpus_per_task=cluster.cpus_per_task,
-        signal_delay_s=min(SIGNAL_DELAY_S, max(int(cluster.time_limit_min) * 60 // 2, 1)),
-        setup=setup_lines(plan, stage, run_dir), srun_args=["--kill-on-bad-exit=1"])
+        job_name=f"mlmega-{plan.recipe.name}-{stage.name}",
+        time=stage_time_limit(plan, stage, run_dir).minutes, nodes=res.nodes,
+        ntasks_per_node=res.tasks_per_node, cpus_per_task=cluster.cpus_per_task,
+        signal_delay_s=SIGNAL_DELAY_S, setup=setup_lines(plan, stage, run_dir),
+        srun_args=["--kill-on-bad-exit=1"], wckey=cluster.wckey or None)  # None: no --wckey
     if res.gpus_per_node > 0:
         # one GPU per rank, all of them visible to every rank of the node (NVLink P2P)
         params["gpus_per_node"] = res.tasks_per_node
@@ -322,15 +351,18 @@ def check(plan: Plan, run_dir: Path) -> None:
     recipe, cluster, source = plan.recipe, plan.recipe.cluster, plan.recipe.source
     check_line(f"{source}: name", str(recipe.name))
     check_line("--run-dir", str(run_dir))
-    check_line("python executable", sys.executable)
-    for key in ("partition", "account", "qos", "constraint"):
+    if cluster.python is not None and not isinstance(cluster.python, str):
+        raise ConfigError(f"{source}: cluster.python={cluster.python!r}: expected the path of "
+                          f"the job's python (or a name on its PATH after cluster.setup)")
+    check_line(f"{source}: cluster.python" if cluster.python else "python executable",
+               cluster.python or sys.executable)
+    for key in ("partition", "account", "qos", "constraint", "wckey"):
         value = getattr(cluster, key)
         if value is not None:
             if not isinstance(value, (str, int)):
                 raise ConfigError(f"{source}: cluster.{key}={value!r}: expected a string")
             check_line(f"{source}: cluster.{key}", str(value))
-    for key, low in (("cpus_per_task", 1), ("time_limit_min", 1), ("gpus_per_node", 0),
-                     ("max_nodes", 1)):
+    for key, low in (("cpus_per_task", 1), ("gpus_per_node", 0), ("max_nodes", 1)):
         value = getattr(cluster, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"{source}: cluster.{key}={value!r}: expected a whole number "
@@ -357,16 +389,40 @@ def check(plan: Plan, run_dir: Path) -> None:
             raise ConfigError(f"{source}: cluster.env.{key}={value!r}: expected a string")
         if "\x00" in str(value):
             raise ConfigError(f"{source}: cluster.env.{key}: contains a NUL character")
-    max_requeues(plan)
+    requeues = max_requeues(plan)
+    check_time_limits(plan)
     for stage in plan.stages:
         res = stage.resources
         if res.nodes > cluster.max_nodes:
             raise ConfigError(f"{source}: {stage.name} needs {res.nodes} node(s) "
                               f"({res.world} ranks, {res.tasks_per_node} per node) but "
                               f"cluster.max_nodes={cluster.max_nodes}")
-        if res.gpus_per_node > 0 and res.tasks_per_node > res.gpus_per_node:
-            raise ConfigError(f"{source}: {stage.name}: {res.tasks_per_node} ranks per node but "
-                              f"cluster.gpus_per_node={res.gpus_per_node}")
+        _check_time_limit(plan, stage, stage_time_limit(plan, stage, run_dir), requeues)
+
+
+def _check_time_limit(plan: Plan, stage: Stage, limit: TimeLimit, requeues: int) -> None:
+    """The job has time to start before its USR2 warning, and its requeues cover the stage."""
+    where, delay = f"{plan.recipe.source}: {stage.name}", _signal_delay_s(plan)
+    if limit.minutes * 60 < delay + STARTUP_S:
+        raise ConfigError(f"{where}: time limit {limit.minutes} min ({limit.source}) leaves under "
+                          f"{STARTUP_S} s to start before the USR2 warning {delay} s before its "
+                          f"end; give it at least {math.ceil((delay + STARTUP_S) / 60)} min")
+    runs = 1 + requeues
+    if limit.planned_min and limit.planned_min > runs * (limit.minutes - delay / 60):
+        raise ConfigError(f"{where}: time limit {limit.minutes} min x {runs} run(s) "
+                          f"({MAX_REQUEUES_ENV}={requeues} requeues) is less than its planned "
+                          f"{limit.planned_min:.0f} min; raise cluster.time_limit_min, "
+                          f"cluster.time_limits.{stage.name} or cluster.env.{MAX_REQUEUES_ENV} "
+                          f"(the limit: {limit.source})")
+
+
+def _signal_delay_s(plan: Plan) -> int:
+    """Seconds between the USR warning and the time limit (cluster.extra_sbatch may set it)."""
+    spec = _extra_sbatch(plan).get("signal")
+    if not isinstance(spec, str):
+        return SIGNAL_DELAY_S
+    _, at, seconds = spec.partition("@")
+    return int(seconds) if at else 60  # sbatch's default for --signal=SIG without @
 
 
 def render(plan: Plan, stage: Stage, run_dir: Path, dependency: Optional[str] = None) -> str:
@@ -374,8 +430,9 @@ def render(plan: Plan, stage: Stage, run_dir: Path, dependency: Optional[str] = 
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = submitit_folder(run_dir, stage)
-    return _make_sbatch_string(command=_command(folder), folder=folder,
-                               **sbatch_parameters(plan, stage, run_dir, dependency))
+    return _make_sbatch_string(command=_command(folder, python_executable(
+        plan.recipe.cluster.python)), folder=folder,
+        **sbatch_parameters(plan, stage, run_dir, dependency))
 
 
 # ---------------------------------------------------------------- scheduler queries
@@ -485,13 +542,21 @@ class SlurmExecutor(Executor):
 
     def describe(self, plan: Plan, run_dir: Path) -> str:
         check(plan, run_dir)
-        parts, previous = [], None
+        cluster = plan.recipe.cluster
+        python = (f"{cluster.python} (cluster.python)" if cluster.python else
+                  f"{sys.executable} (the interpreter running mlmega"
+                  + (", not one cluster.setup activates" if cluster.setup else "")
+                  + "; cluster.python sets the cluster's)")
+        parts, previous = [f"# job environment: python {python}; cluster.setup: "
+                           f"{len(cluster.setup)} line(s); wckey: {cluster.wckey or 'none'}"], None
         for stage in plan.stages:
             res = stage.resources
             dependency = f"afterok:<job id of {previous.name}>" if previous else None
+            limit = stage_time_limit(plan, stage, run_dir)
             parts.append(f"# ===== {stage.name}: level {stage.level}, {stage.steps} steps, "
                          f"{res.nodes} node(s) x {res.tasks_per_node} rank(s), TP/PP/DP "
                          f"{res.tp}/{res.pp}/{res.dp}; logs: {submitit_folder(run_dir, stage)}\n"
+                         f"# time limit {limit.minutes} min: {limit.source}\n"
                          + render(plan, stage, run_dir, dependency))
             previous = stage
         chain = " -> ".join(s.name for s in plan.stages)
@@ -560,16 +625,11 @@ class SlurmExecutor(Executor):
 
     def _submit(self, plan: Plan, stage: Stage, run_dir: Path, dependency: Optional[str],
                 requeues: int) -> str:
-        import submitit
-
-        folder = submitit_folder(run_dir, stage)
         job = StageJob(run_dir=str(run_dir), stage=stage.name,
                        config=str(stage_config_path(run_dir, stage.name)),
                        save_dir=str(stage_dir(run_dir, stage.name)), steps=stage.steps,
                        max_requeues=requeues)
-        executor = submitit.SlurmExecutor(folder=folder, python=python_executable())
-        executor.update_parameters(**sbatch_parameters(plan, stage, run_dir, dependency))
-        return submit(executor, job, stage.name,
+        return submit(stage_executor(plan, stage, run_dir, dependency), job, stage.name,
                       f"; the stages submitted before it stay queued (`mlmega resume {run_dir}` "
                       f"retries)").job_id
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 #: The last of SIGNALS this process received (through a StopFlag or ``catch_early``). A launcher
@@ -50,6 +47,9 @@ class StopFlag:
 
     def agreed(self) -> bool:
         """Collective: True on every rank when any rank received a signal."""
+        import torch  # here, not above: a job's entry point catches signals before torch loads
+        import torch.distributed as dist
+
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32,
                             device="cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -120,12 +120,11 @@ def _stage(recipe: Recipe, name, level, kind, model, steps, lr, warmup, decay, i
 
 def _resources(recipe: Recipe, model: ModelConfig, what: str) -> Resources:
     sizing, cluster, train = recipe.sizing, recipe.cluster, recipe.training
-    if cluster.gpus_per_node == 0 or sizing.tp or sizing.pp or sizing.dp:
+    if cluster.gpus_per_node == 0:
         return fixed_resources(model, sizing.tp or 1, sizing.pp or 1, sizing.dp or 1,
-                               train.micro_batch_size, train.global_batch_size, train.seq_length,
-                               cluster.tasks_per_node or 1, cluster.gpus_per_node, what,
-                               recipe.performance,
-                               sizing.gpu_memory_gb * sizing.memory_headroom)
+                               train.micro_batch_size, train.global_batch_size,
+                               cluster.tasks_per_node or 1, what)
     return size_stage(model, train.micro_batch_size, train.global_batch_size, train.seq_length,
                       cluster.gpus_per_node, cluster.max_nodes, sizing.gpu_memory_gb,
-                      sizing.memory_headroom, sizing.min_gpus, what, recipe.performance)
+                      sizing.memory_headroom, sizing.min_gpus, what, sizing.tp, sizing.pp,
+                      sizing.dp, perf=recipe.performance)

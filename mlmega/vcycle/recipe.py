@@ -87,10 +87,18 @@ class ClusterConfig:
     cpus_per_task: int = 1
     tasks_per_node: Optional[int] = None  # CPU clusters: ranks per node (default: 1)
     mem_gb: Optional[float] = None
-    time_limit_min: int = 60
     max_nodes: int = 1
+    # Each stage's --time: its planned time (measured where a run has timed it, else estimated from
+    # sizing.mfu) x time_limit_margin, at least time_limit_floor_min and at most time_limit_min (the
+    # partition's limit: a longer stage saves and requeues itself); time_limits[stage] overrides.
+    time_limit_min: int = 60
+    time_limit_margin: float = 1.5
+    time_limit_floor_min: int = 30
+    time_limits: Mapping[str, int] = field(default_factory=dict)  # stage name -> minutes
     extra_sbatch: tuple[str, ...] = ()  # extra "--key=value" sbatch options
     setup: tuple[str, ...] = ()  # shell lines run before the job (module load, venv activate)
+    python: Optional[str] = None  # the job's interpreter (default: the one running mlmega)
+    wckey: Optional[str] = None  # sbatch --wckey (none unless set)
     env: Mapping[str, str] = field(default_factory=dict)  # exported to the job, quoted
 
 

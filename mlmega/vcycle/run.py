@@ -85,8 +85,15 @@ def stage_config_path(run_dir: Path, name: str) -> Path:
 
 def stage_finished(run_dir: Path, stage: Stage) -> bool:
     """A stage is done when its checkpoint reached the stage's last step."""
-    tracker = stage_dir(run_dir, stage.name) / TRACKER
-    return tracker.exists() and tracker.read_text().strip() == str(stage.steps)
+    return saved_step(run_dir, stage.name) == stage.steps
+
+
+def saved_step(run_dir: Path, name: str) -> int:
+    """The step of a stage's latest checkpoint (0: none yet)."""
+    try:
+        return int((stage_dir(run_dir, name) / TRACKER).read_text().strip())
+    except (OSError, ValueError):
+        return 0
 
 
 def train_config(plan: Plan, stage: Stage, run_dir: Path, data_dir: Path,

@@ -70,26 +70,50 @@ def test_megatron_args_values():
 
 
 def test_from_plain_megatron_lm_args():
-    """Args as Megatron-LM saves them: no mlmega keys, GQA flag off, padded vocab, old eps name."""
+    """Args as Megatron-LM saves them: no mlmega keys, GQA flag off, vocab_size None next to the
+    padded size (the true vocabulary is given), Megatron's eps name."""
     args = argparse.Namespace(
         num_layers=12, hidden_size=768, num_attention_heads=12, group_query_attention=False,
-        num_query_groups=1, ffn_hidden_size=3072, padded_vocab_size=30592,
+        num_query_groups=1, ffn_hidden_size=3072, vocab_size=None, padded_vocab_size=30592,
         max_position_embeddings=512, layernorm_epsilon=1e-12, swiglu=False,
         untie_embeddings_and_output_weights=False, bert_binary_head=False,
         make_vocab_size_divisible_by=128, tensor_model_parallel_size=2)
-    cfg = ModelConfig.from_megatron_args(args, arch="bert", source="ckpt/args")
-    assert (cfg.num_query_groups, cfg.vocab_size, cfg.norm_epsilon) == (12, 30592, 1e-12)
+    cfg = ModelConfig.from_megatron_args(args, arch="bert", source="ckpt/args", vocab_size=30522)
+    assert (cfg.num_query_groups, cfg.vocab_size, cfg.norm_epsilon) == (12, 30522, 1e-12)
     assert cfg.tie_embeddings and cfg.position_embedding == "learned_absolute"
     assert cfg.num_tokentypes == 0  # pretrain_bert.py: 2 token types only with the binary head
     args.bert_binary_head = True
-    assert ModelConfig.from_megatron_args(args, arch="bert").num_tokentypes == 2
+    assert ModelConfig.from_megatron_args(args, arch="bert", vocab_size=30522).num_tokentypes == 2
+
+
+def test_megatron_names_written_and_old_names_read():
+    """mlmega writes Megatron-LM's layernorm_epsilon (an RMSNorm eps of 1e-6 stays 1e-6) and still
+    reads the norm_epsilon its earlier checkpoints hold."""
+    cfg = ModelConfig(**{**BASE, "normalization": "RMSNorm", "norm_epsilon": 1e-6})
+    args = cfg.to_megatron_args()
+    assert args["layernorm_epsilon"] == 1e-6 and "norm_epsilon" not in args
+    assert args["transformer_impl"] == "local" and args["apply_query_key_layer_scaling"] is False
+    old = dict(args, norm_epsilon=args.pop("layernorm_epsilon"))
+    assert ModelConfig.from_megatron_args(argparse.Namespace(**old)).norm_epsilon == 1e-6
+
+
+@pytest.mark.parametrize("name,value", [("apply_layernorm_1p", True), ("num_experts", 8),
+                                        ("rotary_percent", 0.5), ("qk_layernorm", True),
+                                        ("add_qkv_bias", False)])
+def test_unsupported_megatron_features_are_refused(name, value):
+    args = argparse.Namespace(**{**ModelConfig(**BASE).to_megatron_args(), name: value})
+    with pytest.raises(ConfigError, match=rf"ckpt: args\.{name}={value!r}: mlmega's models do "
+                                          rf"not support it"):
+        ModelConfig.from_megatron_args(args, source="ckpt")
 
 
 def test_megatron_args_errors():
     with pytest.raises(ConfigError, match=r"ckpt: args do not name the architecture"):
         ModelConfig.from_megatron_args(argparse.Namespace(num_layers=2), source="ckpt")
-    with pytest.raises(ConfigError, match=r"neither vocab_size nor padded_vocab_size"):
-        ModelConfig.from_megatron_args(argparse.Namespace(num_layers=2), arch="gpt")
+    with pytest.raises(ConfigError, match=r"args\.vocab_size is None \(padded_vocab_size=256\): "
+                                          r"the true vocabulary is unknown"):
+        ModelConfig.from_megatron_args(argparse.Namespace(num_layers=2, padded_vocab_size=256),
+                                       arch="gpt")
 
 
 @pytest.mark.parametrize("change,message", [

@@ -9,6 +9,7 @@ tests/launch`` (and review the diff).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -68,7 +69,8 @@ HOSTILE = dict(partition="gpu; rm -rf /", account="acct'; echo x", qos="normal",
                mem_gb=16, gpus_per_node=8, tasks_per_node=2, cpus_per_task=4,
                extra_sbatch=["--exclusive", "--comment=$(reboot) `id` \"x\""],
                env={"EVIL": HOSTILE_ENV, "NCCL_DEBUG": "WARN", "MLMEGA_MAX_REQUEUES": 2},
-               setup=[HOSTILE_SETUP, "module load cuda/12.4"])
+               setup=[HOSTILE_SETUP, "module load cuda/12.4"],
+               python="/shared/envs/my env/bin/python", wckey="proj'; id")
 
 
 # ---------------------------------------------------------------- golden dry-run scripts
@@ -82,6 +84,8 @@ def test_dry_run_cpu_chain_matches_golden(tmp_path):
     assert "#SBATCH --dependency='afterok:<job id of 1-bottom-L1>'" in text
     assert text.count("#SBATCH --requeue") == 3 and text.count("#SBATCH --nodes=2") == 3
     assert "#SBATCH --gpus-per-node" not in text  # a CPU cluster
+    assert "#SBATCH --wckey" not in text  # none unless cluster.wckey sets one
+    assert text.count("-u -m mlmega.launch.job_main") == 3  # USR2 caught before any import
 
 
 def test_dry_run_of_hostile_gpu_profile_is_inert_and_matches_golden(tmp_path):
@@ -90,6 +94,9 @@ def test_dry_run_of_hostile_gpu_profile_is_inert_and_matches_golden(tmp_path):
     text = SlurmExecutor().describe(plan, run_dir)
     check_golden("hostile-gpu-tp2.sbatch", normalized(text, run_dir))
     assert "#SBATCH --partition='gpu; rm -rf /'" in text
+    assert "#SBATCH --wckey='proj'\"'\"'; id'" in text
+    assert "--kill-on-bad-exit=1 '/shared/envs/my env/bin/python' -u -m mlmega.launch.job_main " \
+        in text  # cluster.python, quoted
     assert "export EVIL='$(touch /tmp/pwned)`x`'" in text
     assert "#SBATCH --gpus-per-node=2" in text  # one GPU per rank, visible to the node's ranks
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in text  # TP > 1 on GPUs
@@ -140,8 +147,8 @@ def test_script_is_what_submitit_submits(tmp_path, monkeypatch):
     plan = make_plan(tmp_path, recipe_dict(**HOSTILE))
     run_dir = tmp_path / "run"
     for stage, dep in zip(plan.stages, (None, "afterok:41", "afterok:42")):
-        executor = submitit.SlurmExecutor(folder=slurm.submitit_folder(run_dir, stage))
-        executor.update_parameters(**slurm.sbatch_parameters(plan, stage, run_dir, dep))
+        executor = slurm.stage_executor(plan, stage, run_dir, dep)
+        assert isinstance(executor, submitit.SlurmExecutor)
         submitted = executor._make_submission_file_text(executor._submitit_command_str, "uid")
         assert submitted == slurm.render(plan, stage, run_dir, dep)
 
@@ -164,10 +171,23 @@ def test_script_is_what_submitit_submits(tmp_path, monkeypatch):
     (dict(env={"MLMEGA_MAX_REQUEUES": "many"}), "MLMEGA_MAX_REQUEUES"),
     (dict(cpus_per_task=0), "cluster.cpus_per_task"),
     (dict(max_nodes=1), "cluster.max_nodes"),  # TP=2 on one-task nodes needs 2 nodes
+    (dict(python="py\nthon"), "cluster.python"),
+    (dict(python=["python"]), "cluster.python"),
+    (dict(wckey="a\nb"), "cluster.wckey"),
+    (dict(extra_sbatch=["--wckey=x"]), "cluster.wckey"),
+    # the USR2 warning (90 s before the end) would come while the job starts
+    (dict(time_limit_min=3), "0-pre-L0: time limit 3 min (cluster.time_limit_min"),
+    (dict(time_limits={"1-bottom-L1": 2}), "1-bottom-L1: time limit 2 min (cluster.time_limits"),
+    (dict(time_limit_min=6, extra_sbatch=["--signal=USR2@300"]), "USR2 warning 300 s before"),
+    (dict(time_limits={"9-post-L7": 60}), "cluster.time_limits.9-post-L7: no such stage"),
+    (dict(time_limits={"0-pre-L0": 0}), "cluster.time_limits.0-pre-L0=0"),
+    (dict(time_limit_margin=0.5), "cluster.time_limit_margin=0.5"),
+    (dict(time_limit_floor_min=0), "cluster.time_limit_floor_min=0"),
+    (dict(time_limit_min=0), "cluster.time_limit_min=0"),
 ])
 def test_hostile_or_impossible_values_are_refused(tmp_path, cluster, key):
     plan = make_plan(tmp_path, recipe_dict(**cluster))
-    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         SlurmExecutor().check(plan, tmp_path / "run")
     with pytest.raises(ConfigError):
         SlurmExecutor().describe(plan, tmp_path / "run")

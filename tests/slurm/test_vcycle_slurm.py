@@ -335,3 +335,54 @@ def test_bad_recipes_fail_before_anything_is_submitted(tmp_path, gpt_data, capsy
     recorded = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName", "-S", "now-1hour"],
                               check=True, capture_output=True, text=True).stdout
     assert name not in queued and name not in recorded
+
+
+def _task_pids(run_dir: Path) -> list[int]:
+    """The job tasks of ``run_dir`` on this machine (every fake node is it), not their srun."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().decode().split("\0") if proc.name.isdigit() \
+                else []
+        except OSError:
+            continue
+        if args[1:4] == ["-u", "-m", "mlmega.launch.job_main"] and str(run_dir) in args[4]:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _catches_usr2(pid: int) -> bool:
+    import signal
+
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(caught >> (signal.SIGUSR2 - 1) & 1)
+
+
+def test_usr2_while_the_job_starts_is_caught(tmp_path, gpt_data):
+    """A USR2 before the job had imported anything (a short time limit's warning, an early
+    ``scancel --signal``) killed the tasks (exit 12): submitit installs its handler only after
+    unpickling the job. The job's entry point now records it first thing and training saves after
+    its first step (here with no requeue allowed, so the job ends there, saying why)."""
+    from mlmega.vcycle.run import create_run, saved_step
+
+    run_dir = tmp_path / "run"
+    plan = plan_vcycle(load_recipe(write_recipe(tmp_path, gpt_data)))
+    create_run(plan, run_dir, gpt_data, "slurm")
+    job_id = SlurmExecutor()._submit(plan, plan.stages[0], run_dir, None, requeues=0)
+    deadline = time.monotonic() + 120
+    while True:  # both tasks (TP=2 on the two fake nodes) started and catch USR2
+        pids = _task_pids(run_dir)
+        if len(pids) == 2 and all(_catches_usr2(p) for p in pids):
+            break
+        assert time.monotonic() < deadline, _logs(run_dir)
+        time.sleep(0.01)
+    # still importing: torch is not loaded yet (submitit's own handler would come after it)
+    assert not any("libtorch" in Path(f"/proc/{p}/maps").read_text() for p in pids)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+
+    (run,) = sacct([job_id], timeout=120)
+    log = _logs(run_dir)
+    assert run["State"] == "FAILED" and "SIGUSR2 after 0 restart(s): not requeued again" in log, log
+    assert saved_step(run_dir, STAGES[0]) == 1 and train_steps(run_dir, STAGES[0]) == [1]
+    report_timings([run], [job_id])

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from mlmega.config.errors import ConfigError
+from mlmega.config.model import ModelConfig
 from mlmega.vcycle.plan import plan_vcycle
 from mlmega.vcycle.recipe import load_recipe
 from mlmega.config.performance import PerformanceConfig
@@ -119,7 +120,7 @@ def _write(tmp_path, changes: dict, base: str = "tiny-gpt") -> Path:
     ({"schedule.alpha": 1.5}, r"schedule.alpha=1.5: expected \[0, 1\]"),
     ({"schedule.bottom_decay": "exp"}, r"schedule.bottom_decay='exp': expected one of"),
     ({"training.seq_length": 256}, r"seq_length=256 exceeds model.max_sequence_length=128"),
-    ({"sizing.tp": 3}, r"TP=3, PP=1 do not divide the model"),
+    ({"sizing.tp": 3}, r"sizing.tp=3 does not divide the model \(4 heads"),
     ({"color": "red"}, r"unknown recipe section\(s\) \['color'\]"),
 ])
 def test_bad_recipes_fail_before_anything_runs(tmp_path, changes, message):
@@ -146,3 +147,89 @@ def test_bottom_decay_sets_the_schedule_of_every_stage_that_is_de_coalesced():
     assert [(s.kind, s.level, s.decay_style) for s in three.stages] == [
         ("pre", 0, "constant"), ("pre", 1, "constant"), ("bottom", 2, "constant"),
         ("post", 1, "constant"), ("post", 0, "linear")]
+
+
+# ---------------------------------------------------------------- layouts the allocation holds
+BIG_GPT = dict(arch="gpt", num_layers=36, hidden_size=8192, num_attention_heads=64,
+               vocab_size=50257, max_sequence_length=2048)
+
+
+def _gpt_base(*overrides):
+    return plan_vcycle(load_recipe(CONFIGS / "gpt-base.yaml", list(overrides)))
+
+
+def test_36_layer_8192_gpt_on_8_gpu_nodes_fills_whole_nodes():
+    """It planned TP4 PP3 DP1 (12 ranks) and rendered 2 nodes x 8 tasks; 12 ranks cannot fill
+    whole 8-GPU nodes, so the plan takes the next size that does: 16 GPUs, TP8 PP2."""
+    cfg = ModelConfig.from_dict(BIG_GPT)
+    res = size_stage(cfg, 1, 512, 2048, gpus_per_node=8, max_nodes=8, gpu_memory_gb=80,
+                     headroom=0.85)
+    assert (res.nodes, res.tasks_per_node, res.tp, res.pp, res.dp) == (2, 8, 8, 2, 1)
+    assert res.memory_gb == pytest.approx(42.3, abs=0.1) and res.memory_gb <= 80 * 0.85
+    # the layout it used to choose needs 62.8 GB per GPU: it fits, but not the nodes
+    assert memory_per_gpu_gb(cfg, tp=4, pp=3, micro=1, seq=2048) == pytest.approx(62.8, abs=0.1)
+
+
+@pytest.mark.parametrize("world, per_node, tp, gpus, expected", [
+    (12, 8, 4, True, None),  # 1.5 nodes
+    (16, 8, 4, True, (2, 8)),
+    (4, 8, 4, True, (1, 4)),  # part of one node
+    (16, 8, 16, True, None),  # a TP group across two nodes
+    (12, 6, 4, True, None),  # TP 4 does not divide 6 GPUs: a group would straddle nodes
+    (12, 6, 2, True, (2, 6)),
+    (2, 1, 2, False, (2, 1)),  # CPU nodes: gloo TP across nodes is allowed
+])
+def test_placement_holds_exactly_the_world(world, per_node, tp, gpus, expected):
+    from mlmega.vcycle.sizing import placement
+
+    assert placement(world, per_node, tp, gpus) == expected
+
+
+def test_forced_layout_passes_the_memory_check():
+    """gpt-base at TP=PP=DP=1 needs 14.1 GB per GPU: refused on 8 GB GPUs, named."""
+    overrides = ["sizing.tp=1", "sizing.pp=1", "sizing.dp=1", "sizing.min_gpus=1"]
+    assert _gpt_base(*overrides).stages[0].resources.memory_gb == \
+        pytest.approx(14.1, abs=0.05)
+    with pytest.raises(ConfigError, match=r"0-pre-L0\): sizing.tp/pp/dp=1/1/1 needs 14.1 GB per "
+                                          r"GPU but sizing.gpu_memory_gb=8 x memory_headroom=0.85 "
+                                          r"allows 6.8 GB"):
+        _gpt_base(*overrides, "sizing.gpu_memory_gb=8")
+
+
+def test_forced_tp_honours_min_gpus_and_fills_whole_nodes():
+    """sizing.tp=2 with min_gpus=16 on 8-GPU nodes: it gave 2 nodes x 1 GPU (TP across nodes,
+    min_gpus ignored); now DP fills the 16 GPUs, TP inside a node."""
+    plan = _gpt_base("sizing.tp=2", "sizing.min_gpus=16")
+    for stage in (*plan.stages, plan.baseline):
+        res = stage.resources
+        assert (res.nodes, res.tasks_per_node, res.gpus_per_node) == (2, 8, 8)
+        assert (res.tp, res.pp, res.dp) == (2, 1, 8) and res.world == 16
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sizing.tp=4", "cluster.gpus_per_node=6"],
+     r"sizing.tp=4 does not divide cluster.gpus_per_node=6: a TP group stays inside one node"),
+    (["sizing.tp=4", "sizing.pp=3", "sizing.dp=1", "sizing.min_gpus=1"],
+     r"sizing.tp x pp x dp = 12 GPU\(s\) do not fill whole nodes of cluster.gpus_per_node=8"),
+    (["sizing.tp=1", "sizing.pp=1", "sizing.dp=1"],
+     r"sizing.tp x pp x dp = 1 GPU\(s\) is below sizing.min_gpus=8"),
+    (["sizing.tp=2", "sizing.pp=1", "sizing.dp=32"],
+     r"= 64 GPU\(s\) need 8 nodes of 8 GPUs but cluster.max_nodes=4"),
+    (["sizing.pp=5"], r"sizing.pp=5 does not divide the model's 12 layers"),
+    (["sizing.dp=3"], r"sizing.dp=3: global batch 512 is not divisible by micro batch 8 x DP 3"),
+])
+def test_forced_layouts_that_break_the_rules_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _gpt_base(*overrides)
+
+
+@pytest.mark.parametrize("tp, tasks_per_node, nodes, per_node", [
+    (2, 1, 2, 1), (4, 2, 2, 2), (3, 2, 3, 1), (2, 4, 1, 2)])
+def test_cpu_jobs_hold_exactly_the_world(tp, tasks_per_node, nodes, per_node):
+    from mlmega.vcycle.sizing import fixed_resources
+
+    cfg = ModelConfig.from_dict(dict(arch="gpt", num_layers=4, hidden_size=96,
+                                     num_attention_heads=12, vocab_size=512,
+                                     max_sequence_length=32))
+    res = fixed_resources(cfg, tp, 1, 1, 2, 8, tasks_per_node)
+    assert (res.nodes, res.tasks_per_node, res.world) == (nodes, per_node, tp)
