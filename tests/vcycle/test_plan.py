@@ -163,8 +163,14 @@ def test_36_layer_8192_gpt_on_8_gpu_nodes_fills_whole_nodes():
     whole 8-GPU nodes, so the plan takes the next size that does: 16 GPUs, TP8 PP2."""
     cfg = ModelConfig.from_dict(BIG_GPT)
     res = size_stage(cfg, 1, 512, 2048, gpus_per_node=8, max_nodes=8, gpu_memory_gb=80,
-                     headroom=0.85)
+                     headroom=0.85, perf=PerformanceConfig(recompute="none",
+                                                           distributed_optimizer=False))
     assert (res.nodes, res.tasks_per_node, res.tp, res.pp, res.dp) == (2, 8, 8, 2, 1)
+    # with recomputation allowed, one node holds it (TP8, the least recomputation that fits)
+    one_node = size_stage(cfg, 1, 512, 2048, gpus_per_node=8, max_nodes=8, gpu_memory_gb=80,
+                          headroom=0.85)
+    assert (one_node.nodes, one_node.tp, one_node.pp, one_node.recompute) == \
+        (1, 8, 1, "full")
     assert res.memory_gb == pytest.approx(42.3, abs=0.1) and res.memory_gb <= 80 * 0.85
     # the layout it used to choose needs 62.8 GB per GPU: it fits, but not the nodes
     assert memory_per_gpu_gb(cfg, tp=4, pp=3, micro=1, seq=2048) == pytest.approx(62.8, abs=0.1)
@@ -187,7 +193,8 @@ def test_placement_holds_exactly_the_world(world, per_node, tp, gpus, expected):
 
 def test_forced_layout_passes_the_memory_check():
     """gpt-base at TP=PP=DP=1 needs 14.1 GB per GPU: refused on 8 GB GPUs, named."""
-    overrides = ["sizing.tp=1", "sizing.pp=1", "sizing.dp=1", "sizing.min_gpus=1"]
+    overrides = ["sizing.tp=1", "sizing.pp=1", "sizing.dp=1", "sizing.min_gpus=1",
+                 "performance.recompute=none"]  # recomputation would fit it
     assert _gpt_base(*overrides).stages[0].resources.memory_gb == \
         pytest.approx(14.1, abs=0.05)
     with pytest.raises(ConfigError, match=r"0-pre-L0\): sizing.tp/pp/dp=1/1/1 needs 14.1 GB per "
