@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from mlmega.checkpoint.convert import FORMATS, OPS, plan_conversion, run_conversion
+from mlmega.models.params import TRANSFORMER_IMPLS
 from mlmega.operators import LevelSchemes
 
 
@@ -34,6 +35,9 @@ def register(sub) -> None:
     convert.add_argument("--large", help="interpolate: the large level's pre-coalescing checkpoint")
     convert.add_argument("--alpha", type=float, help="interpolate: weight of the de-coalesced model")
     convert.add_argument("--format", default="torch", choices=FORMATS, help="output format")
+    convert.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS,
+                         help="parameter names of the output: megatron-core's local or "
+                              "TransformerEngine layer spec (default: the source's)")
     convert.add_argument("--workers", type=int, default=1,
                          help="parallel processes (local) or SLURM tasks (--executor slurm)")
     convert.add_argument("--executor", default="local", choices=("local", "slurm"),
@@ -102,7 +106,7 @@ def _convert(args: argparse.Namespace) -> int:
                            alpha=args.alpha, fmt=args.format, overwrite=args.overwrite,
                            checksums=args.checksums, vocab_size=args.vocab_size,
                            tokenizer=args.tokenizer, verify=not args.no_verify,
-                           check_finite=args.check_finite)
+                           check_finite=args.check_finite, target_impl=args.transformer_impl)
     run_conversion(plan, workers=args.workers, overwrite=args.overwrite, runner=runner)
     return 0
 

@@ -103,14 +103,17 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
                     fmt: str = "torch", overwrite: bool = False, checksums: bool = False,
                     vocab_size: Optional[int] = None,
                     tokenizer: Optional[str | Path] = None, verify: bool = True,
-                    check_finite: bool = False) -> ConversionPlan:
+                    check_finite: bool = False,
+                    target_impl: Optional[str] = None) -> ConversionPlan:
     """Open and validate the inputs and the target layout; raises ConfigError on bad input.
 
     ``target_layers``: the layers of each output pipeline stage (an uneven split).
     ``vocab_size`` / ``tokenizer``: the source's true vocabulary where its args lack it
     (:func:`mlmega.checkpoint.vocab.true_vocab_size`). The target's vocabulary is padded by
     Megatron-LM's rule for its TP size (rows past the source's padding are zero).
-    ``verify``: check records' checksums; ``check_finite``: refuse NaN/Inf source tensors."""
+    ``verify``: check records' checksums; ``check_finite``: refuse NaN/Inf source tensors.
+    ``target_impl``: the layer spec whose parameter names the target uses (local or
+    transformer_engine; default: the source's)."""
     if op not in OPS:
         raise ConfigError(f"unknown conversion {op!r}; expected one of {OPS}")
     if fmt not in FORMATS:
@@ -154,9 +157,10 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
                               f"{','.join(map(str, target_layers))}: expected "
                               f"{len(target_layers)} stages in both")
         target_pp, target_layers = len(target_layers), tuple(target_layers)
-    target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp, target_layers)
-    same = (target.tp, target.layers_per_stage, target.padded_vocab) == \
-        (layout.tp, layout.layers_per_stage, layout.padded_vocab)  # re-padding is a conversion
+    target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp, target_layers,
+                         transformer_impl=target_impl or layout.transformer_impl)
+    same = (target.tp, target.layers_per_stage, target.padded_vocab, target.transformer_impl) == \
+        (layout.tp, layout.layers_per_stage, layout.padded_vocab, layout.transformer_impl)
     if op == "reshard" and dst is not None and fmt == source.FORMAT and same:
         raise ConfigError(f"convert reshard: --src {src} is already TP={layout.tp}, "
                           f"PP={layout.pp} (layers per stage "

@@ -15,7 +15,9 @@ megatron-core 0.16 stores (local layer spec and TransformerEngine spec alike):
     ``decoder.layers.mlp.linear_fc1.weight`` of shape [num_layers, 2F, D] (offset = global layer);
   * the layer norms under TE's fused names: ``input_layernorm.{weight,bias}`` ->
     ``self_attention.linear_qkv.layer_norm_{weight,bias}``, ``pre_mlp_layernorm.*`` ->
-    ``mlp.linear_fc1.layer_norm_*``;
+    ``mlp.linear_fc1.layer_norm_*`` (:data:`mlmega.models.params.TE_FUSED_NORMS`), so the tensors
+    of a TE-trained and a local-spec checkpoint are keyed alike; the layout's ``transformer_impl``
+    (``args.transformer_impl``) decides which modules' ``_extra_state`` are written;
   * SwiGLU fc1 as the global [G; U] (each TP rank writes its gate and up halves as two chunks),
     fused QKV as the global group-major rows, i.e. exactly mlmega's canonical TP=1 layouts;
   * the word embeddings (and an untied / BERT ``output_layer``) with the vocabulary padded for
@@ -60,7 +62,8 @@ from mlmega.checkpoint.unpickle import load_dist_metadata
 from mlmega.checkpoint.vocab import true_vocab_size
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
-from mlmega.models.params import ParamSpec, global_shape, iter_params, param_index, space_layout
+from mlmega.models.params import (TE_FUSED_NORMS, ParamSpec, block_name, extra_state_modules,
+                                  global_shape, iter_params, param_index, space_layout)
 
 BACKEND = "torch_dist"
 CONFIG_FILE = "metadata.json"  # megatron-core's marker of a distributed checkpoint
@@ -68,13 +71,6 @@ COMMON_FILE = "common.pt"
 METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's index of keys, chunks and files
 DATA_SUFFIX = ".distcp"
 _INDEX_PART = ".mlmega-index-{rank}.json"  # a writer rank's part of .metadata (finalize removes)
-# megatron-core's local spec maps the separate norms to TE's fused-norm keys
-# (its sharded_state_dict_keys_map).
-_NORM_KEYS = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
-              ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
-# Per-layer modules that carry an ``_extra_state`` object (megatron's parallel linears).
-_EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv",
-                        "mlp.linear_fc1", "mlp.linear_fc2")
 _MODEL_PREFIXES = ("embedding.", "decoder.", "encoder.", "output_layer.", "lm_head.", "pooler.",
                    "binary_head.")
 # What Megatron-LM (0.16) records as the content metadata of the sharded state dict it saves.
@@ -84,16 +80,12 @@ CONTENT_METADATA = {"singleton_local_shards": False,
 
 
 # -- keys ------------------------------------------------------------------------------------------
-def block_name(cfg: ModelConfig) -> str:
-    return "decoder" if cfg.arch == "gpt" else "encoder"
-
-
 def _layer_module(cfg: ModelConfig, spec: ParamSpec, fused_norm_names: bool = True) -> str:
     """The part of a per-layer template after ``<block>.layers.{}.``, in torch_dist naming."""
     prefix = f"{block_name(cfg)}.layers.{{}}."
     rest = spec.template[len(prefix):]
     if fused_norm_names:
-        for old, new in _NORM_KEYS:
+        for old, new in TE_FUSED_NORMS:  # the local spec's sharded_state_dict_keys_map
             if rest.startswith(old):
                 return new + rest[len(old):]
     return rest
@@ -237,7 +229,10 @@ class DistCheckpoint:
                                   f"{found.differences(cfg)}")
             tp = getattr(args, "tensor_model_parallel_size", 1) or 1
             pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
-            layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp), padded)
+            impl = getattr(args, "transformer_impl", "local")
+            layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp), padded,
+                                 transformer_impl="transformer_engine"
+                                 if impl == "transformer_engine" else "local")
         stored = common.get("iteration")
         if not release and isinstance(stored, int) and stored != iteration:
             raise ConfigError(f"{common_path}: iteration {stored} differs from {iteration} "
@@ -475,7 +470,7 @@ def rank_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int,
     torch.save([None], no_state)  # what megatron stores for a module without extra state
     block = block_name(cfg)
     for layer in layout.stage_layers(pp_rank):
-        for module in _EXTRA_STATE_MODULES:
+        for module in extra_state_modules(layout.transformer_impl):
             yield Chunk(f"{block}.layers.{module}._extra_state/shard_{layer}_{cfg.num_layers}",
                         no_state.getvalue())
     if cfg.arch == "bert" and pp_rank == layout.pp - 1:  # GPTModel drops its output layer's

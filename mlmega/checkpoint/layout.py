@@ -9,7 +9,8 @@ splitting pads with zero rows to the target's padded size. A layout's padded siz
 truth of the files: Megatron's converter keeps a source's padding when it changes the TP size).
 PP gives each stage a contiguous block of layers numbered locally, the embeddings to the first
 stage, the final norm and heads to the last and, with tied embeddings and PP > 1, the last stage
-its own ``output_layer.weight`` copy.
+its own ``output_layer.weight`` copy. Local names follow the layout's ``transformer_impl`` (TE's
+fused layer-norm names, or local's); global names are always the parameter table's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
-from mlmega.models.params import FIRST, LAST, ParamSpec, parameter_table, space_layout
+from mlmega.models.params import (FIRST, LAST, TRANSFORMER_IMPLS, ParamSpec, impl_name,
+                                  parameter_table, space_layout)
 
 # The shared-embedding copy held by the last stage when tied embeddings meet PP > 1.
 TIED_OUTPUT = "output_layer.weight"
@@ -48,11 +50,15 @@ class ShardLayout:
     pp: int = 1
     layers_per_stage: Optional[tuple[int, ...]] = None  # None: an even split
     padded_vocab: Optional[int] = None  # vocab rows over all TP ranks; None: Megatron's rule
+    transformer_impl: str = "local"  # the layer spec whose parameter names the shards use
 
     def __post_init__(self) -> None:
         cfg, tp, pp = self.cfg, self.tp, self.pp
         if tp < 1 or pp < 1:
             raise ConfigError(f"TP={tp}, PP={pp}: expected positive sizes")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ConfigError(f"transformer_impl={self.transformer_impl!r}: expected one of "
+                              f"{TRANSFORMER_IMPLS}")
         if self.padded_vocab is None:
             object.__setattr__(self, "padded_vocab", cfg.padded_vocab_size(tp))
         elif self.padded_vocab % tp or self.padded_vocab < cfg.vocab_size:
@@ -95,12 +101,16 @@ class ShardLayout:
         for spec in table:
             if spec.per_layer:
                 for local, layer in enumerate(self.stage_layers(pp_rank)):
-                    yield LocalParam(spec.template.format(local), spec.name(layer), spec, layer)
+                    yield LocalParam(self.local_name(spec, local), spec.name(layer), spec, layer)
             elif (spec.stage == FIRST and first) or (spec.stage == LAST and last):
                 yield LocalParam(spec.template, spec.template, spec, None)
         if self.cfg.tie_embeddings and last and not first:
             embedding = next(s for s in table if s.template == WORD_EMBEDDINGS)
             yield LocalParam(TIED_OUTPUT, WORD_EMBEDDINGS, embedding, None)
+
+    def local_name(self, spec: ParamSpec, local_layer: Optional[int] = None) -> str:
+        """The name a stage's model gives ``spec`` (at local layer index ``local_layer``)."""
+        return impl_name(spec.name(local_layer), self.transformer_impl)
 
     def stage_of_layer(self, layer: int) -> int:
         for pp_rank in range(self.pp):
@@ -212,7 +222,10 @@ class ShardLayout:
                     padded_vocab_size=self.padded_vocab, fp16=dtype == torch.float16,
                     bf16=dtype == torch.bfloat16, params_dtype=dtype,
                     tokenizer_type="HuggingFaceTokenizer", tokenizer_model=None,
-                    consumed_train_samples=0, consumed_valid_samples=0)
+                    consumed_train_samples=0, consumed_valid_samples=0,
+                    transformer_impl=self.transformer_impl)
+        if self.cfg.arch == "bert" and self.transformer_impl == "transformer_engine":
+            args.update(spec=None)  # pretrain_bert.py: its TE spec
         return args
 
 

@@ -32,15 +32,14 @@ from mlmega.checkpoint.streaming import save_streaming
 from mlmega.checkpoint.vocab import true_vocab_size
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
-from mlmega.models.params import ParamSpec, param_index
+from mlmega.models.params import (ParamSpec, block_name, extra_state_modules, param_index,
+                                  transformer_impl_of)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 _REFUSED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-# Modules whose state dict carries an ``_extra_state`` entry (megatron's parallel linears).
-_EXTRA_STATE_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer")
 
 
 def safe_globals() -> list:
@@ -183,7 +182,10 @@ class TorchCheckpoint:
         if cfg is not None and cfg.replace(source=found.source) != found:
             raise ConfigError(f"{source}: checkpoint args describe another model than the "
                               f"given model config (checkpoint vs given): {found.differences(cfg)}")
-        layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp), padded)
+        model = shard0.get("model")
+        impl = transformer_impl_of(model.keys() if isinstance(model, dict) else ())
+        layout = ShardLayout(found, tp, pp, _layers_per_stage(args, found, pp), padded,
+                             transformer_impl=impl)
         expected = {(t, p) for t, p in layout.ranks}
         if set(ranks) != expected:
             missing = sorted(expected - set(ranks))
@@ -288,7 +290,7 @@ class TorchCheckpoint:
         pp_rank = 0 if layer is None and spec.stage == "first" else \
             self.layout.pp - 1 if layer is None else self.layout.stage_of_layer(layer)
         local = global_name if layer is None else \
-            spec.template.format(layer - self.layout.stage_layers(pp_rank).start)
+            self.layout.local_name(spec, layer - self.layout.stage_layers(pp_rank).start)
         return spec, pp_rank, local
 
     def read(self, global_name: str) -> torch.Tensor:
@@ -380,10 +382,10 @@ def shard_content(layout: ShardLayout, pp_rank: int, model: dict[str, torch.Tens
                   iteration: int, extra_args: Optional[dict] = None, **extra: Any) -> dict[str, Any]:
     """The dict Megatron-LM keeps in one rank's ``model_optim_rng.pt`` (loads strictly into a model)."""
     model = dict(model)
-    for name in list(model):
-        module = name.rsplit(".", 1)[0]
-        if module.rsplit(".", 1)[-1] in _EXTRA_STATE_MODULES:
-            model.setdefault(f"{module}._extra_state", None)
+    block = block_name(layout.cfg)
+    for layer in range(len(layout.stage_layers(pp_rank))):
+        for module in extra_state_modules(layout.transformer_impl):
+            model.setdefault(f"{block}.layers.{layer}.{module}._extra_state", None)
     if pp_rank == layout.pp - 1:  # the output layer module exists even when its weight is tied
         model.setdefault("output_layer._extra_state", None)
     dtype = next((v.dtype for v in model.values() if isinstance(getattr(v, "dtype", None),

@@ -15,6 +15,10 @@ Spaces and their layouts (``N`` = the unit-major length that TP splits and the w
   ffn_gated  (2, F)                SwiGLU fc1 rows [gate; up]; TP/width act on the F axis
   vocab, positions, tokentypes, binary: not width-scaled (vocab is TP-split with padding)
 U = number of query groups (= heads for MHA): the unit a width scheme groups.
+
+Names are those of megatron-core's local layer spec. Its TransformerEngine spec fuses each layer
+norm into the linear after it (:data:`TE_FUSED_NORMS`): :func:`impl_name` gives a parameter's name
+in either layout and :func:`extra_state_modules` the modules whose state dict adds ``_extra_state``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,19 @@ from typing import Iterator, Optional
 
 from mlmega.config.model import ModelConfig
 
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+# TE's TELayerNormColumnParallelLinear holds the norm before it (megatron-core's
+# get_gpt_layer_with_transformer_engine_spec / get_bert_layer_with_transformer_engine_spec; also
+# the keys both specs use in torch_dist checkpoints).
+TE_FUSED_NORMS = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+                  ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+# Per-layer modules with an ``_extra_state`` entry: megatron's parallel linears in both specs, and
+# TE's TEDotProductAttention.
+_EXTRA_STATE = {"local": ("self_attention.linear_qkv", "self_attention.linear_proj",
+                          "mlp.linear_fc1", "mlp.linear_fc2"),
+                "transformer_engine": ("self_attention.linear_qkv", "self_attention.core_attention",
+                                       "self_attention.linear_proj", "mlp.linear_fc1",
+                                       "mlp.linear_fc2")}
 WIDTH_SPACES = ("embed", "qkv", "heads", "ffn", "ffn_gated")
 OUT, IN = "out", "in"
 FIRST, LAST, LAYER = "first", "last", "layer"
@@ -71,9 +88,14 @@ def space_size(cfg: ModelConfig, space: str, tp: int = 1) -> int:
     return lead * length
 
 
+def block_name(cfg: ModelConfig) -> str:
+    """The transformer block's module name: GPTModel's decoder, BertModel's encoder."""
+    return "decoder" if cfg.arch == "gpt" else "encoder"
+
+
 def parameter_table(cfg: ModelConfig) -> list[ParamSpec]:
     """The rows for ``cfg``: only the parameters this configuration actually has."""
-    block = "decoder" if cfg.arch == "gpt" else "encoder"
+    block = block_name(cfg)
     layer = f"{block}.layers.{{}}."
     emb_side = IN if cfg.tie_embeddings else OUT  # tied: the embedding is also the LM head's input map
     has_norm_bias = cfg.normalization == "LayerNorm"
@@ -130,6 +152,41 @@ def iter_params(cfg: ModelConfig) -> Iterator[tuple[str, ParamSpec, Optional[int
                 yield spec.name(layer), spec, layer
         else:
             yield spec.name(), spec, None
+
+
+def impl_name(name: str, transformer_impl: str) -> str:
+    """``name`` (local spec) as the model built with ``transformer_impl`` calls it."""
+    if transformer_impl == "local":
+        return name
+    for local, fused in TE_FUSED_NORMS:
+        head, sep, tail = name.partition(".layers.")
+        if sep:
+            layer, _, rest = tail.partition(".")
+            if rest.startswith(local):
+                return f"{head}.layers.{layer}.{fused}{rest[len(local):]}"
+    return name
+
+
+def local_name(name: str) -> str:
+    """The local-spec name of a parameter named in either layout (inverse of :func:`impl_name`)."""
+    head, sep, tail = name.partition(".layers.")
+    if sep:
+        layer, _, rest = tail.partition(".")
+        for local, fused in TE_FUSED_NORMS:
+            if rest.startswith(fused):
+                return f"{head}.layers.{layer}.{local}{rest[len(fused):]}"
+    return name
+
+
+def transformer_impl_of(names) -> str:
+    """The layout a state dict's parameter names are in (TE's fused norm names, or local)."""
+    fused = tuple(f".{new}" for _, new in TE_FUSED_NORMS)
+    return "transformer_engine" if any(fused[0] in n or fused[1] in n for n in names) else "local"
+
+
+def extra_state_modules(transformer_impl: str) -> tuple[str, ...]:
+    """Per-layer modules (after ``<block>.layers.<i>.``) whose state dict has ``_extra_state``."""
+    return _EXTRA_STATE[transformer_impl]
 
 
 @functools.lru_cache(maxsize=8)

@@ -63,7 +63,7 @@ def seed_random_generators(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)  # the tracker's states; CPU generator's without CUDA
 
 
 def teardown() -> None:

@@ -12,6 +12,7 @@ import yaml
 from mlmega.config.errors import ConfigError
 from mlmega.config.sections import check_fields, checked, section_from_mapping
 from mlmega.config.model import ModelConfig
+from mlmega.config.performance import PerformanceConfig
 from mlmega.operators import LevelSchemes
 
 DECAY_STYLES = ("linear", "cosine", "constant")
@@ -57,6 +58,7 @@ class TrainConfig:
     pp: int = checked(1, ge=1)
     dp: Optional[int] = checked(None, ge=1)  # None: world size / (tp * pp)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     init: Optional[InitConfig] = None
     seed: int = checked(1234, ge=0)
     log_interval: int = checked(1, ge=1)
@@ -116,6 +118,8 @@ class TrainConfig:
                               f"{sorted(known)}")
         data["model"] = ModelConfig.from_dict(data.get("model", {}), source)
         data["optimizer"] = section_from_mapping(OptimizerConfig, data.get("optimizer", {}), f"{source}: optimizer")
+        data["performance"] = section_from_mapping(PerformanceConfig, data.get("performance", {}),
+                                                   f"{source}: performance")
         if data.get("init") is not None:
             init = dict(data["init"])
             if init.get("schemes") is not None:

@@ -4,11 +4,13 @@ Every rank of the stage's job runs :func:`train`. torch.distributed comes up fro
 (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or SLURM's variables); megatron-core's parallel state
 splits the world into TP x PP x DP. Pipeline stages run megatron-core's 1F1B schedule; gradients are
 reduced over DP by megatron-core's DistributedDataParallel; megatron-core's optimizer (AdamW, grad
-clipping) and LR scheduler (warm-up, linear/cosine decay) step the weights.
+clipping; distributed over DP when ZeRO-1 is on) and LR scheduler (warm-up, linear/cosine decay)
+step the weights. The performance switches (``cfg.performance``) are resolved once per run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -22,6 +24,7 @@ import torch.nn.functional as nnf
 
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.config.errors import ConfigError
+from mlmega.config.performance import PerformanceConfig
 from mlmega.data.prepare import check_prepared
 from mlmega.models.build import build_model
 from mlmega.models.flops import training_flops_per_token
@@ -41,14 +44,15 @@ def train(cfg: TrainConfig) -> dict:
     world = _init_distributed(cfg)
     from megatron.core import parallel_state as ps
 
-    layout = ShardLayout(cfg.model, cfg.tp, cfg.pp)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    perf = cfg.performance.resolved(cfg.model.arch, cfg.tp, dp, torch.cuda.is_available())
+    layout = ShardLayout(cfg.model, cfg.tp, cfg.pp, transformer_impl=perf.transformer_impl)
     is_logger = dist.get_rank() == 0
     dtype = _dtype(cfg)
 
     model = build_model(cfg.model, cfg.tp, cfg.pp, pre_process=ps.is_pipeline_first_stage(),
-                        post_process=ps.is_pipeline_last_stage(), dtype=dtype)
+                        post_process=ps.is_pipeline_last_stage(), dtype=dtype, perf=perf)
     if torch.cuda.is_available():
         model.cuda()
     save_dir = Path(cfg.save_dir)
@@ -63,9 +67,11 @@ def train(cfg: TrainConfig) -> dict:
     elif cfg.init is not None:
         _load_init(model, cfg, layout, tp_rank, pp_rank)
         _log(is_logger, f"initialised from {cfg.init.checkpoint} ({cfg.init.op})")
-    ddp, optimizer, scheduler = _optimizer(model, cfg, dtype)
+    ddp, optimizer, scheduler = _optimizer(model, cfg, dtype, perf)
     if resume is not None:
         optimizer.load_state_dict(shard["optimizer"])
+        if perf.distributed_optimizer:
+            checkpointing.load_optimizer_shards(optimizer, resume, tp_rank, pp_rank, dp_rank)
         scheduler.load_state_dict(shard["opt_param_scheduler"])
         checkpointing.set_rng_state(shard["rng_state"])
         start_step = resume.iteration
@@ -87,20 +93,26 @@ def train(cfg: TrainConfig) -> dict:
     step_fn = partial(_run_step, ddp=ddp, cfg=cfg)
     _log(is_logger, f"training {cfg.model.arch} {cfg.model.num_layers}L-{cfg.model.hidden_size} "
                     f"TP={cfg.tp} PP={cfg.pp} DP={dp} steps {start_step}->{cfg.steps} "
-                    f"({world} ranks, {str(dtype).replace('torch.', '')})")
+                    f"({world} ranks, {str(dtype).replace('torch.', '')}, {_describe(perf)})")
     note = fallback_note()  # said once per job, here: megatron's own warnings are silenced
     if note:
         _log(is_logger, note)
 
     def save(step: int) -> None:
-        checkpointing.save(save_dir, layout, step, model.state_dict(), optimizer.state_dict(),
-                           scheduler.state_dict(), cfg.first_sample + step * cfg.global_batch_size,
-                           tp_rank, pp_rank, dp_rank, extra_args={"mlmega_train": cfg.to_dict()})
+        with _params_gathered(ddp, perf):
+            shards = checkpointing.gather_optimizer_shards(optimizer) \
+                if perf.distributed_optimizer else None
+            checkpointing.save(save_dir, layout, step, model.state_dict(), optimizer.state_dict(),
+                               scheduler.state_dict(),
+                               cfg.first_sample + step * cfg.global_batch_size, tp_rank,
+                               pp_rank, dp_rank, extra_args=_checkpoint_args(cfg, perf),
+                               optimizer_shards=shards)
 
     def evaluate(step: int) -> float:
         ddp.eval()
-        losses = [step_fn(val_batches.microbatches(i), forward_only=True)
-                  for i in range(cfg.eval_iters)]
+        with _params_gathered(ddp, perf):
+            losses = [step_fn(val_batches.microbatches(i), forward_only=True)
+                      for i in range(cfg.eval_iters)]
         ddp.train()
         val = sum(losses) / len(losses)
         metrics.write(step=step, val_loss=val, flops=cfg.flops_offset + step * flops_per_step,
@@ -193,7 +205,42 @@ def _dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
-def _optimizer(model, cfg: TrainConfig, dtype: torch.dtype):
+def _describe(perf: PerformanceConfig) -> str:
+    switches = [name for name, on in (("distributed optimizer", perf.distributed_optimizer),
+                                      ("overlapped grad reduce", perf.overlap_grad_reduce),
+                                      ("overlapped param gather", perf.overlap_param_gather),
+                                      ("sequence parallel", perf.sequence_parallel),
+                                      ("fused kernels", perf.fused_kernels)) if on]
+    if perf.recompute != "none":
+        switches.append(f"{perf.recompute} recompute")
+    return ", ".join([f"{perf.transformer_impl} spec"] + switches)
+
+
+def _checkpoint_args(cfg: TrainConfig, perf: PerformanceConfig) -> dict:
+    """Checkpoint args: the run's config, and the switches under Megatron-LM's argument names."""
+    recompute = None if perf.recompute == "none" else perf.recompute
+    return {"mlmega_train": cfg.replace(performance=perf).to_dict(),
+            "use_distributed_optimizer": perf.distributed_optimizer,
+            "overlap_grad_reduce": perf.overlap_grad_reduce,
+            "overlap_param_gather": perf.overlap_param_gather,
+            "sequence_parallel": perf.sequence_parallel, "recompute_granularity": recompute}
+
+
+@contextlib.contextmanager
+def _params_gathered(ddp, perf: PerformanceConfig):
+    """With overlapped param gather the weights are gathered lazily in the next forward's hooks:
+    gather them now (for evaluation and checkpoints), and hook them again afterwards."""
+    if not perf.overlap_param_gather:
+        yield
+        return
+    ddp.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        ddp.enable_forward_pre_hook()
+
+
+def _optimizer(model, cfg: TrainConfig, dtype: torch.dtype, perf: PerformanceConfig):
     from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                            finalize_model_grads)
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -201,13 +248,15 @@ def _optimizer(model, cfg: TrainConfig, dtype: torch.dtype):
 
     bf16 = dtype == torch.bfloat16
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False),
-        model)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=perf.overlap_grad_reduce,
+        overlap_param_gather=perf.overlap_param_gather,
+        use_distributed_optimizer=perf.distributed_optimizer), model)
     opt = cfg.optimizer
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
         adam_beta1=opt.beta1, adam_beta2=opt.beta2, adam_eps=opt.eps, clip_grad=opt.clip_grad,
-        bf16=bf16, params_dtype=dtype), [ddp])
+        bf16=bf16, params_dtype=dtype, use_distributed_optimizer=perf.distributed_optimizer),
+        [ddp])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if opt.warmup_steps else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
         lr_warmup_steps=opt.warmup_steps, lr_decay_steps=cfg.steps,
@@ -216,6 +265,8 @@ def _optimizer(model, cfg: TrainConfig, dtype: torch.dtype):
     config = model.config
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
+    if perf.overlap_grad_reduce:  # as Megatron-LM: the schedule starts each stage's grad reduce
+        config.grad_sync_func = ddp.start_grad_sync
     return ddp, optimizer, scheduler
 
 
@@ -278,7 +329,8 @@ def _load_init(model, cfg: TrainConfig, layout: ShardLayout, tp_rank: int, pp_ra
 
     init = cfg.init
     plan = plan_conversion(init.op, init.checkpoint, None, target_tp=cfg.tp, target_pp=cfg.pp,
-                           schemes=init.schemes, large=init.large, alpha=init.alpha)
+                           schemes=init.schemes, large=init.large, alpha=init.alpha,
+                           target_impl=layout.transformer_impl)
     if plan.target.cfg != cfg.model:
         raise ConfigError(f"{cfg.source}: init {init.op} of {init.checkpoint} gives another model "
                           f"than this stage trains (init vs stage): "

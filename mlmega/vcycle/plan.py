@@ -135,4 +135,4 @@ def _resources(recipe: Recipe, model: ModelConfig, what: str) -> Resources:
     return size_stage(model, train.micro_batch_size, train.global_batch_size, train.seq_length,
                       cluster.gpus_per_node, cluster.max_nodes, sizing.gpu_memory_gb,
                       sizing.memory_headroom, sizing.min_gpus, what, sizing.tp, sizing.pp,
-                      sizing.dp)
+                      sizing.dp, perf=recipe.performance)

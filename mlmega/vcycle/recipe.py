@@ -17,6 +17,7 @@ import yaml
 from mlmega.config.errors import ConfigError
 from mlmega.config.sections import check_fields, checked, section_from_mapping
 from mlmega.config.model import ModelConfig
+from mlmega.config.performance import PerformanceConfig
 from mlmega.operators import LevelMap, LevelSchemes
 from mlmega.train.config import DECAY_STYLES
 
@@ -132,6 +133,7 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sizing: SizingConfig = field(default_factory=SizingConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)  # every stage's
     baseline: Optional[str] = None  # a baseline run (its directory or metrics) for the loss plot
     source: str = field(default="<recipe>", compare=False)
 
@@ -223,6 +225,8 @@ def recipe_from_dict(data: Mapping[str, Any], source: str) -> Recipe:
         training=section_from_mapping(TrainingConfig, data.get("training", {}), f"{source}: training"),
         cluster=section_from_mapping(ClusterConfig, data.get("cluster", {}), f"{source}: cluster"),
         sizing=section_from_mapping(SizingConfig, data.get("sizing", {}), f"{source}: sizing"),
+        performance=section_from_mapping(PerformanceConfig, data.get("performance", {}),
+                                         f"{source}: performance"),
         baseline=data.get("baseline"),
         source=source,
     )

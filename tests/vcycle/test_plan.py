@@ -11,6 +11,7 @@ from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.vcycle.plan import plan_vcycle
 from mlmega.vcycle.recipe import load_recipe
+from mlmega.config.performance import PerformanceConfig
 from mlmega.vcycle.sizing import memory_per_gpu_gb, size_stage
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -45,13 +46,24 @@ def test_sizing_by_hand_for_gpt_base():
     2 x 4 B x 1024 x 8 x 50304 = 3.30 GB; total 14.15 GB."""
     cfg = load_recipe(CONFIGS / "gpt-base.yaml").model
     assert memory_per_gpu_gb(cfg, tp=1, pp=1, micro=8, seq=1024) == pytest.approx(14.15, abs=0.02)
-    # fits one 80 GB GPU; with a 16 GB GPU (85% usable) TP=2 is the smallest layout that fits
+    # fits one 80 GB GPU; a 16 GB GPU (85% usable) holds it with selective recomputation (8.1 GB:
+    # activations 12 x 1024 x 8 x 768 x 34 B = 2.57 GB); without it, DP=2 with the distributed
+    # optimizer (optimizer states 12 B x 124.4M / 2: 13.40 GB), and without that TP=2
     one = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=80,
                      headroom=0.85)
-    assert (one.tp, one.pp, one.dp, one.nodes) == (1, 1, 1, 1)
+    assert (one.tp, one.pp, one.dp, one.nodes, one.recompute) == (1, 1, 1, 1, "none")
     small_gpu = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=16,
                            headroom=0.85)
-    assert (small_gpu.tp, small_gpu.pp) == (2, 1) and small_gpu.memory_gb <= 16 * 0.85
+    assert (small_gpu.tp, small_gpu.pp, small_gpu.recompute) == (1, 1, "selective")
+    assert small_gpu.memory_gb == pytest.approx(8.11, abs=0.02)
+    no_recompute = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=16,
+                              headroom=0.85, perf=PerformanceConfig(recompute="none"))
+    assert (no_recompute.tp, no_recompute.pp, no_recompute.dp) == (1, 1, 2)
+    assert no_recompute.memory_gb == pytest.approx(13.40, abs=0.02)
+    plain = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=16,
+                       headroom=0.85, perf=PerformanceConfig(recompute="none",
+                                                             distributed_optimizer=False))
+    assert (plain.tp, plain.pp) == (2, 1) and plain.memory_gb <= 16 * 0.85
 
 
 def test_sizing_prefers_tp_within_a_node_before_pp():
@@ -168,8 +180,14 @@ def test_36_layer_8192_gpt_on_8_gpu_nodes_fills_whole_nodes():
     whole 8-GPU nodes, so the plan takes the next size that does: 16 GPUs, TP8 PP2."""
     cfg = ModelConfig.from_dict(BIG_GPT)
     res = size_stage(cfg, 1, 512, 2048, gpus_per_node=8, max_nodes=8, gpu_memory_gb=80,
-                     headroom=0.85)
+                     headroom=0.85, perf=PerformanceConfig(recompute="none",
+                                                           distributed_optimizer=False))
     assert (res.nodes, res.tasks_per_node, res.tp, res.pp, res.dp) == (2, 8, 8, 2, 1)
+    # with recomputation allowed, one node holds it (TP8, the least recomputation that fits)
+    one_node = size_stage(cfg, 1, 512, 2048, gpus_per_node=8, max_nodes=8, gpu_memory_gb=80,
+                          headroom=0.85)
+    assert (one_node.nodes, one_node.tp, one_node.pp, one_node.recompute) == \
+        (1, 8, 1, "full")
     assert res.memory_gb == pytest.approx(42.3, abs=0.1) and res.memory_gb <= 80 * 0.85
     # the layout it used to choose needs 62.8 GB per GPU: it fits, but not the nodes
     assert memory_per_gpu_gb(cfg, tp=4, pp=3, micro=1, seq=2048) == pytest.approx(62.8, abs=0.1)
@@ -192,7 +210,8 @@ def test_placement_holds_exactly_the_world(world, per_node, tp, gpus, expected):
 
 def test_forced_layout_passes_the_memory_check():
     """gpt-base at TP=PP=DP=1 needs 14.1 GB per GPU: refused on 8 GB GPUs, named."""
-    overrides = ["sizing.tp=1", "sizing.pp=1", "sizing.dp=1", "sizing.min_gpus=1"]
+    overrides = ["sizing.tp=1", "sizing.pp=1", "sizing.dp=1", "sizing.min_gpus=1",
+                 "performance.recompute=none"]  # recomputation would fit it
     assert _gpt_base(*overrides).stages[0].resources.memory_gb == \
         pytest.approx(14.1, abs=0.05)
     with pytest.raises(ConfigError, match=r"0-pre-L0\): sizing.tp/pp/dp=1/1/1 needs 14.1 GB per "
