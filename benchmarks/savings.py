@@ -1,42 +1,63 @@
-"""The V-cycle against the baseline, side by side: FLOPs and wall-clock to reach the same loss.
+#!/usr/bin/env python
+"""The saving a careful user would get: the V-cycle against a tuned baseline, over seeds.
 
-Runs (a) the baseline, the full model trained from scratch for the whole token budget, and (b) the
-V-cycle of the same recipe, on the local executor, with the same data order, seed, sequence length
-and batch. The saving is measured where the V-cycle's final (level-0) stage first reaches the
-baseline's final validation loss (linear interpolation between evaluations):
+For each comparison (an architecture and a number of levels), on the local executor, every run
+reading the same sample stream (one data order per seed):
 
-    flops_saving_pct     = 100 x (1 - V-cycle FLOPs to reach it / baseline FLOPs)
-    wallclock_saving_pct = 100 x (1 - V-cycle seconds to reach it / baseline seconds)
+1. Baseline LR sweep at the full budget: peak LRs a factor 2 apart (at least 4), extended while
+   the best sits at an end, so that the sweep brackets it.
+2. The tuned baseline (best LR) at 50, 62.5, 75, 87.5 and 100% of the budget, each with its own
+   complete LR schedule (warm-up and linear decay fitted to its steps): the frontier C_base(L), in
+   model FLOPs and in wall-clock seconds (benchmarks/frontier.py).
+3. The V-cycle gets as many tuning trials as the baseline got LRs, over its own knobs (LRs, the
+   small level's LR, alpha, E_a, the final stage's length), its level-0 LR starting at the
+   baseline's best; the best trial has the largest compute-equivalent saving.
+4. The headline pair (tuned baseline, best V-cycle) over every seed (model init and data order):
+   compute-equivalent saving 1 - C_vcycle / C_base(L_vcycle) in FLOPs and wall-clock, and the
+   FLOPs / seconds the V-cycle's final stage needs to reach the 100% baseline's final loss.
+   Mean, min and max over seeds; the headline holds only if every seed saves.
 
-Wall-clock counts everything a user waits for: process start-up, per-rank loading and the operator
-applied at load time, training and the periodic evaluations (the same interval in every run).
+Every run lives in OUT/runs/NAME and is reused when finished (an interrupted protocol continues
+where it stopped). Wall-clock counts what a user waits for: process start-up, loading and the
+operator applied at load time, training and the periodic evaluations (the same interval in every
+run).
 
-    python benchmarks/savings.py [--quick] [--all] [--sweep] --out DIR
-    (the same as: mlmega bench savings [CONFIG] [--quick] [--all] [--sweep] --out DIR)
+    python benchmarks/savings.py [--quick] [--all] [--seeds N] --out DIR
+    (the same as: mlmega bench savings [CONFIG] [--quick] [--all] [--seeds N] --out DIR)
 
-Default: the GPT 2-level comparison (baseline + V-cycle). --all adds GPT 3-level and BERT (MLM)
-2- and 3-level; --sweep adds alpha / E_a / small-level-LR variants of the GPT 2-level V-cycle.
---quick shrinks every run to a smoke test (a minute; savings are not meaningful there).
-Writes DIR/report.json, DIR/report.md and DIR/savings.png; prints the table.
+Default: the GPT 2-level comparison; --all adds GPT 3-level and BERT 2- and 3-level. --quick runs
+the whole protocol at toy scale (minutes; the savings mean nothing there). Writes DIR/report.json,
+DIR/report.md and DIR/savings.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from mlmega.data.prepare import PrepareOptions, prepare
-from mlmega.launch.executor import LocalExecutor
-from mlmega.vcycle.plan import Plan, plan_vcycle
-from mlmega.vcycle.recipe import Recipe, recipe_from_dict
-from mlmega.vcycle.report import read_metrics
-from mlmega.vcycle.run import RunState, create_run, stage_dir
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # loaded by path (mlmega bench) or run as a script
+
+from benchmarks.frontier import AT_MOST, saving  # noqa: E402
+from mlmega.config.errors import ConfigError  # noqa: E402
+from mlmega.data.prepare import PrepareOptions, prepare  # noqa: E402
+from mlmega.launch.executor import LocalExecutor  # noqa: E402
+from mlmega.vcycle.plan import Plan, plan_vcycle  # noqa: E402
+from mlmega.vcycle.recipe import Recipe, recipe_from_dict  # noqa: E402
+from mlmega.vcycle.report import read_metrics  # noqa: E402
+from mlmega.vcycle.lock import RunLock  # noqa: E402
+from mlmega.vcycle.run import RunState, as_run, create_run, recipe_dict, stage_dir  # noqa: E402
+
+BUDGETS = (0.5, 0.625, 0.75, 0.875, 1.0)  # of the baseline's steps, each its own LR schedule
+MAX_SWEEP = 8  # baseline peak LRs at most (4 to start, extended while the best is at an end)
+SEEDS = (1234, 1235, 1236)
 
 
 @dataclass
@@ -59,11 +80,18 @@ def run_recipe(recipe: Recipe, run_dir: Path, data_dir: Path, baseline: bool,
     """Run the V-cycle (or its baseline) of ``recipe`` in ``run_dir``; reuse a finished run."""
     plan = plan_vcycle(recipe)
     stages = [plan.baseline] if baseline else list(plan.stages)
-    if (run_dir / "state.json").exists():
-        state = RunState.load(run_dir)
-    else:
-        state = create_run(plan, run_dir, data_dir, "local", stages)
-    LocalExecutor().launch(state, plan, log=log)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir, "bench savings"):
+        if (run_dir / "state.json").exists():
+            state = RunState.load(run_dir)
+            stored = run_dir / "recipe.yaml"  # read as today's Recipe: new options take defaults
+            if recipe_dict(recipe_from_dict(yaml.safe_load(stored.read_text()), str(stored))) != \
+                    recipe_dict(as_run(recipe, data_dir)):
+                raise ConfigError(f"{stored}: another recipe than {recipe.name} is now (the "
+                                  f"benchmark changed?); delete {run_dir} or use another --out")
+        else:
+            state = create_run(plan, run_dir, data_dir, "local", stages)
+        LocalExecutor().launch(state, plan, log=log)
     if any(s.status != "completed" for s in state.stages):
         raise RuntimeError(f"{run_dir}: the run did not complete; see {run_dir}/logs")
     return plan, curve_of(run_dir, state, "baseline" if baseline else recipe.name)
@@ -111,30 +139,6 @@ def compare(baseline: Curve, vcycle: Curve, final_stage: str) -> dict:
     return out
 
 
-def plot(curves: list[Curve], target: float, out: Path) -> Path:
-    """Validation loss against cumulative FLOPs (left) and wall-clock (right), every run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    for curve in curves:
-        style = dict(lw=2.2, color="black") if curve.name == "baseline" else dict(lw=1.4)
-        for ax, xs in ((axes[0], curve.flops), (axes[1], curve.seconds)):
-            ax.plot(xs, curve.loss, marker=".", label=curve.name, **style)
-    for ax, label in ((axes[0], "cumulative model FLOPs"), (axes[1], "wall-clock seconds")):
-        ax.axhline(target, color="grey", ls="--", lw=1, label="baseline final loss")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation loss")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
 def variant(base: dict, name: str, **changes) -> dict:
     """A copy of recipe dict ``base`` named ``name`` with dotted-key ``changes``."""
     data = copy.deepcopy(base)
@@ -148,40 +152,12 @@ def variant(base: dict, name: str, **changes) -> dict:
     return data
 
 
-def run_suite(suite: dict[str, dict], out: Path, data_dirs: dict[str, Path], log=print) -> dict:
-    """Run every V-cycle of ``suite`` (name -> recipe dict) against its architecture's baseline."""
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}, "curves": {}}
-    baselines: dict[str, Curve] = {}
-    for name, data in suite.items():
-        recipe = recipe_from_dict(data, f"<{name}>")
-        arch = recipe.model.arch
-        if arch not in baselines:
-            log(f"== baseline ({arch})")
-            _, baselines[arch] = run_recipe(recipe, out / f"baseline-{arch}", data_dirs[arch],
-                                            baseline=True, log=log)
-            baselines[arch].name = f"baseline-{arch}"
-            report["curves"][f"baseline-{arch}"] = baselines[arch].to_dict()
-        log(f"== {name}")
-        plan, curve = run_recipe(recipe, out / name, data_dirs[arch], baseline=False, log=log)
-        report["curves"][name] = curve.to_dict()
-        result = compare(baselines[arch], curve, plan.stages[-1].name)
-        result.update(arch=arch, levels=recipe.num_levels, alpha=recipe.schedule.alpha,
-                      coalesce_steps=list(recipe.schedule.coalesce_steps),
-                      bottom_steps=recipe.schedule.bottom_steps,
-                      decoalesce_steps=list(recipe.schedule.decoalesce_steps),
-                      lr=list(recipe.schedule.lr),
-                      planned_flops_saving_pct=plan.flops_saving_pct)
-        report["runs"][name] = result
-    return report
-
-
 def base_recipe(arch: str, quick: bool, levels: int) -> dict:
     """The benchmark's recipe: the paper's shape (E_a ~5% of the budget at the full size, the
     small level at a higher LR for half the steps, de-coalescing + interpolation, the rest at the
     full size), scaled to a CPU, with the choices measured on it (see the comments)."""
-    steps = 60 if quick else 2400  # the baseline's budget
-    layers, hidden, heads = (4, 64, 4) if quick else (4, 256, 8)
+    steps, batch = (32, 8) if quick else (2400, 16)  # the baseline's budget, the global batch
+    layers, hidden, heads = (4, 32, 4) if quick else (4, 256, 8)
     # preserve_function: de-coalescing keeps the small model's function (width: residual writers
     # scaled with the tied embeddings; depth: identity copies). On the 4L-256 GPT the final stage
     # starts at the small model's 3.93 (3.96 after interpolation) instead of 4.64.
@@ -198,9 +174,11 @@ def base_recipe(arch: str, quick: bool, levels: int) -> dict:
     else:
         schedule = dict(coalesce_steps=[steps // 20, steps // 20], bottom_steps=steps // 2,
                         decoalesce_steps=[steps * 5 // 8, steps // 8], lr=[1e-3, 2e-3, 4e-3])
+    if quick:  # 32 steps of a toy model want larger LRs (so the sweep starts around its best)
+        schedule["lr"] = [4 * lr for lr in schedule["lr"]]
     # alpha: the paper uses 0.25 (GPT) and 0.5 (BERT); with function-preserving de-coalescing
     # the large model's early weights only need to break the copies' symmetry: 0.9 (start 3.96;
-    # 0.5: 4.56; --sweep); BERT: the same reasoning, not measured
+    # 0.5: 4.56); BERT: the same reasoning, not measured
     schedule.update(alpha=0.9, baseline_steps=steps, bottom_decay="constant")
     return dict(
         name=f"{arch}-{levels}level",
@@ -208,94 +186,204 @@ def base_recipe(arch: str, quick: bool, levels: int) -> dict:
                    vocab_size=2048, max_sequence_length=128),
         levels=[level] * (levels - 1),
         schedule=schedule,
-        training=dict(seq_length=128 if not quick else 64, micro_batch_size=16,
-                      global_batch_size=16, warmup_steps=steps // 40, seed=1234,
-                      eval_interval=max(steps // 24, 2), eval_iters=4 if not quick else 1,
-                      log_interval=100),
+        training=dict(seq_length=32 if quick else 128, micro_batch_size=batch,
+                      global_batch_size=batch, warmup_steps=steps // 40, seed=SEEDS[0],
+                      eval_interval=steps // (4 if quick else 24), eval_iters=1 if quick else 4,
+                      log_interval=100, data_samples=2 * steps * batch),  # one stream for all runs
         data=dict(prepare=False),
         cluster=dict(executor="local"),
         sizing=dict(tp=1),
     )
 
 
-def suite(quick: bool, everything: bool, sweep: bool) -> dict[str, dict]:
-    gpt2 = base_recipe("gpt", quick, 2)
-    runs = {gpt2["name"]: gpt2}
-    if everything:
-        for arch, levels in (("gpt", 3), ("bert", 2), ("bert", 3)):
-            recipe = base_recipe(arch, quick, levels)
-            runs[recipe["name"]] = recipe
-    if sweep:
-        s = gpt2["schedule"]
-        for name, changes in {
-            "gpt-2level-alpha0.25": dict(schedule__alpha=0.25),
-            "gpt-2level-alpha0.5": dict(schedule__alpha=0.5),
-            "gpt-2level-Ea3.3%": dict(schedule__coalesce_steps=[s["coalesce_steps"][0] * 2 // 3]),
-            "gpt-2level-Ea15%": dict(schedule__coalesce_steps=[3 * s["coalesce_steps"][0]]),
-            "gpt-2level-lr2x": dict(schedule__lr=[s["lr"][0], 2 * s["lr"][0]]),
-            "gpt-2level-lr4x": dict(schedule__lr=[s["lr"][0], 4 * s["lr"][0]]),
-        }.items():
-            runs[name] = variant(gpt2, name, **changes)
-    return runs
+def comparisons(quick: bool, everything: bool) -> list[dict]:
+    """The base recipes compared: GPT 2-level; with ``everything`` also GPT 3-level and BERT."""
+    shapes = [("gpt", 2)] + ([("gpt", 3), ("bert", 2), ("bert", 3)] if everything else [])
+    return [base_recipe(arch, quick, levels) for arch, levels in shapes]
 
 
-def markdown(report: dict) -> str:
-    lines = ["| run | levels | alpha | final val loss (baseline) | FLOPs to reach | FLOPs saving "
-             "| seconds to reach | wall-clock saving |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in report["runs"].items():
-        pct = lambda v: "not reached" if v is None else f"{v:.1f}%"  # noqa: E731
-        num = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
-        lines.append(f"| {name} | {r['levels']} | {r['alpha']} | {r['vcycle_final_val_loss']:.4f} "
-                     f"({r['baseline_final_val_loss']:.4f}) | {num(r['flops_to_reach'])} | "
-                     f"{pct(r['flops_saving_pct'])} | {num(r['seconds_to_reach'])} | "
-                     f"{pct(r['wallclock_saving_pct'])} |")
-    return "\n".join(lines)
+def vcycle_knobs(recipe: dict) -> list[tuple[str, dict]]:
+    """The V-cycle's tuning trials, in the order they are tried: (name, recipe changes)."""
+    s = recipe["schedule"]
+    lr = s["lr"]
+    return [
+        ("default", {}),
+        ("lr-x2", dict(schedule__lr=[2 * x for x in lr])),
+        ("lr-x0.5", dict(schedule__lr=[x / 2 for x in lr])),
+        ("small-lr-x2", dict(schedule__lr=[lr[0], *(2 * x for x in lr[1:])])),
+        ("alpha-0.5", dict(schedule__alpha=0.5)),
+        ("Ea-x2", dict(schedule__coalesce_steps=[2 * x for x in s["coalesce_steps"]])),
+        ("final-x0.8", dict(schedule__decoalesce_steps=[
+            max(1, s["decoalesce_steps"][0] * 4 // 5), *s["decoalesce_steps"][1:]])),
+        ("small-lr-x0.5", dict(schedule__lr=[lr[0], *(x / 2 for x in lr[1:])])),
+    ]
+
+
+@dataclass
+class Protocol:
+    """Runs (cached under ``out/runs``) and the decisions of the protocol for one comparison."""
+
+    out: Path
+    data_dirs: dict[str, Path]
+    seeds: tuple[int, ...] = SEEDS
+    log: Callable[[str], None] = print
+
+    def run(self, name: str, recipe: dict, baseline: bool) -> tuple[Plan, Curve]:
+        parsed = recipe_from_dict(variant(recipe, name), f"<{name}>")
+        self.log(f"== {name}")
+        return run_recipe(parsed, self.out / "runs" / name, self.data_dirs[parsed.model.arch],
+                          baseline, log=self.log)
+
+    def baseline(self, recipe: dict, lr: float, budget: float, seed: int) -> Curve:
+        """The baseline at peak LR ``lr`` for ``budget`` of its steps, its schedule fitted."""
+        s, t = recipe["schedule"], recipe["training"]
+        name = f"{recipe['model']['arch']}-baseline-lr{lr:.3g}-b{budget:g}-s{seed}"
+        changed = variant(recipe, name, schedule__lr=[lr] * len(s["lr"]),  # V-cycle LRs unused
+                          schedule__baseline_steps=round(s["baseline_steps"] * budget),
+                          training__warmup_steps=round(t["warmup_steps"] * budget),
+                          training__seed=seed)
+        return self.run(name, changed, baseline=True)[1]
+
+    def vcycle(self, recipe: dict, trial: str, changes: dict, seed: int) -> tuple[Plan, Curve]:
+        name = f"{recipe['name']}-{trial}-s{seed}"
+        return self.run(name, variant(recipe, name, training__seed=seed, **changes), False)
+
+    def sweep_baseline(self, recipe: dict) -> list[dict]:
+        """Peak LRs a factor 2 apart around the recipe's, until the best is not at an end."""
+        seed, lr0 = self.seeds[0], recipe["schedule"]["lr"][0]
+        finals = {}
+        lrs = [lr0 * f for f in (0.5, 1, 2, 4)]
+        while True:
+            for lr in lrs:
+                if lr not in finals:
+                    curve = self.baseline(recipe, lr, 1.0, seed)
+                    finals[lr] = (curve.loss[-1], curve.flops[-1], curve.seconds[-1])
+            ordered = sorted(finals)
+            best = min(finals, key=lambda lr: finals[lr][0])
+            if len(finals) >= MAX_SWEEP or best not in (ordered[0], ordered[-1]):
+                break
+            lrs = [best / 2] if best == ordered[0] else [best * 2]
+        return [dict(lr=lr, final_loss=loss, flops=flops, seconds=secs, best=lr == best)
+                for lr, (loss, flops, secs) in sorted(finals.items())]
+
+    def frontier(self, recipe: dict, lr: float, seed: int) -> list[dict]:
+        points = []
+        for budget in BUDGETS:
+            curve = self.baseline(recipe, lr, budget, seed)
+            points.append(dict(budget=budget, flops=curve.flops[-1], seconds=curve.seconds[-1],
+                               final_loss=curve.loss[-1], curve=curve))
+        return points
+
+    def compare(self, recipe: dict) -> dict:
+        """The whole protocol for one base recipe; returns its report section."""
+        sweep = self.sweep_baseline(recipe)
+        best_lr = next(r["lr"] for r in sweep if r["best"])
+        scale = best_lr / recipe["schedule"]["lr"][0]  # the V-cycle starts from the tuned LR
+        tuned = variant(recipe, recipe["name"],
+                        schedule__lr=[x * scale for x in recipe["schedule"]["lr"]])
+        frontiers = {self.seeds[0]: self.frontier(recipe, best_lr, self.seeds[0])}
+        trials = []
+        for trial, changes in vcycle_knobs(tuned)[:len(sweep)]:
+            plan, curve = self.vcycle(tuned, trial, changes, self.seeds[0])
+            result = seed_result(self.seeds[0], frontiers[self.seeds[0]], plan, curve)
+            trials.append(dict(trial=trial, changes={k.replace("__", "."): v
+                                                     for k, v in changes.items()}, **result))
+        best = max(trials, key=lambda r: (r["compute_saving_pct"], -r["vcycle_final_loss"]))
+        for trial in trials:
+            trial["best"] = trial is best
+        per_seed, curves = [], {}
+        for seed in self.seeds:
+            frontier = frontiers.get(seed) or self.frontier(recipe, best_lr, seed)
+            plan, curve = self.vcycle(tuned, best["trial"], dict(vcycle_knobs(tuned))[
+                best["trial"]], seed)
+            per_seed.append(seed_result(seed, frontier, plan, curve))
+            if seed == self.seeds[0]:
+                curves = dict(frontier=[(p["flops"], p["final_loss"]) for p in frontier],
+                              baseline=frontier[-1]["curve"].to_dict(), vcycle=curve.to_dict())
+        return dict(name=recipe["name"], arch=recipe["model"]["arch"],
+                    levels=len(recipe["levels"]) + 1, baseline_sweep=sweep, best_lr=best_lr,
+                    vcycle_trials=trials, best_trial=best["trial"], seeds=per_seed,
+                    headline=headline(per_seed), curves=curves)
+
+
+def seed_result(seed: int, frontier: list[dict], plan: Plan, vcycle: Curve) -> dict:
+    """One seed's V-cycle against that seed's baseline frontier (FLOPs and wall-clock)."""
+    loss = vcycle.loss[-1]
+    flops = saving(vcycle.flops[-1], loss, [(p["flops"], p["final_loss"]) for p in frontier])
+    secs = saving(vcycle.seconds[-1], loss, [(p["seconds"], p["final_loss"]) for p in frontier])
+    reached = compare(frontier[-1]["curve"], vcycle, plan.stages[-1].name)
+    return dict(seed=seed, frontier=[{k: v for k, v in p.items() if k != "curve"}
+                                     for p in frontier],
+                vcycle_final_loss=loss, vcycle_flops=vcycle.flops[-1],
+                vcycle_seconds=vcycle.seconds[-1],
+                compute_saving_pct=100 * flops.value, compute_saving_bound=flops.bound,
+                wallclock_saving_pct=100 * secs.value, wallclock_saving_bound=secs.bound,
+                baseline_final_loss=reached["baseline_final_val_loss"],
+                flops_to_reach_baseline=reached["flops_to_reach"],
+                flops_saving_at_baseline_loss_pct=reached["flops_saving_pct"],
+                seconds_to_reach_baseline=reached["seconds_to_reach"],
+                wallclock_saving_at_baseline_loss_pct=reached["wallclock_saving_pct"])
+
+
+def headline(per_seed: list[dict]) -> dict:
+    """Mean, min and max over seeds; it holds only if every seed shows a saving."""
+    out = {}
+    for kind in ("compute", "wallclock"):
+        values = [r[f"{kind}_saving_pct"] for r in per_seed]
+        out[kind] = dict(mean=sum(values) / len(values), min=min(values), max=max(values),
+                         holds=all(r[f"{kind}_saving_pct"] > 0 and
+                                   r[f"{kind}_saving_bound"] != AT_MOST for r in per_seed))
+    return out
+
+
+def prepare_data(recipes: list[dict], out: Path) -> dict[str, Path]:
+    dirs = {}
+    for arch in sorted({r["model"]["arch"] for r in recipes}):
+        dirs[arch] = (out / f"data-{arch}").resolve()
+        prepare(PrepareOptions(out=dirs[arch], vocab_size=2048, arch=arch))
+    return dirs
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="The V-cycle against its baseline: FLOPs and "
-                                                 "wall-clock saving on the embedded corpus.")
+    parser = argparse.ArgumentParser(description="The V-cycle against a tuned baseline, over "
+                                                 "seeds: compute-equivalent FLOPs and wall-clock "
+                                                 "saving on the embedded corpus.")
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run(args)
+    return run(parser.parse_args(argv))
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("config", nargs="?", help="a recipe to compare (default: the built-in "
-                                                  "suite)")
+                                                  "GPT 2-level recipe)")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--quick", action="store_true", help="a smoke test of a few minutes")
-    parser.add_argument("--all", action="store_true", help="also GPT 3-level and BERT")
-    parser.add_argument("--sweep", action="store_true", help="alpha / E_a / LR variants")
+    parser.add_argument("--quick", action="store_true",
+                        help="the whole protocol at toy scale (minutes; savings not meaningful)")
+    parser.add_argument("--all", action="store_true", help="also GPT 3-level, BERT 2- and 3-level")
+    parser.add_argument("--seeds", type=int, default=len(SEEDS),
+                        help=f"seeds of the headline pair (default {len(SEEDS)})")
 
 
 def run(args) -> int:
-    if args.config:
-        import yaml
+    from benchmarks.report import write_report
 
+    if args.config:
         recipe = yaml.safe_load(Path(args.config).read_text())
         recipe.setdefault("data", {})["prepare"] = False
-        runs = {recipe["name"]: recipe}
+        plan = plan_vcycle(recipe_from_dict(recipe, args.config))
+        # one sample stream for every run of the protocol, long enough for any trial's V-cycle
+        recipe.setdefault("training", {}).setdefault("data_samples", 2 * plan.data_samples)
+        recipes = [recipe]
     else:
-        runs = suite(args.quick, args.all, args.sweep)
-    data_dirs = {}
-    for arch in sorted({r["model"]["arch"] for r in runs.values()}):
-        data_dirs[arch] = (args.out / f"data-{arch}").resolve()
-        prepare(PrepareOptions(out=data_dirs[arch], vocab_size=2048, arch=arch))
-    report = run_suite(runs, args.out.resolve(), data_dirs)
-    headline = report["runs"][next(iter(runs))]
-    report.update(quick=args.quick, flops_saving_pct=headline["flops_saving_pct"],
-                  wallclock_saving_pct=headline["wallclock_saving_pct"],
-                  baseline_final_val_loss=headline["baseline_final_val_loss"],
-                  command=" ".join(["python", "benchmarks/savings.py", *sys.argv[1:]]))
-    curves = [Curve(**c) for c in report["curves"].values()]
-    png = plot(curves, headline["baseline_final_val_loss"], args.out / "savings.png")
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    (args.out / "report.md").write_text(f"# V-cycle vs baseline ({report['date']})\n\n"
-                                        f"`{report['command']}`\n\n{table}\n\n![]({png.name})\n")
-    print(table)
-    print(f"report: {args.out / 'report.md'}, {args.out / 'report.json'}, {png}")
+        recipes = comparisons(args.quick, args.all)
+    out = args.out.resolve()
+    protocol = Protocol(out, prepare_data(recipes, out),
+                        tuple(SEEDS[0] + i for i in range(args.seeds)))
+    report = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), quick=args.quick,
+                  command=" ".join(["python", "benchmarks/savings.py", *sys.argv[1:]]),
+                  budgets=list(BUDGETS), seeds=list(protocol.seeds),
+                  comparisons=[protocol.compare(r) for r in recipes])
+    for path in write_report(report, out):
+        print(f"wrote {path}")
     return 0
 
 

@@ -4,6 +4,8 @@
                                           [--threads N] [--out DIR] [--check-train [DATA_DIR]]
     python benchmarks/train_throughput.py --device cuda --size gpt2-small [--peak-tflops 989]
                                           [--plain-compile] [--check-train DATA_DIR]
+                                          [--performance KEY=VALUE ...]
+    python benchmarks/train_throughput.py --suite [--out DIR]    # the GPU device check (README)
 
 Two implementations of the same GPT train in one process (world size 1: gloo on CPU, NCCL on GPU)
 on the same synthetic batches (random token ids, no data loading timed), with the same batch,
@@ -46,7 +48,22 @@ bf16 (the default on CUDA): build_model casts the whole model (norms and positio
 included); cast_stray_parameters is a guard that reports (WORKAROUND) and casts if that regresses.
 The H100 numbers in the closing note were measured with the guard active, before that fix.
 
-Results: a table on stdout and DIR/train_throughput.json (default DIR: benchmarks/out).
+--performance sets mlmega's performance switches (mlmega.config.performance: transformer_impl,
+distributed_optimizer, overlap_grad_reduce, overlap_param_gather, sequence_parallel, recompute,
+fused_kernels; resolved as a training run resolves them). On CUDA, megatron-core warms up alone
+first: its peak memory then (torch.cuda.max_memory_allocated) is reported against sizing's
+prediction (mlmega.vcycle.sizing.memory_per_gpu for the same model, batch and switches).
+
+--suite is the GPU device check: for GPT-2 small and gpt-1.3b (24 layers, h 2048, 16 heads, seq
+2048, micro-batch 4, global batch 8, bf16), each in a fresh process, mlmega with TE where it imports,
+the distributed optimizer and overlapped grad reduce / param gather, against plain PyTorch and plain
+PyTorch + torch.compile; then Megatron-LM's own pretrain_gpt.py (torchrun, 1 GPU, mock data, the same
+model, batch, optimizer and switches), timed from its logged ms/iteration after the same warm-up.
+MFU uses mlmega.models.flops.training_flops_per_token for every row.
+
+Results: a table on stdout and DIR/train_throughput.json (default DIR: benchmarks/out);
+--suite: DIR/<size>/train_throughput.json, DIR/<size>-megatron-lm.log and
+DIR/train_throughput_suite.json.
 """
 
 from __future__ import annotations
@@ -98,6 +115,11 @@ def preset(size: str):
                             vocab_size=50257, max_sequence_length=1024, tie_embeddings=True,
                             source="gpt2-small")
         return model, 1024, 8, 16, 6e-4
+    if size == "gpt-1.3b":  # GPT-3 XL shape (Brown et al. 2020): 24 layers, h 2048, 16 heads
+        model = ModelConfig(arch="gpt", num_layers=24, hidden_size=2048, num_attention_heads=16,
+                            vocab_size=50257, max_sequence_length=2048, tie_embeddings=True,
+                            source="gpt-1.3b")
+        return model, 2048, 4, 8, 2e-4
     raise SystemExit(f"unknown --size {size!r}")
 
 
@@ -207,8 +229,9 @@ def plain_trainer(cfg, model_cfg, device: torch.device, bf16: bool, lr: float, c
 
 
 # -- megatron-core through mlmega -----------------------------------------------------------------
-def megatron_trainer(cfg, device: torch.device):
-    """(step function, parameter count, dtype): mlmega.train.loop's objects and step body."""
+def megatron_trainer(cfg, device: torch.device, perf):
+    """(step function, parameter count, dtype): mlmega.train.loop's objects and step body, with the
+    resolved performance switches ``perf``."""
     from megatron.core import parallel_state as ps
 
     from mlmega.models.build import build_model
@@ -216,12 +239,12 @@ def megatron_trainer(cfg, device: torch.device):
 
     dtype = loop._dtype(cfg)
     model = build_model(cfg.model, cfg.tp, cfg.pp, pre_process=ps.is_pipeline_first_stage(),
-                        post_process=ps.is_pipeline_last_stage(), dtype=dtype)
+                        post_process=ps.is_pipeline_last_stage(), dtype=dtype, perf=perf)
     cast_stray_parameters(model, dtype)
     if device.type == "cuda":
         model.cuda()
     count = sum(p.numel() for p in model.parameters())
-    ddp, optimizer, scheduler = loop._optimizer(model, cfg, dtype)
+    ddp, optimizer, scheduler = loop._optimizer(model, cfg, dtype, perf)
     step_fn = partial(loop._run_step, ddp=ddp, cfg=cfg)
 
     # The body of train()'s loop, minus logging, in two phases.
@@ -378,9 +401,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--size", choices=("tiny", "gpt2-small"), default=None,
-                        help="tiny (configs/tiny-gpt.yaml; default on CPU) or gpt2-small "
-                             "(default on CUDA)")
+    parser.add_argument("--size", choices=("tiny", "gpt2-small", "gpt-1.3b"), default=None,
+                        help="tiny (configs/tiny-gpt.yaml; default on CPU), gpt2-small "
+                             "(default on CUDA) or gpt-1.3b (seq 2048)")
+    parser.add_argument("--performance", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="mlmega's performance switches (mlmega.config.performance), e.g. "
+                             "distributed_optimizer=true overlap_grad_reduce=true")
+    parser.add_argument("--suite", action="store_true",
+                        help="the device check: GPT-2 small and gpt-1.3b, mlmega (TE where it "
+                             "imports, distributed optimizer, overlap) vs plain PyTorch + "
+                             "torch.compile vs Megatron-LM's pretrain_gpt.py (see README)")
+    parser.add_argument("--megatron-lm", type=Path, default=None,
+                        help="--suite: Megatron-LM checkout with pretrain_gpt.py (default: "
+                             "../shared/peers/megatron-lm-core_v0.16.1, else .device-peer)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per block "
                         "(default 10 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the repeats")
@@ -406,6 +439,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = parser.parse_args(argv)
+    if args.suite:
+        return suite(args)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -428,19 +463,30 @@ def main(argv=None) -> int:
     args.repeats = args.repeats or (7 if device.type == "cpu" else 5)
     peak = args.peak_tflops or (989.0 if device.type == "cuda" else None)
 
+    import yaml
+
+    from mlmega.config.performance import PerformanceConfig
+    from mlmega.config.sections import section_from_mapping
     from mlmega.models.flops import training_flops_per_token
     from mlmega.parallel.setup import init_model_parallel, init_process_group, teardown
     from mlmega.config.train import OptimizerConfig, TrainConfig
+    from mlmega.vcycle.sizing import memory_per_gpu
 
     model_cfg, seq, micro, global_batch, lr = preset(size)
     seq = args.seq_length or seq
     micro = args.micro_batch or micro
     global_batch = args.global_batch or global_batch
-    total_steps = args.warmup + args.repeats * (steps + 1) + steps + 1  # the LR schedule's length
+    # the LR schedule's length (on CUDA megatron-core warms up twice: alone, for its peak memory)
+    total_steps = 2 * args.warmup + args.repeats * (steps + 1) + steps + 1
     cfg = TrainConfig(model=model_cfg, data_dir="<synthetic>", save_dir="<none>", steps=total_steps,
                       seq_length=seq, micro_batch_size=micro, global_batch_size=global_batch,
                       optimizer=OptimizerConfig(lr=lr, warmup_steps=0), precision=args.precision,
-                      seed=args.seed, source=f"--size {size}")
+                      seed=args.seed, source=f"--size {size}",
+                      performance=section_from_mapping(
+                          PerformanceConfig, {k: yaml.safe_load(v) for k, v in
+                                              (item.split("=", 1) for item in args.performance)},
+                          "--performance"))
+    perf = cfg.performance.resolved("gpt", 1, 1, device.type == "cuda")
 
     load_at_start = list(os.getloadavg())
     init_process_group(rank=0, world_size=1)  # gloo + CPU shims on CPU, NCCL on GPU
@@ -451,8 +497,22 @@ def main(argv=None) -> int:
     flops_per_step = flops_per_token * tokens_per_step
     batches = synthetic_batches(cfg, device)
 
-    mega_step, mega_params, dtype = megatron_trainer(cfg, device)
+    mega_step, mega_params, dtype = megatron_trainer(cfg, device, perf)
     bf16 = dtype == torch.bfloat16
+    memory = {}
+    if device.type == "cuda":  # mlmega's peak alone: warmed up before the plain models exist
+        torch.cuda.reset_peak_memory_stats()
+        for i in range(args.warmup):
+            mega_step(batches[i % len(batches)])
+        sync(device)
+        predicted = memory_per_gpu(model_cfg, 1, 1, 1, micro, seq, perf)
+        memory = dict(peak_gib_measured=torch.cuda.max_memory_allocated() / 2 ** 30,
+                      peak_gib_predicted=predicted.total_gb * 1e9 / 2 ** 30,
+                      predicted_bytes=predicted.__dict__)
+        memory["predicted_over_measured"] = memory["peak_gib_predicted"] / \
+            memory["peak_gib_measured"]
+        print(f"megatron-core peak memory {memory['peak_gib_measured']:.2f} GiB measured, "
+              f"{memory['peak_gib_predicted']:.2f} GiB predicted by sizing", flush=True)
     plain_step, plain_params, = plain_trainer(cfg, model_cfg, device, bf16, lr, compile_=False)
     impls = {"megatron-core": mega_step, "plain-pytorch": plain_step}
     if args.plain_compile:
@@ -561,7 +621,8 @@ def main(argv=None) -> int:
         threads=torch.get_num_threads(), cpu_count=os.cpu_count(), torch=torch.__version__,
         megatron_core=_version("megatron-core"), python=platform.python_version(),
         data="synthetic random tokens (same batches for both implementations)",
-        precision=str(dtype).replace("torch.", ""),
+        precision=str(dtype).replace("torch.", ""), performance=perf.__dict__,
+        megatron_core_memory=memory,
         plain_precision=("autocast bf16, fp32 weights" if bf16 else "fp32"),
         model=model_cfg.to_dict(), padded_vocab_size=model_cfg.padded_vocab_size(1),
         parameters=dict(megatron_core=mega_params, plain_pytorch=plain_params),
@@ -583,6 +644,136 @@ def main(argv=None) -> int:
     print(f"wrote {path}")
     teardown()
     return 0
+
+
+# -- the device check: mlmega vs plain PyTorch + compile vs Megatron-LM ---------------------------
+SUITE = {  # size: (warm-up steps, timed steps per repeat, repeats): ~10 min on one H200 in all
+    "gpt2-small": (3, 10, 3),
+    "gpt-1.3b": (2, 5, 3),
+}
+MLMEGA_SWITCHES = ("distributed_optimizer=true", "overlap_grad_reduce=true",
+                   "overlap_param_gather=true")
+
+
+def suite(args) -> int:
+    """Each size in a fresh process (clean peak memory): mlmega with TE (where it imports), the
+    distributed optimizer and overlapped grad reduce / param gather, against plain PyTorch and
+    plain PyTorch + torch.compile; then Megatron-LM's pretrain_gpt.py on the same model, batch and
+    step count. One table, and DIR/train_throughput_suite.json."""
+    import subprocess
+
+    peak = args.peak_tflops or 989.0
+    megatron_lm = _megatron_lm_checkout(args.megatron_lm)
+    rows, report = [], dict(benchmark="train_throughput_suite", peak_tflops=peak, sizes={})
+    for size, (warmup, steps, repeats) in SUITE.items():
+        out = args.out / size
+        cmd = [sys.executable, __file__, "--device", "cuda", "--size", size, "--plain-compile",
+               "--warmup", str(warmup), "--steps", str(steps), "--repeats", str(repeats),
+               "--no-breakdown", "--peak-tflops", str(peak), "--out", str(out),
+               "--performance", *MLMEGA_SWITCHES]
+        print(f"\n== {size}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, text=True)
+        entry = {"returncode": proc.returncode}
+        if proc.returncode == 0:
+            result = json.loads((out / "train_throughput.json").read_text())
+            entry["mlmega"] = result
+            for impl, res in result["results"].items():
+                rows.append((size, impl if impl != "megatron-core" else
+                             f"mlmega ({result['performance']['transformer_impl']})", res,
+                             result["megatron_core_memory"] if impl == "megatron-core" else {}))
+        if megatron_lm is None:
+            entry["megatron_lm"] = "skipped: no Megatron-LM checkout with pretrain_gpt.py"
+        else:
+            entry["megatron_lm"] = run_megatron_lm(megatron_lm, size, warmup, steps * repeats,
+                                                   peak, args.out / f"{size}-megatron-lm.log")
+            if "tokens_per_s" in entry["megatron_lm"]:
+                rows.append((size, f"Megatron-LM pretrain_gpt ({entry['megatron_lm']['impl']})",
+                             entry["megatron_lm"], entry["megatron_lm"]))
+        report["sizes"][size] = entry
+    print(f"\n{'size':11s} {'implementation':34s} {'ms/step':>9s} {'tokens/s':>11s} "
+          f"{'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} {'sizing GiB':>10s}")
+    for size, impl, res, mem in rows:
+        print(f"{size:11s} {impl:34s} {res['step_seconds_median'] * 1e3:9.1f} "
+              f"{res['tokens_per_s']:11,.0f} {res['flops_per_s'] / 1e12:8.1f} "
+              f"{res['mfu'] * 100:5.1f}% {mem.get('peak_gib_measured', float('nan')):9.2f} "
+              f"{mem.get('peak_gib_predicted', float('nan')):10.2f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_throughput_suite.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out / 'train_throughput_suite.json'}")
+    return 0 if all(e["returncode"] == 0 for e in report["sizes"].values()) else 1
+
+
+def _megatron_lm_checkout(given: Path | None) -> Path | None:
+    for root in ([given] if given else [REPO.parent / "shared" / "peers" /
+                                        "megatron-lm-core_v0.16.1", REPO / ".device-peer"]):
+        if root is not None and (root / "pretrain_gpt.py").is_file():
+            return root
+    return None
+
+
+def megatron_lm_args(size: str, iters: int) -> tuple[list[str], str]:
+    """pretrain_gpt.py's arguments for the preset ``size`` (same model, batch, optimizer, bf16,
+    distributed optimizer and overlap as mlmega's row; mock data), and the layer spec it uses."""
+    import importlib.util
+
+    model, seq, micro, global_batch, lr = preset(size)
+    impl = "transformer_engine" if importlib.util.find_spec("transformer_engine") else "local"
+    argv = ["--num-layers", model.num_layers, "--hidden-size", model.hidden_size,
+            "--num-attention-heads", model.num_attention_heads, "--ffn-hidden-size",
+            model.ffn_hidden_size, "--seq-length", seq, "--max-position-embeddings",
+            model.max_sequence_length, "--position-embedding-type", "learned_absolute",
+            "--micro-batch-size", micro, "--global-batch-size", global_batch, "--train-iters",
+            iters, "--lr", lr, "--min-lr", 0.0, "--lr-decay-style", "linear", "--weight-decay",
+            0.01, "--adam-beta2", 0.95, "--clip-grad", 1.0, "--bf16", "--init-method-std", 0.02,
+            "--attention-dropout", 0.0, "--hidden-dropout", 0.0, "--mock-data",
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", model.vocab_size,
+            "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+            "--transformer-impl", impl, "--log-interval", 1, "--log-throughput",
+            "--eval-iters", 0, "--eval-interval", 10 ** 6, "--seed", 1234,
+            "--distributed-backend", "nccl"]
+    if impl == "local":  # the fused kernels of the local spec need apex
+        argv += ["--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
+                 "--no-persist-layer-norm"]
+    return [str(a) for a in argv], impl
+
+
+def run_megatron_lm(root: Path, size: str, warmup: int, iters: int, peak: float,
+                    log: Path) -> dict:
+    """pretrain_gpt.py under torchrun (1 GPU); its logged ms/iteration after ``warmup`` iterations
+    and its max allocated memory, with mlmega's FLOPs formula for MFU."""
+    import re
+    import subprocess
+
+    from mlmega.models.flops import training_flops_per_token
+
+    argv, impl = megatron_lm_args(size, warmup + iters)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+           str(root / "pretrain_gpt.py"), *argv]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               CUDA_DEVICE_MAX_CONNECTIONS="1")
+    print(f"\n== {size}: Megatron-LM {' '.join(cmd[3:])}", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=300)
+    except subprocess.TimeoutExpired as err:
+        log.write_text(str(err.stdout or "") + str(err.stderr or ""))
+        return dict(impl=impl, error="timed out after 300 s", log=str(log))
+    text = proc.stdout + proc.stderr
+    log.write_text(text)
+    times = [float(m) / 1e3 for m in
+             re.findall(r"iteration\s+\d+/\s*\d+ \|.*?elapsed time per iteration \(ms\): "
+                        r"([\d.]+)", text)]
+    if proc.returncode != 0 or len(times) <= warmup:
+        return dict(impl=impl, error=f"exit {proc.returncode}, {len(times)} iterations logged",
+                    log=str(log), tail=text[-2000:])
+    model, seq, _, global_batch, _ = preset(size)
+    tokens = seq * global_batch
+    out = summarize(times[warmup:], 1, tokens, training_flops_per_token(model, seq) * tokens, peak)
+    found = re.findall(r"max allocated: ([\d.]+)", text)
+    if found:
+        out["peak_gib_measured"] = float(found[-1]) / 1024
+    out.update(impl=impl, iterations_measured=len(times) - warmup, log=str(log))
+    return out
 
 
 def _version(dist: str) -> str | None:

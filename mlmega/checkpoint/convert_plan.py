@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from mlmega.checkpoint.atomic import check_destination
 from mlmega.checkpoint.formats import FORMATS, open_checkpoint
@@ -53,18 +53,24 @@ class ConversionPlan:
 
 
 def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, target_tp: Optional[int] = None,
-                    target_pp: Optional[int] = None, schemes: Optional[LevelSchemes] = None,
+                    target_pp: Optional[int] = None,
+                    target_layers: Optional[Sequence[int]] = None,
+                    schemes: Optional[LevelSchemes] = None,
                     large: Optional[str | Path] = None, alpha: Optional[float] = None,
                     fmt: str = "torch", overwrite: bool = False, checksums: bool = False,
                     vocab_size: Optional[int] = None,
                     tokenizer: Optional[str | Path] = None, verify: bool = True,
-                    check_finite: bool = False) -> ConversionPlan:
+                    check_finite: bool = False,
+                    target_impl: Optional[str] = None) -> ConversionPlan:
     """Open and validate the inputs and the target layout; raises ConfigError on bad input.
 
+    ``target_layers``: the layers of each output pipeline stage (an uneven split).
     ``vocab_size`` / ``tokenizer``: the source's true vocabulary where its args lack it
     (:func:`mlmega.checkpoint.vocab.true_vocab_size`). The target's vocabulary is padded by
     Megatron-LM's rule for its TP size (rows past the source's padding are zero).
-    ``verify``: check records' checksums; ``check_finite``: refuse NaN/Inf source tensors."""
+    ``verify``: check records' checksums; ``check_finite``: refuse NaN/Inf source tensors.
+    ``target_impl``: the layer spec whose parameter names the target uses (local or
+    transformer_engine; default: the source's)."""
     if op not in OPS:
         raise ConfigError(f"unknown conversion {op!r}; expected one of {OPS}")
     if fmt not in FORMATS:
@@ -96,12 +102,28 @@ def plan_conversion(op: str, src: str | Path, dst: Optional[str | Path], *, targ
         if alpha is None or not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"--alpha={alpha!r}: expected a number in [0, 1]")
         large_ckpt = open_checkpoint(large, vocab_size=cfg.vocab_size)
-        if large_ckpt.layout.cfg.replace(source="") != cfg.replace(source=""):
-            raise CheckpointError(f"{large}: its model {large_ckpt.layout.cfg.to_dict()} is not the "
-                                  f"de-coalesced model {cfg.to_dict()} of {src}")
+        if large_ckpt.layout.cfg != cfg:
+            raise CheckpointError(f"--large {large}: its model is not --src {src} de-coalesced "
+                                  f"(--large vs de-coalesced --src): "
+                                  f"{large_ckpt.layout.cfg.differences(cfg)}")
         large_ckpt.validate_tensors()
         layout = large_ckpt.layout  # default target layout: the large level's own
-    target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp)
+    if target_layers is not None:
+        if target_pp is not None and target_pp != len(target_layers):
+            raise ConfigError(f"--target-pp={target_pp} and --target-pp-layers="
+                              f"{','.join(map(str, target_layers))}: expected "
+                              f"{len(target_layers)} stages in both")
+        target_pp, target_layers = len(target_layers), tuple(target_layers)
+    target = ShardLayout(cfg, target_tp or layout.tp, target_pp or layout.pp, target_layers,
+                         transformer_impl=target_impl or layout.transformer_impl)
+    same = (target.tp, target.layers_per_pp_stage, target.padded_vocab,
+            target.transformer_impl) == (layout.tp, layout.layers_per_pp_stage,
+                                         layout.padded_vocab, layout.transformer_impl)
+    if op == "reshard" and dst is not None and fmt == source.format and same:
+        raise ConfigError(f"convert reshard: --src {src} is already TP={layout.tp}, "
+                          f"PP={layout.pp} (layers per stage "
+                          f"{','.join(map(str, layout.layers_per_pp_stage))}) in format {fmt}; "
+                          f"give another --target-tp, --target-pp, --target-pp-layers or --format")
     return ConversionPlan(op, src, dst, target, source.iteration, level,
                           Path(large) if large else None, 0.5 if alpha is None else alpha, fmt,
                           checksums, source.layout.cfg.vocab_size, source.vocab_source,

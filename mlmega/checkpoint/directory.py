@@ -104,9 +104,9 @@ def layers_per_pp_stage(args: argparse.Namespace, cfg: ModelConfig, pp: int) -> 
         return None
     middle_stages = pp - (first is not None) - (last is not None)
     rest = cfg.num_layers - (first or 0) - (last or 0)
-    if middle_stages <= 0 or rest % middle_stages:
+    if bool(rest) != bool(middle_stages) or (middle_stages and rest % middle_stages):
         raise CheckpointError(f"args: decoder_first/last_pipeline_num_layers={first}/{last} do not "
                               f"split {cfg.num_layers} layers over PP={pp}")
-    middle = rest // middle_stages
+    middle = rest // middle_stages if middle_stages else 0
     return tuple(([first] if first is not None else []) + [middle] * middle_stages
                  + ([last] if last is not None else []))

@@ -15,7 +15,9 @@ megatron-core 0.16 stores (local layer spec and TransformerEngine spec alike):
     ``decoder.layers.mlp.linear_fc1.weight`` of shape [num_layers, 2F, D] (offset = global layer);
   * the layer norms under TE's fused names: ``input_layernorm.{weight,bias}`` ->
     ``self_attention.linear_qkv.layer_norm_{weight,bias}``, ``pre_mlp_layernorm.*`` ->
-    ``mlp.linear_fc1.layer_norm_*``;
+    ``mlp.linear_fc1.layer_norm_*`` (:data:`mlmega.models.naming.TE_FUSED_NORMS`), so the tensors
+    of a TE-trained and a local-spec checkpoint are keyed alike; the layout's ``transformer_impl``
+    (``args.transformer_impl``) decides which modules' ``_extra_state`` are written;
   * SwiGLU fc1 as the global [G; U] (each TP rank writes its gate and up halves as two chunks),
     fused QKV as the global group-major rows, i.e. exactly mlmega's canonical TP=1 layouts;
   * the word embeddings (and an untied / BERT ``output_layer``) with the vocabulary padded for
@@ -60,8 +62,8 @@ from mlmega.checkpoint.directory import (CHECKPOINT_VERSION, TRACKER, iteration_
                                          latest_directory, layers_per_pp_stage, load_file)
 from mlmega.config.errors import CheckpointError
 from mlmega.config.model import ModelConfig
-from mlmega.models.naming import (EXTRA_STATE_MODULES, MODEL_PREFIXES, OUTPUT_LAYER,
-                                  arch_from_keys, block_name)
+from mlmega.models.naming import (MODEL_PREFIXES, OUTPUT_LAYER, TE_FUSED_NORMS, arch_from_keys,
+                                  block_name, extra_state_modules)
 from mlmega.models.params import ParamSpec, global_shape, iter_params, param_index, space_layout
 
 BACKEND = "torch_dist"
@@ -70,10 +72,6 @@ COMMON_FILE = "common.pt"
 METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's index of keys, chunks and files
 DATA_SUFFIX = ".distcp"
 _INDEX_PART = ".mlmega-index-{rank}.json"  # a writer rank's part of .metadata (finalize removes)
-# megatron-core's local spec maps the separate norms to TE's fused-norm keys
-# (its sharded_state_dict_keys_map).
-_NORM_KEYS = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
-              ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
 # What Megatron-LM (0.16) records as the content metadata of the sharded state dict it saves.
 CONTENT_METADATA = {"singleton_local_shards": False,
                     "distrib_optim_sharding_type": "dp_reshardable",
@@ -86,7 +84,7 @@ def _layer_module(cfg: ModelConfig, spec: ParamSpec, fused_norm_names: bool = Tr
     prefix = f"{block_name(cfg)}.layers.{{}}."
     rest = spec.template[len(prefix):]
     if fused_norm_names:
-        for old, new in _NORM_KEYS:
+        for old, new in TE_FUSED_NORMS:  # the local spec's sharded_state_dict_keys_map
             if rest.startswith(old):
                 return new + rest[len(old):]
     return rest
@@ -187,11 +185,15 @@ class DistCheckpoint(CheckpointReader):
                 args, arch=arch or arch_from_keys(metadata.state_dict_metadata), source=source,
                 vocab_size=vocab)
             if cfg is not None and cfg.replace(source=found.source) != found:
-                raise CheckpointError(f"{source}: checkpoint args describe {found.to_dict()}, which "
-                                      f"does not match the given model config {cfg.to_dict()}")
+                raise CheckpointError(f"{source}: checkpoint args describe another model than "
+                                      f"the given model config (checkpoint vs given): "
+                                      f"{found.differences(cfg)}")
             tp = getattr(args, "tensor_model_parallel_size", 1) or 1
             pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
-            layout = ShardLayout(found, tp, pp, layers_per_pp_stage(args, found, pp), padded)
+            impl = getattr(args, "transformer_impl", "local")
+            layout = ShardLayout(found, tp, pp, layers_per_pp_stage(args, found, pp), padded,
+                                 transformer_impl="transformer_engine"
+                                 if impl == "transformer_engine" else "local")
         stored = common.get("iteration")
         if not release and isinstance(stored, int) and stored != iteration:
             raise CheckpointError(f"{common_path}: iteration {stored} differs from {iteration} "
@@ -435,7 +437,7 @@ def rank_chunks(layout: ShardLayout, tp_rank: int, pp_rank: int,
     torch.save([None], no_state)  # what megatron stores for a module without extra state
     block = block_name(cfg)
     for layer in layout.pp_stage_layers(pp_rank):
-        for module in EXTRA_STATE_MODULES:
+        for module in extra_state_modules(layout.transformer_impl):
             yield Chunk(f"{block}.layers.{module}._extra_state/shard_{layer}_{cfg.num_layers}",
                         no_state.getvalue())
     if cfg.arch == "bert" and pp_rank == layout.pp - 1:  # GPTModel drops its output layer's

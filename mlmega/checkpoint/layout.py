@@ -9,7 +9,8 @@ splitting pads with zero rows to the target's padded size. A layout's padded siz
 truth of the files: Megatron's converter keeps a source's padding when it changes the TP size).
 PP gives each stage a contiguous block of layers numbered locally, the embeddings to the first
 stage, the final norm and heads to the last and, with tied embeddings and PP > 1, the last stage
-its own ``output_layer.weight`` copy.
+its own ``output_layer.weight`` copy. Local names follow the layout's ``transformer_impl`` (TE's
+fused layer-norm names, or local's); global names are always the parameter table's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
-from mlmega.models.naming import TIED_OUTPUT, WORD_EMBEDDINGS
+from mlmega.models.naming import TIED_OUTPUT, TRANSFORMER_IMPLS, WORD_EMBEDDINGS, impl_name
 from mlmega.models.params import FIRST, LAST, ParamSpec, parameter_table, space_layout
 
 
@@ -45,11 +46,15 @@ class ShardLayout:
     pp: int = 1
     layers_per_pp_stage: Optional[tuple[int, ...]] = None  # None: an even split
     padded_vocab: Optional[int] = None  # vocab rows over all TP ranks; None: Megatron's rule
+    transformer_impl: str = "local"  # the layer spec whose parameter names the shards use
 
     def __post_init__(self) -> None:
         cfg, tp, pp = self.cfg, self.tp, self.pp
         if tp < 1 or pp < 1:
             raise ConfigError(f"TP={tp}, PP={pp}: expected positive sizes")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ConfigError(f"transformer_impl={self.transformer_impl!r}: expected one of "
+                              f"{TRANSFORMER_IMPLS}")
         if self.padded_vocab is None:
             object.__setattr__(self, "padded_vocab", cfg.padded_vocab_size(tp))
         elif self.padded_vocab % tp or self.padded_vocab < cfg.vocab_size:
@@ -70,6 +75,10 @@ class ShardLayout:
         elif len(stages) != pp or sum(stages) != cfg.num_layers or min(stages) < 1:
             raise ConfigError(f"layers_per_pp_stage={list(stages)}: expected {pp} positive counts "
                               f"summing to num_layers={cfg.num_layers}")
+        elif len(set(stages[1:-1])) > 1:  # Megatron's args name the first and last stage only
+            raise ConfigError(f"layers_per_pp_stage={list(stages)}: the stages between the first "
+                              f"and the last must hold equal numbers of layers (Megatron's "
+                              f"decoder_first/last_pipeline_num_layers)")
 
     # -- pipeline placement -------------------------------------------------------------------
     @property
@@ -88,12 +97,16 @@ class ShardLayout:
         for spec in table:
             if spec.per_layer:
                 for local, layer in enumerate(self.pp_stage_layers(pp_rank)):
-                    yield LocalParam(spec.template.format(local), spec.name(layer), spec, layer)
+                    yield LocalParam(self.local_name(spec, local), spec.name(layer), spec, layer)
             elif (spec.pp_stage == FIRST and first) or (spec.pp_stage == LAST and last):
                 yield LocalParam(spec.template, spec.template, spec, None)
         if self.cfg.tie_embeddings and last and not first:
             embedding = next(s for s in table if s.template == WORD_EMBEDDINGS)
             yield LocalParam(TIED_OUTPUT, WORD_EMBEDDINGS, embedding, None)
+
+    def local_name(self, spec: ParamSpec, local_layer: Optional[int] = None) -> str:
+        """The name a pp stage's model gives ``spec`` (at local layer index ``local_layer``)."""
+        return impl_name(spec.name(local_layer), self.transformer_impl)
 
     def pp_stage_of_layer(self, layer: int) -> int:
         for pp_rank in range(self.pp):
@@ -205,7 +218,10 @@ class ShardLayout:
                     padded_vocab_size=self.padded_vocab, fp16=dtype == torch.float16,
                     bf16=dtype == torch.bfloat16, params_dtype=dtype,
                     tokenizer_type="HuggingFaceTokenizer", tokenizer_model=None,
-                    consumed_train_samples=0, consumed_valid_samples=0)
+                    consumed_train_samples=0, consumed_valid_samples=0,
+                    transformer_impl=self.transformer_impl)
+        if self.cfg.arch == "bert" and self.transformer_impl == "transformer_engine":
+            args.update(spec=None)  # pretrain_bert.py: its TE spec
         return args
 
 

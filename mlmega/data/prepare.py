@@ -197,6 +197,29 @@ def read_meta(out: os.PathLike | str) -> dict:
     return meta
 
 
+def check_prepared(out: os.PathLike | str, arch: str, vocab_size: int, where: str,
+                   requested_vocab_size: Optional[int] = None) -> dict:
+    """The prepared directory ``out`` serves a model of ``arch`` with ``vocab_size`` token ids (and,
+    when given, was trained to ``requested_vocab_size`` tokens); its meta, or a ConfigError naming
+    the mismatch. ``where`` names what asks (a recipe, a stage config)."""
+    meta = read_meta(out)
+    if meta.get("arch") != arch:
+        raise ConfigError(f"{where}: {out} was prepared for arch {meta.get('arch')!r}, the model "
+                          f"is {arch!r} (prepare it with --arch {arch}, or point data.dir elsewhere)")
+    if not _outputs_intact(Path(out), meta):
+        raise ConfigError(f"{out}: files are missing or differ from {META_NAME}; prepare it again")
+    tokens = meta.get("vocab_size")
+    if not isinstance(tokens, int) or tokens > vocab_size:
+        raise ConfigError(f"{where}: model.vocab_size={vocab_size} is smaller than the tokenizer "
+                          f"of {out} ({tokens} tokens)")
+    requested = meta.get("tokenizer", {}).get("requested_vocab_size")
+    if requested_vocab_size is not None and requested not in (None, requested_vocab_size):
+        raise ConfigError(f"{where}: data.vocab_size={requested_vocab_size} but {out} was prepared "
+                          f"with a {requested}-token tokenizer (prepare it again, or set "
+                          f"data.vocab_size: {requested})")
+    return meta
+
+
 # -- internals -------------------------------------------------------------------------------------
 def _check_options(opts: PrepareOptions) -> None:
     if opts.arch not in ARCHES:

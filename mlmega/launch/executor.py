@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from mlmega.launch.local import run_ranks_locally
+from mlmega.vcycle.lock import holder
 from mlmega.vcycle.plan import Plan
 from mlmega.vcycle.run import (CANCELLED, COMPLETED, FAILED, FINAL_STATES, RUNNING, RunState,
                                stage_config_path, stage_finished)
@@ -31,7 +32,7 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def refresh(self, state: RunState, plan: Plan) -> None:
-        """Update stage statuses from what the jobs did."""
+        """Update stage statuses (in memory) from what the jobs did."""
 
     @abc.abstractmethod
     def cancel(self, state: RunState) -> None:
@@ -40,6 +41,10 @@ class Executor(abc.ABC):
     def check(self, plan: Plan, run_dir: Path) -> None:
         """Raise ConfigError for what this executor cannot start (called before the run directory
         is written or anything is submitted)."""
+
+    def check_cluster(self, plan: Plan) -> None:
+        """Raise ConfigError for what the cluster itself refuses (asked of the cluster; called
+        before the run directory is written, not for --dry-run)."""
 
 
 class LocalExecutor(Executor):
@@ -65,14 +70,14 @@ class LocalExecutor(Executor):
             entry.attempts += 1
             entry.started, entry.ended = time.time(), None
             state.save()
+            log_dir = local_log_dir(run_dir, stage.name, entry.job_id)
             log(f"[{stage.name}] level {stage.level}: {stage.model.num_layers}L-"
                 f"{stage.model.hidden_size}, {stage.steps} steps on {stage.resources.world} "
-                f"rank(s)")
-            log_dir = run_dir / "logs" / stage.name
-            log_dir.mkdir(parents=True, exist_ok=True)
+                f"rank(s); logs {log_dir}")
             code = run_ranks_locally(["train", str(stage_config_path(run_dir, stage.name))],
-                                     stage.resources.world, log_dir=str(log_dir))
+                                     stage.resources.world, log_dir=log_dir, job=log_dir.name)
             entry.exit_code, entry.ended = code, time.time()
+            entry.wall[entry.job_id] = entry.ended - entry.started
             entry.status = COMPLETED if code == 0 and stage_finished(run_dir, stage) else \
                 CANCELLED if code in (3, -signal.SIGTERM) else FAILED
             if entry.status == CANCELLED:  # `mlmega cancel` stops the whole run
@@ -86,25 +91,28 @@ class LocalExecutor(Executor):
                 return
 
     def refresh(self, state: RunState, plan: Plan) -> None:
+        # a local stage runs while its coordinator ("local:PID") holds the run's writer lock
+        coordinator = holder(Path(state.run_dir))
         for entry in state.stages:
             stage = plan.stage(entry.name)
-            if entry.status == RUNNING and entry.job_id and not _alive(entry.job_id):
+            if entry.status != RUNNING or not entry.job_id:
+                continue
+            if coordinator is not None and entry.job_id == f"local:{coordinator.pid}":
+                entry.wall[entry.job_id] = time.time() - (entry.started or time.time())
+            else:
                 entry.status = COMPLETED if stage_finished(Path(state.run_dir), stage) else FAILED
-        state.save()
 
     def cancel(self, state: RunState) -> None:
+        """Mark the unfinished stages cancelled (the caller has stopped the coordinator first:
+        :func:`mlmega.vcycle.lock.stop_local_holder`)."""
         for entry in state.stages:
             if entry.status not in FINAL_STATES:
-                if entry.status == RUNNING and entry.job_id and _alive(entry.job_id):
-                    os.kill(int(entry.job_id.split(":")[1]), signal.SIGTERM)
                 entry.status = CANCELLED
         state.save()
 
 
-def _alive(job_id: str) -> bool:
-    try:
-        os.kill(int(job_id.split(":")[1]), 0)
-        return True
-    except (OSError, ValueError, IndexError):
-        return False
+def local_log_dir(run_dir: Path, stage: str, job_id: str) -> Path:
+    """Where a local job keeps its ranks' logs, ``JOB_RANK_log.out``/``.err`` (as SLURM's jobs do
+    under ``RUN_DIR/submitit/STAGE/JOB``)."""
+    return Path(run_dir) / "logs" / stage / job_id.replace(":", "-")
 

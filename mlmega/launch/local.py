@@ -2,34 +2,49 @@
 
 from __future__ import annotations
 
+import codecs
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Optional, Sequence, TextIO
 
 from mlmega.parallel.setup import free_port
 
 
 def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = None,
-                      log_dir: Optional[str] = None) -> int:
-    """Start ``python -m mlmega ARGV`` on ``nprocs`` ranks; rank 0 prints here, the others to
-    ``log_dir/rank_N.log`` (or nowhere). If a rank fails, the rest are stopped; returns the exit
-    code of the rank that failed first (or 0). SIGTERM/SIGUSR1/SIGUSR2 sent to this process are
-    passed on to every rank (which save a checkpoint and exit)."""
+                      log_dir: Optional[Path] = None, job: str = "local") -> int:
+    """Start ``python -m mlmega ARGV`` on ``nprocs`` ranks. With ``log_dir``, every rank writes
+    ``log_dir/JOB_RANK_log.out`` and ``.err`` (srun's ``%j_%t_log.out`` names) and rank 0's are
+    echoed here too; without, rank 0 prints here and the others nowhere. If a rank fails, the rest
+    are stopped; returns the exit code of the rank that failed first (or 0). SIGTERM/SIGUSR1/
+    SIGUSR2 sent to this process are passed on to every rank (which save a checkpoint and exit);
+    if this process dies (even by SIGKILL), the kernel kills the ranks (Linux), so no trainer
+    outlives its coordinator."""
     port = free_port()
-    procs = []
+    procs, echoes = [], []
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
     for rank in range(nprocs):
         rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(nprocs),
                     "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        out = None
-        if rank > 0:
-            out = open(os.path.join(log_dir, f"rank_{rank}.log"), "w") if log_dir \
-                else subprocess.DEVNULL
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                    "PYTHONUNBUFFERED": "1"}  # the logs keep up with the ranks (as srun -u)
+        out = err = None if rank == 0 else subprocess.DEVNULL
+        opened = []
+        if log_dir is not None:
+            paths = [Path(log_dir) / f"{job}_{rank}_log.{ext}" for ext in ("out", "err")]
+            out, err = opened = [open(path, "ab") for path in paths]
+            if rank == 0:
+                echoes += [_Echo(paths[0], sys.stdout), _Echo(paths[1], sys.stderr)]
         procs.append(subprocess.Popen([sys.executable, "-m", "mlmega", *argv], env=rank_env,
-                                      stdout=out, stderr=subprocess.STDOUT if out else None))
+                                      stdout=out, stderr=err,
+                                      preexec_fn=_die_with(os.getpid())))
+        for handle in opened:
+            handle.close()  # the rank holds its own copy
     codes: dict[int, int] = {}  # in the order the ranks ended
 
     def forward(signum, frame):  # cancel/preempt: every rank saves and exits (code 3)
@@ -46,6 +61,8 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
                     codes[rank] = proc.returncode
                     if proc.returncode != 0:
                         _stop(procs)
+            for echo in echoes:
+                echo.pump()
             time.sleep(0.1)
     except BaseException:
         _stop(procs)
@@ -53,7 +70,44 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        for echo in echoes:
+            echo.close()
     return next((code for code in codes.values() if code != 0), 0)  # the first failure's code
+
+
+def _die_with(parent: int):
+    """A ``preexec_fn``: the child gets SIGKILL when ``parent`` dies (``PR_SET_PDEATHSIG``)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the line above
+            os._exit(1)
+
+    return arm
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class _Echo:
+    """Copies what a rank appends to its log file onto one of this process's streams."""
+
+    def __init__(self, path: Path, stream: TextIO):
+        self.file, self.stream = open(path, "rb"), stream
+        self.file.seek(0, os.SEEK_END)  # an earlier attempt's lines were shown then
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def pump(self) -> None:
+        text = self.decoder.decode(self.file.read())
+        if text:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def close(self) -> None:
+        self.pump()
+        self.file.close()
 
 
 def _stop(procs) -> None:

@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from mlmega.config.errors import ConfigError
 from mlmega.launch.executor import Executor
-from mlmega.launch.sbatch import (check, max_requeues, render, sbatch_parameters, stage_executor,
-                                  submit, submitit_folder)
+from mlmega.launch.sbatch import (check, check_partition, max_requeues, render, sbatch_parameters,
+                                  stage_executor, submit, submitit_folder)
 from mlmega.launch.slurm_job import StageJob
 from mlmega.launch.slurm_queue import ACTIVE, ENDING, WAITING, query, scancel, squeue, stage_status
 from mlmega.vcycle.plan import Plan, Stage
@@ -33,6 +34,9 @@ class SlurmExecutor(Executor):
 
     def check(self, plan: Plan, run_dir: Path) -> None:
         check(plan, run_dir)
+
+    def check_cluster(self, plan: Plan) -> None:
+        check_partition(plan)
 
     def describe(self, plan: Plan, run_dir: Path) -> str:
         check(plan, run_dir)
@@ -93,6 +97,7 @@ class SlurmExecutor(Executor):
         if stale:
             scancel(stale)
         previous: Optional[str] = None
+        submitted: list[str] = []  # this call's new jobs, for an error after some were submitted
         for stage, kept in actions:
             entry = state.stage(stage.name)
             if kept:
@@ -106,7 +111,13 @@ class SlurmExecutor(Executor):
             dependency = ",".join(d for d in (f"afterok:{previous}" if previous else "",
                                               f"afterany:{ending[stage.name]}"
                                               if stage.name in ending else "") if d) or None
-            job_id = self._submit(plan, stage, run_dir, dependency, requeues)
+            try:
+                job_id = self._submit(plan, stage, run_dir, dependency, requeues)
+            except ConfigError as err:
+                queued = (f"{', '.join(submitted)} stay(s) queued" if submitted else
+                          "nothing was submitted")
+                raise ConfigError(f"{err}; {queued} (`mlmega resume {run_dir}` retries)") \
+                    from None
             entry.job_id, entry.status, entry.attempts = job_id, SUBMITTED, entry.attempts + 1
             entry.started = entry.ended = entry.exit_code = None
             state.save()
@@ -116,6 +127,7 @@ class SlurmExecutor(Executor):
                 + f": {res.nodes} node(s) x {res.tasks_per_node} rank(s); logs "
                   f"{submitit_folder(run_dir, stage).parent / job_id}")
             previous = job_id
+            submitted.append(f"{stage.name} (job {job_id})")
 
     def _submit(self, plan: Plan, stage: Stage, run_dir: Path, dependency: Optional[str],
                 requeues: int) -> str:
@@ -123,9 +135,7 @@ class SlurmExecutor(Executor):
                        config=str(stage_config_path(run_dir, stage.name)),
                        save_dir=str(stage_dir(run_dir, stage.name)), steps=stage.steps,
                        max_requeues=requeues)
-        return submit(stage_executor(plan, stage, run_dir, dependency), job, stage.name,
-                      f"; the stages submitted before it stay queued (`mlmega resume {run_dir}` "
-                      f"retries)").job_id
+        return submit(stage_executor(plan, stage, run_dir, dependency), job, stage.name).job_id
 
     def refresh(self, state: RunState, plan: Plan) -> None:
         run_dir = Path(state.run_dir)
@@ -135,6 +145,8 @@ class SlurmExecutor(Executor):
             info = known.get(entry.job_id) if entry.job_id else None
             finished = stage_finished(run_dir, stage)
             if info is not None:
+                if info.wall_s is not None:
+                    entry.wall[entry.job_id] = info.wall_s
                 entry.started = info.start or entry.started
                 entry.ended = info.end or (None if info.state in WAITING | ACTIVE
                                            else entry.ended)
@@ -157,7 +169,6 @@ class SlurmExecutor(Executor):
             broken = broken or entry.status in (FAILED, CANCELLED)
         if orphans:
             scancel(orphans)
-        state.save()
 
     def cancel(self, state: RunState) -> None:
         unfinished = [e for e in state.stages if e.status not in FINAL_STATES]

@@ -7,10 +7,12 @@ the executor also needs exit codes, start/end times and the pending reason (Depe
 from __future__ import annotations
 
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Optional, Sequence
 
+from mlmega.config.errors import ConfigError
 from mlmega.vcycle.run import CANCELLED, FAILED, RUNNING, SUBMITTED
 
 # sbatch states (sacct/squeue) -> stage statuses
@@ -31,6 +33,7 @@ class JobInfo:
     start: Optional[float] = None
     end: Optional[float] = None
     reason: str = ""
+    wall_s: Optional[float] = None  # over every run of the job (a requeue runs it again)
 
 
 def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess:
@@ -48,26 +51,31 @@ SACCT_FIELDS = ("JobID", "State", "ExitCode", "Start", "End", "Reason")
 
 
 def sacct(job_ids: Sequence[str]) -> Optional[dict[str, JobInfo]]:
-    """One ``sacct`` call for all ``job_ids`` (their latest records); None when sacct fails."""
+    """One ``sacct`` call for all ``job_ids``: each job's latest run, with the wall time of all
+    its runs (``-D``: a requeued job's earlier runs too); None when sacct fails."""
     if not job_ids:
         return {}
     try:
-        done = _run(["sacct", "-X", "-n", "-P", "-o", ",".join(SACCT_FIELDS), "-j",
+        done = _run(["sacct", "-X", "-D", "-n", "-P", "-o", ",".join(SACCT_FIELDS), "-j",
                      ",".join(job_ids)])
     except (OSError, subprocess.TimeoutExpired):
         return None
     if done.returncode != 0:
         return None
     out: dict[str, JobInfo] = {}
-    for line in done.stdout.splitlines():
+    for line in done.stdout.splitlines():  # oldest run first
         row = dict(zip(SACCT_FIELDS, line.split("|")))
         if row.get("JobID") not in job_ids:
             continue
         code = row.get("ExitCode", "").split(":")[0]
+        start, end = _time(row.get("Start", "")), _time(row.get("End", ""))
+        runs = [out[row["JobID"]].wall_s if row["JobID"] in out else None,
+                None if start is None else (end or time.time()) - start]
+        wall = sum(r for r in runs if r is not None) if any(r is not None for r in runs) \
+            else None
         out[row["JobID"]] = JobInfo(row["JobID"], (row.get("State") or "UNKNOWN").split()[0],
-                                    int(code) if code.isdigit() else None,
-                                    _time(row.get("Start", "")), _time(row.get("End", "")),
-                                    row.get("Reason", ""))
+                                    int(code) if code.isdigit() else None, start, end,
+                                    row.get("Reason", ""), wall)
     return out
 
 
@@ -121,3 +129,14 @@ def stage_status(info: JobInfo) -> Optional[str]:
 def scancel(job_ids: Sequence[str]) -> None:
     """Cancel ``job_ids`` (in the order given)."""
     _run(["scancel", *job_ids])
+
+
+def partitions() -> Optional[list[str]]:
+    """The cluster's partition names (``sinfo``); None where sinfo is not installed."""
+    try:
+        done = _run(["sinfo", "-h", "-o", "%R"])
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        raise ConfigError(f"sinfo failed (is the cluster reachable?): {done.stderr.strip()}")
+    return sorted(set(done.stdout.split()))

@@ -8,11 +8,13 @@ output [sq, b, heads*hd]) and runs on CPU and GPU alike without TransformerEngin
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
 import torch.nn.functional as nnf
 
+from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -63,13 +65,12 @@ class SDPAttention(MegatronModule):
         mask = None
         if not causal and attention_mask is not None:
             mask = ~attention_mask.bool()  # megatron: True = masked out; SDPA: True = attend
-        context = nnf.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal,
-            scale=self.softmax_scale,
-        )
+        dropout = self.dropout if self.training else 0.0
+        # As megatron's DotProductAttention: each TP rank holds other heads, so their dropout
+        # masks come from the tracker's per-TP-rank stream (the default one under SP).
+        streams = nullcontext() if not dropout or self.config.sequence_parallel else \
+            tensor_parallel.get_cuda_rng_tracker().fork()
+        with streams:
+            context = nnf.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                       is_causal=causal, scale=self.softmax_scale)
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * hd)

@@ -15,6 +15,9 @@ Spaces and their layouts (``N`` = the unit-major length that TP splits and the w
   ffn_gated  (2, F)                SwiGLU fc1 rows [gate; up]; TP/width act on the F axis
   vocab, positions, tokentypes, binary: not width-scaled (vocab is TP-split with padding)
 U = number of query groups (= heads for MHA): the unit a width scheme groups.
+
+Names are those of megatron-core's local layer spec; :mod:`mlmega.models.naming` gives them in its
+TransformerEngine spec, which fuses each layer norm into the linear after it.
 """
 
 from __future__ import annotations

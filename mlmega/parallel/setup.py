@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -40,7 +42,6 @@ def init_process_group(rank: int | None = None, world_size: int | None = None,
 def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     """Initialise megatron-core parallel state and its RNG tracker (process group must exist)."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if not dist.is_initialized():
         init_process_group()
@@ -48,9 +49,21 @@ def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                              pipeline_model_parallel_size=pp)
+    seed_random_generators(seed)
+
+
+def seed_random_generators(seed: int) -> None:
+    """Megatron-LM's seeding: every generator at seed + 100 x pipeline rank (each pipeline stage
+    its own dropout masks); megatron's RNG tracker adds a stream per TP rank (seed + 2718 + TP
+    rank) that attention dropout draws from, so TP ranks drop different heads' probabilities."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
-    if torch.cuda.is_available():  # the tracker holds CUDA generator states only
-        model_parallel_cuda_manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)  # the tracker's states; CPU generator's without CUDA
 
 
 def teardown() -> None:

@@ -4,29 +4,34 @@ Every rank of the stage's job runs :func:`train`. torch.distributed comes up fro
 (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or SLURM's variables); megatron-core's parallel state
 splits the world into TP x PP x DP. Pipeline stages run megatron-core's 1F1B schedule; gradients are
 reduced over DP by megatron-core's DistributedDataParallel; megatron-core's optimizer (AdamW, grad
-clipping) and LR scheduler (warm-up, linear/cosine decay) step the weights.
+clipping; distributed over DP when ZeRO-1 is on) and LR scheduler (warm-up, linear/cosine decay)
+step the weights. The performance switches (``cfg.performance``) are resolved once per run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import time
 from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as nnf
 
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.config.errors import ConfigError
+from mlmega.config.performance import PerformanceConfig
+from mlmega.data.prepare import check_prepared
 from mlmega.models.build import build_model
 from mlmega.models.flops import training_flops_per_token
+from mlmega.models.megatron_warnings import fallback_note
 from mlmega.parallel.setup import init_model_parallel, init_process_group
 from mlmega.train import checkpointing
 from mlmega.config.train import TrainConfig
-from mlmega.train.data import Batches, check_vocabulary, open_datasets
+from mlmega.train.data import Batches, open_datasets
 from mlmega.train.metrics import MetricsLog, StepTimer
 from mlmega.train.signals import StopFlag
 
@@ -38,18 +43,19 @@ def train(cfg: TrainConfig) -> dict:
     world = _init_distributed(cfg)
     from megatron.core import parallel_state as ps
 
-    layout = ShardLayout(cfg.model, cfg.tp, cfg.pp)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    perf = cfg.performance.resolved(cfg.model.arch, cfg.tp, dp, torch.cuda.is_available())
+    layout = ShardLayout(cfg.model, cfg.tp, cfg.pp, transformer_impl=perf.transformer_impl)
     is_logger = dist.get_rank() == 0
     dtype = _dtype(cfg)
 
     model = build_model(cfg.model, cfg.tp, cfg.pp, pre_process=ps.is_pipeline_first_stage(),
-                        post_process=ps.is_pipeline_last_stage(), dtype=dtype)
+                        post_process=ps.is_pipeline_last_stage(), dtype=dtype, perf=perf)
     if torch.cuda.is_available():
         model.cuda()
     save_dir = Path(cfg.save_dir)
-    start_step, consumed = 0, 0
+    start_step = 0
     resume = checkpointing.latest(save_dir)
     # The weights go in before the optimizer is built: under bf16 it keeps fp32 main copies of
     # the parameters, taken at construction, and its first step would write those back.
@@ -60,18 +66,22 @@ def train(cfg: TrainConfig) -> dict:
     elif cfg.init is not None:
         _load_init(model, cfg, layout, tp_rank, pp_rank)
         _log(is_logger, f"initialised from {cfg.init.checkpoint} ({cfg.init.op})")
-    ddp, optimizer, scheduler = _optimizer(model, cfg, dtype)
+    ddp, optimizer, scheduler = _optimizer(model, cfg, dtype, perf)
     if resume is not None:
         optimizer.load_state_dict(shard["optimizer"])
+        if perf.distributed_optimizer:
+            checkpointing.load_optimizer_shards(optimizer, resume, tp_rank, pp_rank, dp_rank)
         scheduler.load_state_dict(shard["opt_param_scheduler"])
         checkpointing.set_rng_state(shard["rng_state"])
-        start_step, consumed = resume.iteration, shard["args"].consumed_train_samples
+        start_step = resume.iteration
+        _check_consumed(cfg, start_step, shard["args"].consumed_train_samples, resume.directory)
         _log(is_logger, f"resumed from {resume.directory} at step {start_step}")
 
     train_set, val_set = open_datasets(cfg.model.arch, cfg.data_dir, cfg.seq_length, cfg.seed,
-                                       cfg.steps * cfg.global_batch_size,
+                                       cfg.data_samples or cfg.last_sample,
                                        max(cfg.eval_iters, 1) * cfg.global_batch_size)
-    train_batches = Batches(train_set, cfg.global_batch_size, cfg.micro_batch_size, dp, dp_rank)
+    train_batches = Batches(train_set, cfg.global_batch_size, cfg.micro_batch_size, dp, dp_rank,
+                            first_sample=cfg.first_sample)
     val_batches = Batches(val_set, cfg.global_batch_size, cfg.micro_batch_size, dp, dp_rank)
 
     flops_per_step = training_flops_per_token(cfg.model, cfg.seq_length) * \
@@ -82,17 +92,26 @@ def train(cfg: TrainConfig) -> dict:
     step_fn = partial(_run_step, ddp=ddp, cfg=cfg)
     _log(is_logger, f"training {cfg.model.arch} {cfg.model.num_layers}L-{cfg.model.hidden_size} "
                     f"TP={cfg.tp} PP={cfg.pp} DP={dp} steps {start_step}->{cfg.steps} "
-                    f"({world} ranks, {str(dtype).replace('torch.', '')})")
+                    f"({world} ranks, {str(dtype).replace('torch.', '')}, {_describe(perf)})")
+    note = fallback_note()  # said once per job, here: megatron's own warnings are silenced
+    if note:
+        _log(is_logger, note)
 
     def save(step: int) -> None:
-        checkpointing.save(save_dir, layout, step, model.state_dict(), optimizer.state_dict(),
-                           scheduler.state_dict(), step * cfg.global_batch_size, tp_rank, pp_rank,
-                           dp_rank, extra_args={"mlmega_train": cfg.to_dict()})
+        with _params_gathered(ddp, perf):
+            shards = checkpointing.gather_optimizer_shards(optimizer) \
+                if perf.distributed_optimizer else None
+            checkpointing.save(save_dir, layout, step, model.state_dict(), optimizer.state_dict(),
+                               scheduler.state_dict(),
+                               cfg.first_sample + step * cfg.global_batch_size, tp_rank,
+                               pp_rank, dp_rank, extra_args=_checkpoint_args(cfg, perf),
+                               optimizer_shards=shards)
 
     def evaluate(step: int) -> float:
         ddp.eval()
-        losses = [step_fn(val_batches.microbatches(i), forward_only=True)
-                  for i in range(cfg.eval_iters)]
+        with _params_gathered(ddp, perf):
+            losses = [step_fn(val_batches.microbatches(i), forward_only=True)
+                      for i in range(cfg.eval_iters)]
         ddp.train()
         val = sum(losses) / len(losses)
         metrics.write(step=step, val_loss=val, flops=cfg.flops_offset + step * flops_per_step,
@@ -161,10 +180,19 @@ def _init_distributed(cfg: TrainConfig) -> int:
         raise ConfigError(f"{cfg.source}: global_batch_size={cfg.global_batch_size} is not "
                           f"divisible by micro_batch_size x DP = {cfg.micro_batch_size} x {dp}")
     ShardLayout(cfg.model, cfg.tp, cfg.pp)  # heads/layers divisible by TP/PP
-    check_vocabulary(cfg.data_dir, cfg.model.vocab_size, cfg.source)
+    check_prepared(cfg.data_dir, cfg.model.arch, cfg.model.vocab_size, cfg.source)
     init_process_group()
     init_model_parallel(cfg.tp, cfg.pp, seed=cfg.seed)
     return world
+
+
+def _check_consumed(cfg: TrainConfig, step: int, consumed: int, source) -> None:
+    expected = cfg.first_sample + step * cfg.global_batch_size
+    if consumed != expected:
+        raise ConfigError(f"{source}: consumed_train_samples={consumed} at step {step}, but "
+                          f"{cfg.source} reads sample {expected} next (first_sample="
+                          f"{cfg.first_sample}, global_batch_size={cfg.global_batch_size}); "
+                          f"the stage's data settings changed since the checkpoint")
 
 
 def _dtype(cfg: TrainConfig) -> torch.dtype:
@@ -176,7 +204,42 @@ def _dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
-def _optimizer(model, cfg: TrainConfig, dtype: torch.dtype):
+def _describe(perf: PerformanceConfig) -> str:
+    switches = [name for name, on in (("distributed optimizer", perf.distributed_optimizer),
+                                      ("overlapped grad reduce", perf.overlap_grad_reduce),
+                                      ("overlapped param gather", perf.overlap_param_gather),
+                                      ("sequence parallel", perf.sequence_parallel),
+                                      ("fused kernels", perf.fused_kernels)) if on]
+    if perf.recompute != "none":
+        switches.append(f"{perf.recompute} recompute")
+    return ", ".join([f"{perf.transformer_impl} spec"] + switches)
+
+
+def _checkpoint_args(cfg: TrainConfig, perf: PerformanceConfig) -> dict:
+    """Checkpoint args: the run's config, and the switches under Megatron-LM's argument names."""
+    recompute = None if perf.recompute == "none" else perf.recompute
+    return {"mlmega_train": cfg.replace(performance=perf).to_dict(),
+            "use_distributed_optimizer": perf.distributed_optimizer,
+            "overlap_grad_reduce": perf.overlap_grad_reduce,
+            "overlap_param_gather": perf.overlap_param_gather,
+            "sequence_parallel": perf.sequence_parallel, "recompute_granularity": recompute}
+
+
+@contextlib.contextmanager
+def _params_gathered(ddp, perf: PerformanceConfig):
+    """With overlapped param gather the weights are gathered lazily in the next forward's hooks:
+    gather them now (for evaluation and checkpoints), and hook them again afterwards."""
+    if not perf.overlap_param_gather:
+        yield
+        return
+    ddp.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        ddp.enable_forward_pre_hook()
+
+
+def _optimizer(model, cfg: TrainConfig, dtype: torch.dtype, perf: PerformanceConfig):
     from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                            finalize_model_grads)
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -184,13 +247,15 @@ def _optimizer(model, cfg: TrainConfig, dtype: torch.dtype):
 
     bf16 = dtype == torch.bfloat16
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False),
-        model)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=perf.overlap_grad_reduce,
+        overlap_param_gather=perf.overlap_param_gather,
+        use_distributed_optimizer=perf.distributed_optimizer), model)
     opt = cfg.optimizer
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
         adam_beta1=opt.beta1, adam_beta2=opt.beta2, adam_eps=opt.eps, clip_grad=opt.clip_grad,
-        bf16=bf16, params_dtype=dtype), [ddp])
+        bf16=bf16, params_dtype=dtype, use_distributed_optimizer=perf.distributed_optimizer),
+        [ddp])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if opt.warmup_steps else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
         lr_warmup_steps=opt.warmup_steps, lr_decay_steps=cfg.steps,
@@ -199,6 +264,8 @@ def _optimizer(model, cfg: TrainConfig, dtype: torch.dtype):
     config = model.config
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
+    if perf.overlap_grad_reduce:  # as Megatron-LM: the schedule starts each stage's grad reduce
+        config.grad_sync_func = ddp.start_grad_sync
     return ddp, optimizer, scheduler
 
 
@@ -212,16 +279,21 @@ def _run_step(microbatches: list[dict], forward_only: bool, ddp, cfg: TrainConfi
     def forward_step(data_iterator, model):
         batch = {k: v.to(device) for k, v in next(data_iterator).items()}
         mask = batch["loss_mask"].float()
+        sop_logits = None
         if cfg.model.arch == "gpt":
             output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         else:
             labels = batch["labels"].clamp(min=0)  # unmasked positions: ignored via loss_mask
             output = model(batch["text"], batch["padding_mask"], tokentype_ids=batch["types"],
                            lm_labels=labels)
-            output = output[0] if isinstance(output, tuple) else output
+            if isinstance(output, tuple):  # last pipeline stage: (MLM loss, binary logits)
+                output, sop_logits = output
 
         def loss_func(per_token):
             loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+            if sop_logits is not None:  # Megatron-LM's BERT loss: MLM + sentence order
+                loss = loss + nnf.cross_entropy(sop_logits.view(-1, 2).float(),
+                                                batch["is_random"].view(-1), ignore_index=-1)
             # clone: the schedule divides the returned loss in place by the micro-batch count
             return loss, {"loss": loss.detach().clone()}
 
@@ -257,11 +329,12 @@ def _load_init(model, cfg: TrainConfig, layout: ShardLayout, tp_rank: int, pp_ra
 
     init = cfg.init
     plan = plan_conversion(init.op, init.checkpoint, None, target_tp=cfg.tp, target_pp=cfg.pp,
-                           schemes=init.schemes, large=init.large, alpha=init.alpha)
-    if plan.target.cfg.replace(source="") != cfg.model.replace(source=""):
-        raise ConfigError(f"{cfg.source}: init {init.op} of {init.checkpoint} gives the model "
-                          f"{plan.target.cfg.to_dict()}, but this stage trains "
-                          f"{cfg.model.to_dict()}")
+                           schemes=init.schemes, large=init.large, alpha=init.alpha,
+                           target_impl=layout.transformer_impl)
+    if plan.target.cfg != cfg.model:
+        raise ConfigError(f"{cfg.source}: init {init.op} of {init.checkpoint} gives another model "
+                          f"than this stage trains (init vs stage): "
+                          f"{plan.target.cfg.differences(cfg.model)}")
     dtype = next(model.parameters()).dtype
     state = {name: tensor.to(dtype) for name, tensor in rank_tensors(plan, tp_rank, pp_rank)}
     _load_model(model, state, f"init from {init.checkpoint}")

@@ -10,12 +10,18 @@ from mlmega.progress import format_seconds
 
 
 class MetricsLog:
-    """Appends one JSON object per line; safe to reopen after a resume."""
+    """Appends one JSON object per line; safe to reopen after a resume (a line left half-written
+    by a killed writer is dropped, so the next record starts on a line of its own)."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                data = path.read_bytes()
+                if data and not data.endswith(b"\n"):
+                    with path.open("r+b") as fh:
+                        fh.truncate(data.rfind(b"\n") + 1)
 
     def write(self, **record) -> None:
         """Append ``record`` with the wall-clock time it was written (unix seconds)."""

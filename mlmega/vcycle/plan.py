@@ -6,6 +6,7 @@ Stages of a K-level V-cycle (level 0 = the full model):
   bottom    (level K-1)   bottom_steps from pre K-2 coalesced; no warm-up, bottom_decay (linear)
   post k    (k = K-2..0)  from interpolate(pre k, de-coalesce(previous stage), alpha); linear decay
                           at level 0; bottom_decay at the levels in between (de-coalesced again)
+Each stage reads the samples after the previous stage's (one sample stream, one data order).
 The baseline is the full model trained alone for the same number of tokens (or baseline_steps).
 """
 
@@ -71,6 +72,13 @@ class Plan:
     def flops_saving_pct(self) -> float:
         return 100.0 * (1.0 - self.flops / self.baseline.flops)
 
+    @property
+    def data_samples(self) -> int:
+        """The sample stream every run of the plan reads from (the same data order for all)."""
+        train = self.recipe.training
+        longest = max(sum(s.steps for s in self.stages), self.baseline.steps)
+        return train.data_samples or longest * train.global_batch_size
+
     def stage(self, name: str) -> Stage:
         """A stage of the V-cycle, or the baseline, by name."""
         return next(s for s in (*self.stages, self.baseline) if s.name == name)
@@ -127,4 +135,4 @@ def _resources(recipe: Recipe, model: ModelConfig, what: str) -> Resources:
     return size_stage(model, train.micro_batch_size, train.global_batch_size, train.seq_length,
                       cluster.gpus_per_node, cluster.max_nodes, sizing.gpu_memory_gb,
                       sizing.memory_headroom, sizing.min_gpus, what, sizing.tp, sizing.pp,
-                      sizing.dp)
+                      sizing.dp, perf=recipe.performance)

@@ -15,11 +15,15 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from mlmega.config.errors import ConfigError
-from mlmega.config.sections import section_from_mapping
+from mlmega.config.sections import check_fields, checked, section_from_mapping
 from mlmega.config.model import ModelConfig
+from mlmega.config.performance import PerformanceConfig
 from mlmega.config.schemes import LevelSchemes
-from mlmega.operators import LevelMap
 from mlmega.config.train import DECAY_STYLES
+from mlmega.operators import LevelMap
+
+EXECUTORS = ("local", "slurm")
+RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a run's name is a path component under runs/
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ class DataConfig:
 
     dir: str = "data/{arch}"
     prepare: bool = True  # prepare the embedded corpus into ``dir`` if it is missing
-    vocab_size: int = 2048
+    vocab_size: int = checked(2048, ge=1)
     inputs: tuple[str, ...] = ()  # empty: the embedded Shakespeare corpus
 
 
@@ -36,18 +40,21 @@ class DataConfig:
 class TrainingConfig:
     """Settings shared by every stage (the batch is kept across levels)."""
 
-    seq_length: int = 128
-    micro_batch_size: int = 8
-    global_batch_size: int = 32
-    seed: int = 1234
-    warmup_steps: int = 0
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    beta2: float = 0.95
-    eval_interval: int = 50
-    eval_iters: int = 4
-    save_interval: int = 0
-    log_interval: int = 10
+    seq_length: int = checked(128, ge=1)
+    micro_batch_size: int = checked(8, ge=1)
+    global_batch_size: int = checked(32, ge=1)
+    seed: int = checked(1234, ge=0)
+    warmup_steps: int = checked(0, ge=0)
+    weight_decay: float = checked(0.01, ge=0)
+    clip_grad: float = checked(1.0, ge=0)  # 0: no clipping
+    beta2: float = checked(0.95, ge=0, lt=1)
+    eval_interval: int = checked(50, ge=0)
+    eval_iters: int = checked(4, ge=1)
+    save_interval: int = checked(0, ge=0)
+    log_interval: int = checked(10, ge=1)
+    # Length of the sample stream (one data order) that the V-cycle's stages read on from one
+    # another and the baseline reads from its start; None: the longer of the two runs.
+    data_samples: Optional[int] = checked(None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -64,36 +71,36 @@ class ScheduleConfig:
     steps at level 0).
     """
 
-    coalesce_steps: tuple[int, ...]
-    bottom_steps: int
-    decoalesce_steps: tuple[int, ...]
-    lr: tuple[float, ...]
-    alpha: float = 0.5
-    min_lr_ratio: float = 0.0
-    baseline_steps: Optional[int] = None
-    bottom_decay: str = "linear"
+    coalesce_steps: tuple[int, ...] = checked(ge=1)
+    bottom_steps: int = checked(ge=1)
+    decoalesce_steps: tuple[int, ...] = checked(ge=1)
+    lr: tuple[float, ...] = checked(gt=0)
+    alpha: float = checked(0.5, ge=0, le=1)
+    min_lr_ratio: float = checked(0.0, ge=0, le=1)
+    baseline_steps: Optional[int] = checked(None, ge=1)
+    bottom_decay: str = checked("linear", choices=DECAY_STYLES)  # the bottom stage's decay_style
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     """Where stages run: the local executor or a SLURM cluster profile (sbatch settings)."""
 
-    executor: str = "local"  # local | slurm
+    executor: str = checked("local", choices=EXECUTORS)
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    gpus_per_node: int = 0  # 0: CPU nodes (gloo)
-    cpus_per_task: int = 1
-    tasks_per_node: Optional[int] = None  # CPU clusters: ranks per node (default: 1)
-    mem_gb: Optional[float] = None
-    max_nodes: int = 1
+    gpus_per_node: int = checked(0, ge=0)  # 0: CPU nodes (gloo)
+    cpus_per_task: int = checked(1, ge=1)
+    tasks_per_node: Optional[int] = checked(None, ge=1)  # CPU clusters: ranks per node (default 1)
+    mem_gb: Optional[float] = checked(None, gt=0)
+    max_nodes: int = checked(1, ge=1)
     # Each stage's --time: its planned time (measured where a run has timed it, else estimated from
     # sizing.mfu) x time_limit_margin, at least time_limit_floor_min and at most time_limit_min (the
     # partition's limit: a longer stage saves and requeues itself); time_limits[stage] overrides.
-    time_limit_min: int = 60
-    time_limit_margin: float = 1.5
-    time_limit_floor_min: int = 30
+    time_limit_min: int = checked(60, ge=1)
+    time_limit_margin: float = checked(1.5, ge=1)  # the planned time is multiplied by it
+    time_limit_floor_min: int = checked(30, ge=1)
     time_limits: Mapping[str, int] = field(default_factory=dict)  # stage name -> minutes
     extra_sbatch: tuple[str, ...] = ()  # extra "--key=value" sbatch options
     setup: tuple[str, ...] = ()  # shell lines run before the job (module load, venv activate)
@@ -106,19 +113,20 @@ class ClusterConfig:
 class SizingConfig:
     """How the plan sizes each stage's job (see :mod:`mlmega.vcycle.sizing`)."""
 
-    gpu_memory_gb: float = 80.0
-    memory_headroom: float = 0.85  # use at most this fraction of GPU memory
-    gpu_peak_tflops: float = 989.0  # H100 bf16 dense; used for GPU-hour estimates
-    mfu: float = 0.40  # assumed model FLOPs utilisation for those estimates
-    min_gpus: int = 1  # never size a stage below this many GPUs (throughput floor)
-    tp: Optional[int] = None  # force a TP size (CPU runs, tests)
-    pp: Optional[int] = None  # force a PP size
-    dp: Optional[int] = None  # force a DP size
+    gpu_memory_gb: float = checked(80.0, gt=0)
+    memory_headroom: float = checked(0.85, gt=0, le=1)  # use at most this fraction of GPU memory
+    gpu_peak_tflops: float = checked(989.0, gt=0)  # H100 bf16 dense; for GPU-hour estimates
+    mfu: float = checked(0.40, gt=0, le=1)  # assumed model FLOPs utilisation for those estimates
+    min_gpus: int = checked(1, ge=1)  # never size a stage below this many GPUs (throughput floor)
+    tp: Optional[int] = checked(None, ge=1)  # force a TP size (CPU runs, tests)
+    pp: Optional[int] = checked(None, ge=1)  # force a PP size
+    dp: Optional[int] = checked(None, ge=1)  # force a DP size
 
 
 @dataclass(frozen=True)
 class Recipe:
-    name: str
+    name: str = checked(pattern=RUN_NAME, pattern_text="a plain name: letters, digits, '.', '_', "
+                                                       "'-', starting with a letter or digit")
     model: ModelConfig
     levels: tuple[LevelSchemes, ...]  # levels[k] maps level k to level k+1
     schedule: ScheduleConfig
@@ -126,6 +134,8 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sizing: SizingConfig = field(default_factory=SizingConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)  # every stage's
+    baseline: Optional[str] = None  # a baseline run (its directory or metrics) for the loss plot
     source: str = field(default="<recipe>", compare=False)
 
     @property
@@ -135,11 +145,9 @@ class Recipe:
     def level_models(self) -> list[ModelConfig]:
         """The model of every level, largest first (validates every scheme against its level)."""
         models = [self.model]
-        for k, schemes in enumerate(self.levels):
-            try:
-                models.append(LevelMap.from_large(models[-1], schemes).small)
-            except ConfigError as err:
-                raise ConfigError(f"{self.source}: levels[{k}]: {err}") from None
+        for k, schemes in enumerate(self.levels):  # errors name the scheme or the level's model
+            large = models[-1].replace(source=f"{self.source}: levels[{k}]")
+            models.append(LevelMap.from_large(large, schemes).small)
         return models
 
     def validate(self) -> None:
@@ -150,16 +158,9 @@ class Recipe:
             if len(getattr(s, key)) != want:
                 raise ConfigError(f"{self.source}: schedule.{key} has {len(getattr(s, key))} "
                                   f"entries; expected {want} for {k + 1} levels")
-        if min(s.coalesce_steps + s.decoalesce_steps + (s.bottom_steps,)) < 1:
-            raise ConfigError(f"{self.source}: schedule: every stage needs at least one step")
-        if not 0.0 <= s.alpha <= 1.0:
-            raise ConfigError(f"{self.source}: schedule.alpha={s.alpha}: expected [0, 1]")
-        if s.bottom_decay not in DECAY_STYLES:  # it becomes the stage's decay_style
-            raise ConfigError(f"{self.source}: schedule.bottom_decay={s.bottom_decay!r}: "
-                              f"expected one of {list(DECAY_STYLES)}")
-        if self.cluster.executor not in ("local", "slurm"):
-            raise ConfigError(f"{self.source}: cluster.executor={self.cluster.executor!r}: "
-                              f"expected 'local' or 'slurm'")
+        if self.baseline is not None and not isinstance(self.baseline, str):
+            raise ConfigError(f"{self.source}: baseline={self.baseline!r}: expected the path of "
+                              f"a baseline run directory or metrics file")
         t = self.training
         if t.warmup_steps >= s.coalesce_steps[0]:
             raise ConfigError(f"{self.source}: training.warmup_steps={t.warmup_steps} must end "
@@ -215,9 +216,9 @@ def recipe_from_dict(data: Mapping[str, Any], source: str) -> Recipe:
     levels = data["levels"]
     if not isinstance(levels, list):
         raise ConfigError(f"{source}: levels: expected a list of {{width, depth}} schemes")
-    return Recipe(
-        name=str(data["name"]),
-        model=ModelConfig.from_dict(data["model"], f"{source}: model"),
+    recipe = Recipe(
+        name=data["name"],
+        model=ModelConfig.from_dict(data["model"], source),
         levels=tuple(LevelSchemes.from_dict(lv, f"{source}: levels[{i}]")
                      for i, lv in enumerate(levels)),
         schedule=section_from_mapping(ScheduleConfig, data["schedule"], f"{source}: schedule"),
@@ -225,6 +226,11 @@ def recipe_from_dict(data: Mapping[str, Any], source: str) -> Recipe:
         training=section_from_mapping(TrainingConfig, data.get("training", {}), f"{source}: training"),
         cluster=section_from_mapping(ClusterConfig, data.get("cluster", {}), f"{source}: cluster"),
         sizing=section_from_mapping(SizingConfig, data.get("sizing", {}), f"{source}: sizing"),
+        performance=section_from_mapping(PerformanceConfig, data.get("performance", {}),
+                                         f"{source}: performance"),
+        baseline=data.get("baseline"),
         source=source,
     )
+    check_fields(recipe, f"{source}:")
+    return recipe
 

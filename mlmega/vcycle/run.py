@@ -4,16 +4,20 @@
     RUN_DIR/state.json             stages: status, job ids, checkpoint, metrics (atomic writes)
     RUN_DIR/stages/NAME.yaml       each stage's ``mlmega train`` config
     RUN_DIR/stages/NAME/           each stage's checkpoints and metrics.jsonl
-    RUN_DIR/logs/                  job logs
+    RUN_DIR/logs/STAGE/JOB/        local jobs' logs, one .out/.err pair per rank (SLURM's:
+                                   RUN_DIR/submitit/STAGE/JOB/)
+    RUN_DIR/writer.lock            held by the one process writing the run (:mod:`.lock`)
 Stage configs reference earlier stages' checkpoint directories, so a job started from this
-directory (any node, any time) finds its inputs on the shared filesystem.
+directory (any node, any time) finds its inputs on the shared filesystem. Paths inside the run are
+relative to it (state.json holds none; stage configs name their checkpoints relative to
+``stages/``): a copied run directory resumes as itself.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -40,11 +44,19 @@ class StageState:
     started: Optional[float] = None
     ended: Optional[float] = None
     exit_code: Optional[int] = None
+    wall: dict[str, float] = field(default_factory=dict)  # job id -> seconds run (all attempts)
+    first_sample: int = 0  # samples consumed by the stages before it (its data starts there)
+
+    @property
+    def wall_s(self) -> Optional[float]:
+        """Wall-clock seconds over every job and requeue of the stage (None before any ran)."""
+        return sum(self.wall.values()) if self.wall else None
 
 
 @dataclass
 class RunState:
-    """What ``state.json`` holds; ``save`` rewrites it atomically."""
+    """What ``state.json`` holds (all but ``run_dir``: where it was loaded from); ``save`` rewrites
+    it atomically."""
 
     run_dir: str
     recipe: str
@@ -57,7 +69,9 @@ class RunState:
         return Path(self.run_dir) / "state.json"
 
     def save(self) -> None:
-        write_text_atomic(self.path, json.dumps(asdict(self), indent=2) + "\n")
+        data = asdict(self)
+        data.pop("run_dir")
+        write_text_atomic(self.path, json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "RunState":
@@ -69,6 +83,7 @@ class RunState:
         except ValueError as err:
             raise ConfigError(f"{path}: unreadable state file: {err}") from None
         data["stages"] = [StageState(**s) for s in data["stages"]]
+        data["run_dir"] = str(Path(run_dir).absolute())  # a copy is its own run
         return cls(**data)
 
     def stage(self, name: str) -> StageState:
@@ -97,27 +112,30 @@ def saved_step(run_dir: Path, name: str) -> int:
 
 
 def train_config(plan: Plan, stage: Stage, run_dir: Path, data_dir: Path,
-                 flops_offset: float) -> TrainConfig:
-    """The ``mlmega train`` config of one stage of the run."""
+                 flops_offset: float, first_sample: int) -> TrainConfig:
+    """The ``mlmega train`` config of one stage of the run (checkpoint paths relative to the
+    config's directory, ``stages/``)."""
     from mlmega.config.train import InitConfig, OptimizerConfig
 
-    recipe, train, res = plan.recipe, plan.recipe.training, stage.resources
+    train, res = plan.recipe.training, stage.resources
     init = None
     if stage.init is not None:
-        large = str(stage_dir(run_dir, stage.init.large)) if stage.init.large else None
-        init = InitConfig(checkpoint=str(stage_dir(run_dir, stage.init.source)), op=stage.init.op,
-                          schemes=stage.init.schemes, large=large, alpha=stage.init.alpha)
+        init = InitConfig(checkpoint=stage.init.source, op=stage.init.op,
+                          schemes=stage.init.schemes, large=stage.init.large,
+                          alpha=stage.init.alpha)
     return TrainConfig(
-        model=stage.model, data_dir=str(data_dir), save_dir=str(stage_dir(run_dir, stage.name)),
+        model=stage.model, data_dir=str(data_dir), save_dir=stage.name,
         steps=stage.steps, seq_length=train.seq_length, micro_batch_size=res.micro_batch_size,
         global_batch_size=res.global_batch_size, tp=res.tp, pp=res.pp, dp=res.dp,
         optimizer=OptimizerConfig(lr=stage.lr, min_lr=stage.min_lr,
                                   warmup_steps=stage.warmup_steps, decay_style=stage.decay_style,
                                   weight_decay=train.weight_decay, clip_grad=train.clip_grad,
                                   beta2=train.beta2),
+        performance=replace(plan.recipe.performance, recompute=res.recompute),
         init=init, seed=train.seed, log_interval=train.log_interval,
         eval_interval=train.eval_interval, eval_iters=train.eval_iters,
         save_interval=train.save_interval, flops_offset=flops_offset,
+        first_sample=first_sample, data_samples=plan.data_samples,
         source=str(stage_config_path(run_dir, stage.name)))
 
 
@@ -131,19 +149,30 @@ def create_run(plan: Plan, run_dir: Path, data_dir: Path, executor: str,
     stages = list(stages if stages is not None else plan.stages)
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
-    write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(_recipe_dict(plan.recipe)))
-    offset = 0.0
-    for stage in stages:
-        cfg = train_config(plan, stage, run_dir, data_dir, offset)
+    record_recipe(run_dir, as_run(plan.recipe, data_dir))
+    flops, first_sample, entries = 0.0, 0, []
+    for stage in stages:  # each stage continues the previous one's FLOPs and sample stream
+        cfg = train_config(plan, stage, run_dir, data_dir, flops, first_sample)
         write_text_atomic(stage_config_path(run_dir, stage.name), yaml.safe_dump(cfg.to_dict()))
-        offset += stage.flops
-    state = RunState(str(run_dir), plan.recipe.source, executor,
-                     [StageState(s.name) for s in stages])
+        entries.append(StageState(stage.name, first_sample=first_sample))
+        flops, first_sample = flops + stage.flops, cfg.last_sample
+    state = RunState(str(run_dir.absolute()), plan.recipe.source, executor, entries)
     state.save()
     return state
 
 
-def _recipe_dict(recipe: Recipe) -> dict:
+def as_run(recipe: Recipe, data_dir: Path) -> Recipe:
+    """The recipe as a run follows it: with the data directory it uses."""
+    return replace(recipe, data=replace(recipe.data, dir=str(data_dir)))
+
+
+def record_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """Write ``RUN_DIR/recipe.yaml``: the recipe the run follows (overrides applied)."""
+    write_text_atomic(Path(run_dir) / "recipe.yaml", yaml.safe_dump(recipe_dict(recipe)))
+
+
+def recipe_dict(recipe: Recipe) -> dict:
+    """The recipe as RUN_DIR/recipe.yaml holds it (plain YAML types)."""
     data = asdict(recipe)
     data.pop("source")
     data["model"] = recipe.model.to_dict()

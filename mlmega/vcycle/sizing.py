@@ -1,10 +1,17 @@
 """Size a stage's job from its model: the fewest GPUs whose memory holds the stage.
 
-Memory per GPU (bf16 mixed precision with megatron-core's optimizer, no distributed optimizer):
-  model states  18 bytes per parameter on the GPU (bf16 weight 2, fp32 main grad 4, fp32 master
-                weight 4, Adam moments 8), parameters = the largest pipeline stage's share / TP;
-  activations   s*b*h*(34 + 5*a*s/h) bytes per layer and micro-batch (Korthikanti et al. 2022,
-                no recomputation), / TP, x layers on the stage, x PP micro-batches in flight (1F1B);
+Memory per GPU (:func:`memory_per_gpu`; bf16 mixed precision with megatron-core's optimizer), for
+the largest pipeline stage's parameters / TP (P):
+  weights       2 bytes x P (bf16);
+  gradients     4 bytes x P (fp32 main grads, grad_reduce_in_fp32);
+  optimizer     12 bytes x P (fp32 master weight 4, Adam moments 8), / DP with the distributed
+                optimizer (ZeRO-1 shards it over the data-parallel ranks);
+  activations   per layer and micro-batch (Korthikanti et al. 2022, bytes; t = TP, a = heads):
+                  no recompute          s*b*h*(10 + 24/t + 5*a*s/(h*t)), sequence parallel: all / t
+                  selective recompute   s*b*h*(10 + 24/t) (attention scores recomputed), SP: 34/t
+                  full recompute        2*s*b*h per layer (its input, bf16), SP: / t, plus one
+                                        layer's activations without recompute while it reruns;
+                x layers on the stage x PP micro-batches in flight (1F1B on the first stage);
   logits        s*b*V/TP fp32 values, twice (output and gradient), on the last stage.
 Not counted: the CUDA context, NCCL buffers, allocator fragmentation (``sizing.memory_headroom``
 leaves room for them).
@@ -15,20 +22,24 @@ Layouts: nodes x ranks per node is exactly TP x PP x DP, one rank per GPU: the r
 TP = 1, 2, 4, ... up to the GPUs of one node before any PP > 1; the global batch is kept (DP must
 divide it). TP, PP or DP
 forced in the recipe (``sizing.tp/pp/dp``) restrict the search: a forced layout passes the same
-checks (memory, ``min_gpus``, whole nodes, TP inside a node) as a chosen one.
+checks (memory, ``min_gpus``, whole nodes, TP inside a node) as a chosen one. Each layout takes the
+least recomputation that fits (none, selective, full) unless the recipe fixes it; the distributed
+optimizer and sequence parallelism count as the recipe's ``performance`` section resolves them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
+from mlmega.config.performance import RECOMPUTE, PerformanceConfig
 from mlmega.models.params import iter_params, space_size
 
-BYTES_PER_PARAM = 18
+WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 4, 12  # per parameter (bf16, fp32, fp32 + Adam)
+RECOMPUTE_CHOICES = tuple(r for r in RECOMPUTE if r != "auto")  # least recomputation first
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,7 @@ class Resources:
     micro_batch_size: int
     global_batch_size: int
     memory_gb: float  # estimated peak per GPU (0 for CPU runs)
+    recompute: str = "none"  # the activation recomputation the estimate assumes
 
     def __post_init__(self) -> None:
         if self.nodes * self.tasks_per_node != self.world:
@@ -74,13 +86,62 @@ def stage_param_counts(cfg: ModelConfig, pp: int) -> int:
     return per_layer * layers + max(first, last)
 
 
-def memory_per_gpu_gb(cfg: ModelConfig, tp: int, pp: int, micro: int, seq: int) -> float:
-    states = BYTES_PER_PARAM * stage_param_counts(cfg, pp) / tp
-    h, a = cfg.hidden_size, cfg.num_attention_heads
-    per_layer = seq * micro * h * (34 + 5 * a * seq / h) / tp
-    activations = per_layer * math.ceil(cfg.num_layers / pp) * pp
+@dataclass(frozen=True)
+class Memory:
+    """Estimated peak bytes per GPU, by kind (see the module docstring)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+
+    @property
+    def total_gb(self) -> float:
+        return (self.weights + self.gradients + self.optimizer + self.activations
+                + self.logits) / 1e9
+
+
+def memory_per_gpu(cfg: ModelConfig, tp: int, pp: int, dp: int, micro: int, seq: int,
+                   perf: PerformanceConfig) -> Memory:
+    """Bytes per GPU of the largest pipeline stage at TP x PP x DP with the switches of ``perf``
+    (resolved: distributed_optimizer, sequence_parallel and recompute are taken as they are)."""
+    params = stage_param_counts(cfg, pp) / tp
+    optimizer = OPTIMIZER_BYTES * params / (dp if perf.distributed_optimizer else 1)
+    sbh, t = seq * micro * cfg.hidden_size, tp
+    attention = 5 * cfg.num_attention_heads * seq / cfg.hidden_size  # the s x s scores, softmax
+    sp = bool(perf.sequence_parallel) and tp > 1
+    stored = (34 / t if sp else 10 + 24 / t) * sbh  # every layer keeps these but the scores
+    whole_layer = stored + attention * sbh / t
+    layers_in_flight = math.ceil(cfg.num_layers / pp) * pp
+    if perf.recompute == "full":
+        activations = 2 * sbh / (t if sp else 1) * layers_in_flight + whole_layer
+    elif perf.recompute == "selective":
+        activations = stored * layers_in_flight
+    else:
+        activations = whole_layer * layers_in_flight
     logits = 2 * 4 * seq * micro * cfg.padded_vocab_size(tp) / tp
-    return (states + activations + logits) / 1e9
+    return Memory(WEIGHT_BYTES * params, GRAD_BYTES * params, optimizer, activations, logits)
+
+
+def memory_per_gpu_gb(cfg: ModelConfig, tp: int, pp: int, micro: int, seq: int, dp: int = 1,
+                      perf: PerformanceConfig = PerformanceConfig()) -> float:
+    """Estimated peak GB per GPU, ``perf`` resolved for this layout on GPU nodes with
+    TransformerEngine."""
+    resolved = perf.resolved(cfg.arch, tp, dp, cuda=True, kernels=True)
+    return memory_per_gpu(cfg, tp, pp, dp, micro, seq, resolved).total_gb
+
+
+def _least_recompute(cfg: ModelConfig, tp: int, pp: int, dp: int, micro: int, seq: int,
+                     perf: PerformanceConfig, budget_gb: float) -> tuple[str, float]:
+    """(recompute, GB per GPU): the least recomputation that fits ``budget_gb`` (the recipe's own
+    choice when it fixes one), or the most there is when none fits."""
+    choices = RECOMPUTE_CHOICES if perf.recompute == "auto" else (perf.recompute,)
+    for recompute in choices:
+        need = memory_per_gpu_gb(cfg, tp, pp, micro, seq, dp, replace(perf, recompute=recompute))
+        if need <= budget_gb:
+            break
+    return recompute, need
 
 
 def _tp_sizes(cfg: ModelConfig, per_node: int) -> list[int]:
@@ -102,8 +163,10 @@ def placement(world: int, per_node: int, tp: int, gpus: bool) -> Optional[tuple[
 def size_stage(cfg: ModelConfig, micro: int, global_batch: int, seq: int, gpus_per_node: int,
                max_nodes: int, gpu_memory_gb: float, headroom: float, min_gpus: int = 1,
                what: str = "stage", tp: Optional[int] = None, pp: Optional[int] = None,
-               dp: Optional[int] = None) -> Resources:
-    """The smallest GPU job holding ``cfg``, TP/PP/DP as forced (see the module docstring)."""
+               dp: Optional[int] = None,
+               perf: PerformanceConfig = PerformanceConfig()) -> Resources:
+    """The smallest GPU job holding ``cfg``, TP/PP/DP as forced, with the least recomputation
+    that fits (see the module docstring)."""
     _check_forced(cfg, tp, pp, dp, micro, global_batch, gpus_per_node, what)
     forced = tp and pp and dp
     if forced:
@@ -119,10 +182,11 @@ def size_stage(cfg: ModelConfig, micro: int, global_batch: int, seq: int, gpus_p
                 where = placement(gpus, gpus_per_node, t, gpus=True)
                 if gpus % (t * p) or (dp and d != dp) or global_batch % (micro * d) or not where:
                     continue
-                need = memory_per_gpu_gb(cfg, t, p, micro, seq)
+                recompute, need = _least_recompute(cfg, t, p, d, micro, seq, perf, budget)
                 best = need if best is None else min(best, need)
                 if need <= budget:
-                    return Resources(*where, gpus_per_node, t, p, d, micro, global_batch, need)
+                    return Resources(*where, gpus_per_node, t, p, d, micro, global_batch, need,
+                                     recompute)
     if forced:
         raise ConfigError(f"{what}: sizing.tp/pp/dp={tp}/{pp}/{dp} needs {best:.1f} GB per GPU "
                           f"but sizing.gpu_memory_gb={gpu_memory_gb:g} x memory_headroom="

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mlmega.progress import console as wide_console
+from mlmega.progress import console as wide_console, format_seconds
 from mlmega.vcycle.plan import Plan, Stage
 
 
@@ -64,10 +64,10 @@ def print_status(state, plan: Plan, console: Console | None = None) -> None:
         records = read_metrics(stage_dir(Path(state.run_dir), stage.name))
         train = [r for r in records if "loss" in r]
         val = [r for r in records if "val_loss" in r]
-        wall = (entry.ended or 0) - (entry.started or 0) if entry.started and entry.ended else None
+        wall = entry.wall_s  # every attempt: resumed jobs and requeued runs
         table.add_row(stage.name, entry.status, entry.job_id or "-",
                       f"{train[-1]['step'] if train else 0}/{stage.steps}",
                       f"{train[-1]['loss']:.4f}" if train else "-",
                       f"{val[-1]['val_loss']:.4f}" if val else "-",
-                      f"{wall:.0f}s" if wall is not None else "-")
+                      "-" if wall is None else format_seconds(wall))
     console.print(table)

@@ -15,7 +15,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
 from mlmega.config.errors import ConfigError
 from mlmega.vcycle.plan import Plan, Stage
@@ -72,17 +72,7 @@ def stage_time_limit(plan: Plan, stage: Stage, run_dir: Optional[Path] = None) -
 
 def check_time_limits(plan: Plan) -> None:
     """ConfigError naming the key when a time-limit setting is out of range or names no stage."""
-    cluster, source = plan.recipe.cluster, plan.recipe.source
-    for key in ("time_limit_min", "time_limit_floor_min"):
-        _whole_minutes(f"{source}: cluster.{key}", getattr(cluster, key))
-    margin = cluster.time_limit_margin
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or \
-            not 1 <= margin < math.inf:
-        raise ConfigError(f"{source}: cluster.time_limit_margin={margin!r}: expected a number "
-                          f">= 1 (the planned time is multiplied by it)")
-    if not isinstance(cluster.time_limits, Mapping):
-        raise ConfigError(f"{source}: cluster.time_limits: expected a mapping of stage name: "
-                          f"minutes")
+    cluster, source = plan.recipe.cluster, plan.recipe.source  # (scalars: the recipe's table)
     names = [s.name for s in plan.stages]
     for name, minutes in cluster.time_limits.items():
         if name not in names:

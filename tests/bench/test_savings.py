@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.savings import Curve, compare, reach
+from benchmarks.frontier import saving
+from benchmarks.savings import BUDGETS, MAX_SWEEP, Curve, compare, reach
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,15 +37,46 @@ def test_compare_reports_savings_against_the_baseline():
 
 
 @pytest.mark.slow
-def test_quick_benchmark_writes_the_report(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "savings.py"), "--quick",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
-                          cwd=ROOT)
+def test_quick_protocol_writes_a_consistent_report_and_reuses_its_runs(tmp_path):
+    """The whole protocol at toy scale: sweeps, frontier, seeds; the report's savings follow from
+    its own frontier numbers; a second invocation trains nothing (every run is reused)."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "savings.py"), "--quick", "--out",
+               str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    for key in ("flops_saving_pct", "wallclock_saving_pct", "baseline_final_val_loss", "curves"):
-        assert key in report
-    baseline = report["curves"]["baseline-gpt"]
-    assert len(baseline["loss"]) >= 3 and baseline["loss"][-1] < baseline["loss"][0]
-    assert (tmp_path / "savings.png").stat().st_size > 10_000
-    assert "gpt-2level" in (tmp_path / "report.md").read_text()
+    gpt = check_report(tmp_path)
+
+    metrics = sorted((tmp_path / "runs").glob("*/stages/*/metrics.jsonl"))
+    before = {m: m.stat().st_mtime_ns for m in metrics}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert {m: m.stat().st_mtime_ns for m in metrics} == before
+    assert json.loads((tmp_path / "report.json").read_text())["comparisons"][0]["seeds"] == \
+        gpt["seeds"]
+
+
+def check_report(out: Path) -> dict:
+    """The report's structure, and its savings recomputed from its own frontier numbers."""
+    report = json.loads((out / "report.json").read_text())
+    (gpt,) = report["comparisons"]
+    sweep = gpt["baseline_sweep"]
+    lrs = [r["lr"] for r in sweep]
+    assert len(lrs) >= 4 and all(b == pytest.approx(2 * a) for a, b in zip(lrs, lrs[1:]))
+    best = [r for r in sweep if r["best"]]
+    assert len(best) == 1 and best[0]["final_loss"] == min(r["final_loss"] for r in sweep)
+    assert best[0] not in (sweep[0], sweep[-1]) or len(sweep) == MAX_SWEEP
+    assert len(gpt["vcycle_trials"]) == len(sweep), "as many V-cycle trials as baseline LRs"
+    assert [r["seed"] for r in gpt["seeds"]] == report["seeds"] and len(report["seeds"]) >= 3
+    for r in gpt["seeds"]:
+        assert [p["budget"] for p in r["frontier"]] == list(BUDGETS)
+        flops = [(p["flops"], p["final_loss"]) for p in r["frontier"]]
+        assert flops[-1][0] == pytest.approx(2 * flops[0][0])  # 100% vs 50% of the steps
+        expected = saving(r["vcycle_flops"], r["vcycle_final_loss"], flops)
+        assert r["compute_saving_pct"] == pytest.approx(100 * expected.value)
+        assert r["compute_saving_bound"] == expected.bound
+    values = [r["compute_saving_pct"] for r in gpt["seeds"]]
+    assert gpt["headline"]["compute"]["min"] == min(values)
+    assert gpt["headline"]["compute"]["mean"] == pytest.approx(sum(values) / len(values))
+    assert (out / "savings.png").stat().st_size > 10_000
+    assert "Baseline LR sweep" in (out / "report.md").read_text()
+    return gpt

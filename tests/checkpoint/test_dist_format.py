@@ -177,7 +177,8 @@ def test_damaged_checkpoints_raise_config_error_naming_the_file(tmp_path, damage
 def test_wrong_model_tensors_are_config_errors(tmp_path):
     gpt = variant(GPT)
     save_full_state(random_state(gpt, seed=5), ShardLayout(gpt), tmp_path / "ckpt", fmt="torch_dist")
-    with pytest.raises(CheckpointError, match="does not match the given model config"):
+    with pytest.raises(CheckpointError, match=r"another model than the given model config "
+                                              r"\(checkpoint vs given\): num_layers=2 vs 4$"):
         DistCheckpoint.open(tmp_path / "ckpt", cfg=gpt.replace(num_layers=4))
     # args that claim a model the tensors do not hold: the stacks have 2 layers, not 4
     common = tmp_path / "ckpt" / iteration_dir_name(0) / COMMON_FILE

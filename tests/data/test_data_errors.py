@@ -26,6 +26,12 @@ def tmp(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "notjson.json").write_text("{not json")
     (tmp_path / "subdir").mkdir()
+    (tmp_path / "rows.jsonl").write_text('{"text": "a b"}\n\n{"text": "c d"}\n')
+    (tmp_path / "badline.jsonl").write_text('{"text": "a b"}\n{"text": "c\n')
+    (tmp_path / "nofield.jsonl").write_text('{"text": "a b"}\n{"body": "c d", "n": 1}\n')
+    (tmp_path / "number.jsonl").write_text('{"text": "a b"}\n{"text": 3}\n')
+    (tmp_path / "list.jsonl").write_text('["a b"]\n')
+    (tmp_path / "broken.parquet").write_text("not parquet")
     (tmp_path / "notds").mkdir()
     (tmp_path / "notds" / "x.txt").write_text("x")
     return tmp_path
@@ -38,6 +44,13 @@ CASES = [
     (dict(inputs=["{d}/blank.txt"]), r"--input .*blank\.txt: the corpus is empty"),
     (dict(inputs=["{d}/one.txt"]), r"only 1 document; need at least 2"),
     (dict(inputs=["{d}/latin1.txt"]), r"--input .*latin1\.txt: not UTF-8 text"),
+    (dict(inputs=["{d}/badline.jsonl"]), r"--input .*badline\.jsonl:2: not a JSON line"),
+    (dict(inputs=["{d}/nofield.jsonl"]),
+     r"--input .*nofield\.jsonl:2: no field 'text' \(--text-field\); the record has \['body', 'n'\]"),
+    (dict(inputs=["{d}/number.jsonl"]), r"--input .*number\.jsonl:2: field 'text' holds int values; expected strings"),
+    (dict(inputs=["{d}/list.jsonl"]), r"--input .*list\.jsonl:1: expected a JSON object, got list"),
+    (dict(inputs=["{d}/rows.jsonl"], text_field="body"), r"--input .*rows\.jsonl:1: no field 'body'"),
+    (dict(inputs=["{d}/broken.parquet"]), r"--input .*broken\.parquet: not a readable Parquet file"),
     (dict(inputs=[], hf_dataset="{d}/nowhere"), r"--hf-dataset .*nowhere: no such directory"),
     (dict(inputs=[], hf_dataset="{d}/notds"), r"--hf-dataset .*notds: cannot be read with datasets.load_from_disk"),
     (dict(hf_dataset="{d}/notds"), r"--input and --hf-dataset: give one source, not both"),
@@ -80,6 +93,9 @@ def test_hf_dataset_checks_field_and_split(tmp_path):
         prepare(_opts(tmp_path, inputs=[], hf_dataset=str(tmp_path / "dict"), hf_split="dev"))
     res = prepare(_opts(tmp_path, inputs=[], hf_dataset=str(tmp_path / "dict"), hf_split="test", doc_mode="auto"))
     assert res.meta["documents"] == 2
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    with pytest.raises(ConfigError, match=r"--text-field 'body': not a column of .*rows\.parquet; expected one of \['text', 'n'\]"):
+        prepare(_opts(tmp_path, inputs=[str(tmp_path / "rows.parquet")], text_field="body"))
 
 
 def test_cli_reports_config_error_with_exit_code_2(tmp, monkeypatch, capsys):

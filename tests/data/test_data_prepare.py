@@ -152,3 +152,23 @@ def test_given_tokenizer_file(corpus_dir, tmp_path, options):
     res = prepare(options(corpus_dir, tmp_path / "given", tokenizer=str(trained.tokenizer_path), seed=99))
     assert res.meta["tokenizer"]["kind"] == "file"
     assert Tokenizer.load(res.tokenizer_path).fingerprint == Tokenizer.load(trained.tokenizer_path).fingerprint
+
+
+def test_jsonl_and_parquet_records_prepare_like_the_same_text(corpus_dir, tmp_path, options):
+    """One record per paragraph (plus a null one, skipped): the prepared bytes equal those of the
+    text files cut into paragraphs, whether the records come as JSONL or Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = list(open_corpus([str(corpus_dir / "*.txt")], doc_mode="paragraph").documents())
+    records = [{"body": doc, "id": i} for i, doc in enumerate(docs)] + [{"body": None, "id": -1}]
+    half = len(records) // 2
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:half]))
+    pq.write_table(pa.Table.from_pylist(records[half:]), tmp_path / "b.parquet")
+    text = prepare(options(corpus_dir, tmp_path / "text"))
+    rows = prepare(options(corpus_dir, tmp_path / "rows", doc_mode="auto", text_field="body",
+                           inputs=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")]))
+    assert rows.meta["documents"] == len(docs)
+    assert rows.meta["source"]["text_field"] == "body"
+    for name in OUTPUTS:
+        assert (tmp_path / "rows" / name).read_bytes() == (tmp_path / "text" / name).read_bytes()

@@ -12,7 +12,9 @@ the cluster's state is wiped.
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -226,6 +228,13 @@ def test_vcycle_chain_runs_through_slurm(tmp_path, gpt_data):
         assert _t(rows[job_id]["Start"]) >= _t(rows[previous]["End"])
     assert_final_checkpoint(run_dir)
     assert all(train_steps(run_dir, s) == [1, 2, 3, 4] for s in STAGES)
+    for name, job_id in zip(STAGES, ids):  # megatron's fallback warnings: once, not per rank
+        logs = run_dir / "submitit" / name / job_id
+        errs = [(logs / f"{job_id}_{rank}_log.err").read_text() for rank in (0, 1)]
+        assert not any("Warning" in err for err in errs), errs  # was 10 per rank
+        notes = [(logs / f"{job_id}_{rank}_log.out").read_text().count("megatron-core without")
+                 for rank in (0, 1)]
+        assert notes == [1, 0]
     status = mlmega("status", run_dir)
     assert status.count("completed") == 3
     print(f"mlmega run returned after {submit_s:.1f} s")
@@ -261,6 +270,10 @@ def test_cancelled_stage_resumes_and_nothing_repeats(tmp_path, gpt_data):
     rows = {r["JobID"]: r for r in sacct(ids + new[1:])}
     assert [rows[j]["State"].split()[0] for j in ids] == ["COMPLETED", "CANCELLED", "CANCELLED"]
     assert [rows[j]["State"] for j in new] == ["COMPLETED"] * 3
+    # the cancelled stage's wall time covers its cancelled job and the resumed one
+    bottom = refresh(run_dir).stages[1]
+    assert bottom.wall == {job: pytest.approx(_t(rows[job]["End"]) - _t(rows[job]["Start"]))
+                           for job in (ids[1], new[1])}, bottom
     # the cancelled stage went on from its checkpoint; the stages around it ran once
     (resumed,) = resumed_at(run_dir, STAGES[1], new[1])
     assert_resumed_without_repeats(train_steps(run_dir, STAGES[1]), resumed, 12)
@@ -305,6 +318,11 @@ def test_signalled_and_requeued_stages_keep_their_job_and_resume(tmp_path, gpt_d
     (resumed,) = resumed_at(run_dir, STAGES[1], ids[1])
     assert_resumed_without_repeats(train_steps(run_dir, STAGES[1]), resumed, 12)
     assert_final_checkpoint(run_dir)
+    # a stage's wall time: both runs of its requeued job
+    state = refresh(run_dir)
+    for entry in state.stages:
+        walls = [_t(r["End"]) - _t(r["Start"]) for r in runs if r["JobID"] == entry.job_id]
+        assert entry.wall == {entry.job_id: pytest.approx(sum(walls))}, (entry, runs)
     report_timings(runs, ids)
 
 
@@ -387,3 +405,122 @@ def test_usr2_while_the_job_starts_is_caught(tmp_path, gpt_data):
     assert run["State"] == "FAILED" and "SIGUSR2 after 0 restart(s): not requeued again" in log, log
     assert saved_step(run_dir, STAGES[0]) == 1 and train_steps(run_dir, STAGES[0]) == [1]
     report_timings([run], [job_id])
+
+
+BAD_VALUES = [  # --set value -> what the one-line error says (the key, the value, what is allowed)
+    ("schedule.coalesce_steps=40", "schedule.coalesce_steps=40: expected a list of integers >= 1"),
+    ("schedule.lr=0.01", "schedule.lr=0.01: expected a list of numbers > 0"),
+    ("schedule.alpha=high", "schedule.alpha='high': expected a number in [0, 1]"),
+    ("training.micro_batch_size=eight",
+     "training.micro_batch_size='eight': expected an integer >= 1"),
+    ("schedule.bottom_steps=abc", "schedule.bottom_steps='abc': expected an integer >= 1"),
+    ("training.seq_length=0", "training.seq_length=0: expected an integer >= 1"),
+    ("schedule.lr=[.nan, 4.0e-3]", "schedule.lr=[nan, 0.004]: expected a list of numbers > 0"),
+    ("schedule.lr=[-2.0e-3, 4.0e-3]", "schedule.lr=[-0.002, 0.004]: expected a list of numbers > 0"),
+    ("training.beta2=1.5", "training.beta2=1.5: expected a number in [0, 1)"),
+    ("training.weight_decay=-1", "training.weight_decay=-1: expected a number >= 0"),
+    ("training.clip_grad=-1", "training.clip_grad=-1: expected a number >= 0"),
+    ("schedule.min_lr_ratio=2", "schedule.min_lr_ratio=2: expected a number in [0, 1]"),
+    ("sizing.dp=0", "sizing.dp=0: expected an integer >= 1"),
+    ("cluster.tasks_per_node=0", "cluster.tasks_per_node=0: expected an integer >= 1"),
+    ("schedule.bottom_steps=true", "schedule.bottom_steps=True: expected an integer >= 1"),
+    ("training.seed=2.5", "training.seed=2.5: expected an integer >= 0"),
+    ("name=../../../../tmp/x", "name='../../../../tmp/x': expected a plain name"),
+    # checked against the cluster and the data at submit time, still before anything exists
+    ("cluster.partition=nosuch", "cluster.partition='nosuch': no such partition on this cluster"),
+    ("data.dir=BERT_DATA", "was prepared for arch 'bert', the model is 'gpt'"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_bad_values_are_refused_before_anything_exists_or_is_queued(
+        tmp_path, gpt_data, prepared, capsys, monkeypatch, override, message):
+    from mlmega.cli import main
+
+    name = f"bad-{uuid.uuid4().hex[:8]}"
+    recipe = write_recipe(tmp_path, gpt_data, name=name)
+    monkeypatch.chdir(tmp_path)  # the default run directory would be ./runs/NAME-TIME
+    before = sorted(tmp_path.iterdir())
+    override = override.replace("BERT_DATA", str(prepared["bert"]))
+    assert main(["run", str(recipe), "--executor", "slurm", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert "submitted" not in err
+    assert sorted(tmp_path.iterdir()) == before, "no run directory"
+    assert not list(Path("/tmp").glob("x-2*"))
+    queued = subprocess.run(["squeue", "-h", "-o", "%j"], check=True, capture_output=True,
+                            text=True).stdout
+    recorded = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName", "-S", "now-1hour"],
+                              check=True, capture_output=True, text=True).stdout
+    assert name not in queued and name not in recorded
+
+
+def _jobs_named(prefix: str, since: str) -> list[str]:
+    """Ids of the jobs from id ``since`` on (the next 100) whose name starts with ``prefix``
+    (by id: sacct's time windows leave out jobs cancelled before they were ever eligible)."""
+    ids = ",".join(str(int(since) + i) for i in range(100))
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName", "-j", ids],
+                         check=True, capture_output=True, text=True).stdout
+    return sorted({line.split("|")[0] for line in out.splitlines()
+                   if line.split("|")[1].startswith(prefix)}, key=int)
+
+
+def test_one_writer_per_run_and_resume_overrides(tmp_path, gpt_data):
+    """A second writer is refused naming the holder; two resumes at once submit one chain;
+    ``resume --set`` changes cluster settings only, checked, and records them."""
+    from mlmega.vcycle.lock import RunLock
+
+    name = f"lock-{uuid.uuid4().hex[:8]}"
+    run_dir = tmp_path / "run"
+    mlmega("run", write_recipe(tmp_path, gpt_data, name=name), "--executor", "slurm",
+           "--run-dir", run_dir)
+    first = [s.job_id for s in RunState.load(run_dir).stages]
+    mlmega("cancel", run_dir)
+    recorded = (run_dir / "recipe.yaml").read_text()
+
+    for override, message in (("cluster.time_limit_min=0",
+                               "cluster.time_limit_min=0: expected an integer >= 1"),
+                              ("schedule.bottom_steps=3", "only cluster settings"),
+                              ("cluster.partition=nosuch", "no such partition")):
+        proc = subprocess.run([sys.executable, "-m", "mlmega", "resume", str(run_dir), "--set",
+                               override], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    with RunLock(run_dir, "resume"):
+        proc = subprocess.run([sys.executable, "-m", "mlmega", "resume", str(run_dir)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"`mlmega resume` (pid {os.getpid()} on {socket.gethostname()})" in proc.stderr
+    assert (run_dir / "recipe.yaml").read_text() == recorded
+    assert _jobs_named(f"mlmega-{name}-", first[0]) == first, "nothing submitted"
+
+    resumes = [subprocess.Popen([sys.executable, "-m", "mlmega", "resume", str(run_dir), "--set",
+                                 "cluster.time_limit_min=7"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [(p.wait(timeout=120), p.stderr.read()) for p in resumes]
+    assert sorted(code for code, _ in outcomes) in ([0, 0], [0, 2]), outcomes
+    new = [s.job_id for s in RunState.load(run_dir).stages]
+    try:
+        assert not set(new) & set(first)
+        assert _jobs_named(f"mlmega-{name}-", first[0]) == sorted(first + new, key=int), \
+            "one new chain, not two"
+        assert scontrol_job(new[0])["TimeLimit"] == "00:07:00"
+        assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["cluster"][
+            "time_limit_min"] == 7
+    finally:
+        mlmega("cancel", run_dir)
+
+
+def test_a_refused_first_stage_says_nothing_was_submitted(tmp_path, gpt_data):
+    """sbatch refuses what only it checks (here an unknown node feature): the message says what
+    was queued (nothing), not that earlier stages were."""
+    name = f"refused-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.run([sys.executable, "-m", "mlmega", "run",
+                           str(write_recipe(tmp_path, gpt_data, name=name)), "--executor", "slurm",
+                           "--run-dir", str(tmp_path / "run"), "--set",
+                           "cluster.constraint=nosuchfeature"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "sbatch refused 0-pre-L0" in proc.stderr and "nothing was submitted" in proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("mlmega: error:")]
+    assert len(ours) == 1 and "stay(s) queued" not in proc.stderr, proc.stderr
+    assert [s.job_id for s in RunState.load(tmp_path / "run").stages] == [None] * 3

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import VOCAB
@@ -46,3 +47,14 @@ def losses(save_dir: Path) -> dict[int, float]:
         if "loss" in record:
             out[record["step"]] = record["loss"]
     return out
+
+
+def assert_losses_match(runs: dict[str, dict[int, float]], reference: str,
+                        rel: float = 1e-4) -> None:
+    """Every run's per-step losses equal run ``reference``'s within ``rel`` (4 steps, going down)."""
+    expected = runs[reference]
+    assert sorted(expected) == [1, 2, 3, 4]
+    assert expected[4] < expected[1], "the loss must go down"
+    for name, got in runs.items():
+        for step, loss in expected.items():
+            assert got[step] == pytest.approx(loss, rel=rel), f"{name} step {step}"

@@ -51,3 +51,51 @@ def test_bf16_without_a_gpu(tmp_path, prepared):
         pytest.skip("bf16 is valid where CUDA exists")
     config = stage_config(tmp_path, "run", prepared["gpt"], precision="bf16")
     assert "precision='bf16' needs a GPU" in fails(config)
+
+
+def test_resuming_another_model_names_what_differs(tmp_path, model_parallel):
+    from mlmega.checkpoint.convert import save_full_state
+    from mlmega.checkpoint.layout import ShardLayout
+    from mlmega.checkpoint.torch_format import TorchCheckpoint
+    from mlmega.config.errors import ConfigError
+    from mlmega.config.model import ModelConfig
+    from mlmega.train.checkpointing import check_resumable
+    from tests.helpers import make_model_state
+
+    cfg = ModelConfig(arch="gpt", num_layers=2, hidden_size=32, num_attention_heads=4,
+                      vocab_size=100, max_sequence_length=16)
+    save_full_state(make_model_state(cfg, seed=0), ShardLayout(cfg), tmp_path / "ckpt")
+    with pytest.raises(ConfigError) as err:
+        check_resumable(TorchCheckpoint.open(tmp_path / "ckpt"),
+                        ShardLayout(cfg.replace(num_layers=4), 1, 2))
+    assert str(err.value).endswith("(checkpoint vs stage): num_layers=2 vs 4, TP=1 vs 1, "
+                                   "PP=1 vs 2 (use a fresh save_dir, or convert it)"), err.value
+
+
+def test_a_bad_model_is_named_once(tmp_path, prepared):
+    from mlmega.config.errors import ConfigError
+    from mlmega.config.train import TrainConfig
+
+    config = stage_config(tmp_path, "run", prepared["gpt"], model=model_section("gpt", num_layers=0))
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_yaml(config)
+    assert str(err.value) == f"{config}: model.num_layers=0: expected a positive integer"
+
+def test_data_stream_too_short(tmp_path, prepared):
+    config = stage_config(tmp_path, "run", prepared["gpt"], first_sample=16, data_samples=40)
+    assert "data_samples=40: expected an integer of at least first_sample + steps x " \
+           "global_batch_size = 48" in fails(config)
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_sample_stream(tmp_path, prepared):
+    """A checkpoint that consumed samples [0, 16) cannot resume as a stage starting at 8."""
+    from tests.train.conftest import run_stage
+
+    run_stage(stage_config(tmp_path, "run", prepared["gpt"], steps=2))
+    config = stage_config(tmp_path, "run", prepared["gpt"], steps=4, first_sample=8)
+    proc = subprocess.run([sys.executable, "-m", "mlmega", "train", str(config)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "consumed_train_samples=16 at step 2, but" in proc.stderr
+    assert "reads sample 24 next (first_sample=8, global_batch_size=8)" in proc.stderr

@@ -11,6 +11,7 @@ from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.vcycle.plan import plan_vcycle
 from mlmega.vcycle.recipe import load_recipe
+from mlmega.config.performance import PerformanceConfig
 from mlmega.vcycle.sizing import memory_per_gpu_gb, size_stage
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -26,13 +27,14 @@ def test_gpt_base_plan_matches_the_reference_schedule():
     assert plan.stages[0].decay_style == "constant" and plan.stages[2].decay_style == "linear"
     post = plan.stages[2].init
     assert (post.op, post.source, post.large, post.alpha) == \
-        ("interpolate", "1-bottom-L1", "0-pre-L0", 0.25)
+        ("interpolate", "1-bottom-L1", "0-pre-L0", 0.9)
     # GPT-2 small: 124.4M parameters (embeddings 50257 x 768 + positions 1024 x 768 + 12 layers)
     assert plan.stages[0].parameters == pytest.approx(124.4e6, rel=2e-3)
-    # FLOPs per step = 3 x 2 x (85M layer weights + 50304 x 768 logits) x tokens + attention:
-    # 72 B s L h^2 (1 + s/6h + V/12hL) with B=512, s=1024, L=12, h=768, V=50304
+    # FLOPs per step = 3 x 2 x (85M layer weights + 50304 x 768 logits) x tokens + causal
+    # attention (half of s x s): 72 B s L h^2 (1 + s/12h + V/12hL) with B=512, s=1024, L=12,
+    # h=768, V=50304 (Megatron-LM's formula)
     b, s, layers, h, v = 512, 1024, 12, 768, 50304
-    per_step = 72 * b * s * layers * h * h * (1 + s / (6 * h) + v / (12 * h * layers))
+    per_step = 72 * b * s * layers * h * h * (1 + s / (12 * h) + v / (12 * h * layers))
     assert plan.stages[0].flops == pytest.approx(5000 * per_step, rel=1e-9)
     assert plan.baseline.flops == pytest.approx(100000 * per_step, rel=1e-9)
     assert plan.flops_saving_pct == pytest.approx(32.8, abs=0.1)
@@ -44,13 +46,24 @@ def test_sizing_by_hand_for_gpt_base():
     2 x 4 B x 1024 x 8 x 50304 = 3.30 GB; total 14.15 GB."""
     cfg = load_recipe(CONFIGS / "gpt-base.yaml").model
     assert memory_per_gpu_gb(cfg, tp=1, pp=1, micro=8, seq=1024) == pytest.approx(14.15, abs=0.02)
-    # fits one 80 GB GPU; with a 16 GB GPU (85% usable) TP=2 is the smallest layout that fits
+    # fits one 80 GB GPU; a 16 GB GPU (85% usable) holds it with selective recomputation (8.1 GB:
+    # activations 12 x 1024 x 8 x 768 x 34 B = 2.57 GB); without it, DP=2 with the distributed
+    # optimizer (optimizer states 12 B x 124.4M / 2: 13.40 GB), and without that TP=2
     one = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=80,
                      headroom=0.85)
-    assert (one.tp, one.pp, one.dp, one.nodes) == (1, 1, 1, 1)
+    assert (one.tp, one.pp, one.dp, one.nodes, one.recompute) == (1, 1, 1, 1, "none")
     small_gpu = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=16,
                            headroom=0.85)
-    assert (small_gpu.tp, small_gpu.pp) == (2, 1) and small_gpu.memory_gb <= 16 * 0.85
+    assert (small_gpu.tp, small_gpu.pp, small_gpu.recompute) == (1, 1, "selective")
+    assert small_gpu.memory_gb == pytest.approx(8.11, abs=0.02)
+    no_recompute = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=16,
+                              headroom=0.85, perf=PerformanceConfig(recompute="none"))
+    assert (no_recompute.tp, no_recompute.pp, no_recompute.dp) == (1, 1, 2)
+    assert no_recompute.memory_gb == pytest.approx(13.40, abs=0.02)
+    plain = size_stage(cfg, 8, 512, 1024, gpus_per_node=8, max_nodes=1, gpu_memory_gb=16,
+                       headroom=0.85, perf=PerformanceConfig(recompute="none",
+                                                             distributed_optimizer=False))
+    assert (plain.tp, plain.pp) == (2, 1) and plain.memory_gb <= 16 * 0.85
 
 
 def test_sizing_prefers_tp_within_a_node_before_pp():
@@ -105,15 +118,32 @@ def _write(tmp_path, changes: dict, base: str = "tiny-gpt") -> Path:
      r"num_layers=4 is not divisible by the adjacent factor 3"),
     ({"cluster": {"executor": "slurm", "partitoin": "gpu"}}, r"unknown key\(s\) \['partitoin'\]"),
     ({"schedule.lr": [1e-3]}, r"schedule.lr has 1 entries; expected 2 for 2 levels"),
-    ({"schedule.alpha": 1.5}, r"schedule.alpha=1.5: expected \[0, 1\]"),
+    ({"schedule.alpha": 1.5}, r"schedule.alpha=1.5: expected a number in \[0, 1\]"),
     ({"schedule.bottom_decay": "exp"}, r"schedule.bottom_decay='exp': expected one of"),
     ({"training.seq_length": 256}, r"seq_length=256 exceeds model.max_sequence_length=128"),
     ({"sizing.tp": 3}, r"sizing.tp=3 does not divide the model \(4 heads"),
     ({"color": "red"}, r"unknown recipe section\(s\) \['color'\]"),
+    ({"cluster.python": ["python"]}, r"cluster.python=\['python'\]: expected a string"),
+    ({"cluster.time_limit_margin": 0.5}, r"cluster.time_limit_margin=0.5: expected a number >= 1"),
+    ({"cluster.time_limit_floor_min": 0}, r"cluster.time_limit_floor_min=0: expected an integer"),
+    ({"cluster.time_limit_min": 0}, r"cluster.time_limit_min=0: expected an integer >= 1"),
 ])
 def test_bad_recipes_fail_before_anything_runs(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
         plan_vcycle(load_recipe(_write(tmp_path, changes)))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"levels": [{"width": {"kind": "stacked", "factor": 3}}]},
+     "levels[0]: width: num_attention_heads=4 is not divisible by the stacked factor 3"),
+    ({"model.hidden_size": 0}, "model.hidden_size=0: expected a positive integer"),
+    ({"model.colour": "red"}, "unknown model option(s) ['colour']"),
+])
+def test_errors_name_the_file_and_the_key_once(tmp_path, changes, message):
+    with pytest.raises(ConfigError) as err:
+        plan_vcycle(load_recipe(_write(tmp_path, changes)))
+    assert str(err.value).startswith(f"{tmp_path / 'recipe.yaml'}: {message}"), err.value
+    assert str(err.value).count("recipe.yaml") == 1
 
 
 def test_overrides_from_the_command_line():
@@ -124,10 +154,9 @@ def test_overrides_from_the_command_line():
 
 
 def test_bottom_decay_sets_the_schedule_of_every_stage_that_is_de_coalesced():
-    default = plan_vcycle(load_recipe(CONFIGS / "tiny-gpt.yaml"))
-    constant = plan_vcycle(load_recipe(CONFIGS / "tiny-gpt.yaml",
-                                       ["schedule.bottom_decay=constant"]))
-    assert [s.decay_style for s in default.stages] == ["constant", "linear", "linear"]
+    linear = plan_vcycle(load_recipe(CONFIGS / "tiny-gpt.yaml", ["schedule.bottom_decay=linear"]))
+    constant = plan_vcycle(load_recipe(CONFIGS / "tiny-gpt.yaml"))  # the shipped setting
+    assert [s.decay_style for s in linear.stages] == ["constant", "linear", "linear"]
     assert [s.decay_style for s in constant.stages] == ["constant", "constant", "linear"]
     # 3 levels: the middle level's post stage is de-coalesced again, so it keeps its LR too
     three = plan_vcycle(load_recipe(CONFIGS / "bert-large-3level.yaml",
@@ -151,8 +180,14 @@ def test_36_layer_8192_gpt_on_8_gpu_nodes_fills_whole_nodes():
     whole 8-GPU nodes, so the plan takes the next size that does: 16 GPUs, TP8 PP2."""
     cfg = ModelConfig.from_dict(BIG_GPT)
     res = size_stage(cfg, 1, 512, 2048, gpus_per_node=8, max_nodes=8, gpu_memory_gb=80,
-                     headroom=0.85)
+                     headroom=0.85, perf=PerformanceConfig(recompute="none",
+                                                           distributed_optimizer=False))
     assert (res.nodes, res.tasks_per_node, res.tp, res.pp, res.dp) == (2, 8, 8, 2, 1)
+    # with recomputation allowed, one node holds it (TP8, the least recomputation that fits)
+    one_node = size_stage(cfg, 1, 512, 2048, gpus_per_node=8, max_nodes=8, gpu_memory_gb=80,
+                          headroom=0.85)
+    assert (one_node.nodes, one_node.tp, one_node.pp, one_node.recompute) == \
+        (1, 8, 1, "full")
     assert res.memory_gb == pytest.approx(42.3, abs=0.1) and res.memory_gb <= 80 * 0.85
     # the layout it used to choose needs 62.8 GB per GPU: it fits, but not the nodes
     assert memory_per_gpu_gb(cfg, tp=4, pp=3, micro=1, seq=2048) == pytest.approx(62.8, abs=0.1)
@@ -175,7 +210,8 @@ def test_placement_holds_exactly_the_world(world, per_node, tp, gpus, expected):
 
 def test_forced_layout_passes_the_memory_check():
     """gpt-base at TP=PP=DP=1 needs 14.1 GB per GPU: refused on 8 GB GPUs, named."""
-    overrides = ["sizing.tp=1", "sizing.pp=1", "sizing.dp=1", "sizing.min_gpus=1"]
+    overrides = ["sizing.tp=1", "sizing.pp=1", "sizing.dp=1", "sizing.min_gpus=1",
+                 "performance.recompute=none"]  # recomputation would fit it
     assert _gpt_base(*overrides).stages[0].resources.memory_gb == \
         pytest.approx(14.1, abs=0.05)
     with pytest.raises(ConfigError, match=r"0-pre-L0\): sizing.tp/pp/dp=1/1/1 needs 14.1 GB per "

@@ -1,0 +1,99 @@
+"""The savings protocol's report, written small: report.json, report.md and savings.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_report(report: dict, out: Path) -> list[Path]:
+    """Write the report's three files into ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "report.json", out / "report.md", out / "savings.png"]
+    paths[0].write_text(json.dumps(report, indent=1) + "\n")
+    paths[1].write_text(markdown(report))
+    plot(report, paths[2])
+    return paths
+
+
+def _pct(value, bound: str = "=") -> str:
+    if value is None:
+        return "not reached"
+    return f"{'' if bound == '=' else bound + ' '}{value:.1f}%"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def markdown(report: dict) -> str:
+    scale = ", --quick" if report["quick"] else ""
+    lines = [f"# V-cycle vs tuned baseline ({report['date']}{scale})",
+             "", f"`{report['command']}`", "",
+             f"Budgets of the tuned baseline: {', '.join(f'{b:g}' for b in report['budgets'])} of "
+             f"its steps, each with its own schedule; seeds {report['seeds']}. Compute-equivalent "
+             "saving = 1 - C_vcycle / C_base(L_vcycle) on the baseline's frontier ('>=': the "
+             "V-cycle ends below every budget's loss, so at least this).", ""]
+    lines += ["| comparison | compute-equivalent FLOPs saving: mean (min, max) | holds | "
+              "wall-clock saving: mean (min, max) | holds |", "|---|---|---|---|---|"]
+    for c in report["comparisons"]:
+        cells = [f"{h['mean']:.1f}% ({h['min']:.1f}, {h['max']:.1f}) | "
+                 f"{'yes' if h['holds'] else 'no'}"
+                 for h in (c["headline"]["compute"], c["headline"]["wallclock"])]
+        lines.append(f"| {c['name']} | {' | '.join(cells)} |")
+    for c in report["comparisons"]:
+        lines += ["", f"## {c['name']}", "", "Baseline LR sweep (full budget, first seed):", "",
+                  "| peak LR | final val loss | FLOPs | seconds |", "|---|---|---|---|"]
+        lines += [f"| {r['lr']:.3g}{' (best)' if r['best'] else ''} | {r['final_loss']:.4f} | "
+                  f"{r['flops']:.3g} | {r['seconds']:.0f} |" for r in c["baseline_sweep"]]
+        lines += ["", "V-cycle trials (as many as baseline LRs; first seed):", "",
+                  "| trial | changes | final val loss | FLOPs | compute-equivalent saving |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['trial']}{' (best)' if r['best'] else ''} | {r['changes'] or '-'} | "
+                  f"{r['vcycle_final_loss']:.4f} | {r['vcycle_flops']:.3g} | "
+                  f"{_pct(r['compute_saving_pct'], r['compute_saving_bound'])} |"
+                  for r in c["vcycle_trials"]]
+        lines += ["", "Headline pair per seed (baseline frontier final losses at each budget):", "",
+                  "| seed | frontier losses | V-cycle loss | FLOPs saving | wall-clock saving | "
+                  "FLOPs to reach the 100% baseline's loss | saving there |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in c["seeds"]:
+            losses = ", ".join(f"{p['final_loss']:.3f}" for p in r["frontier"])
+            lines.append(f"| {r['seed']} | {losses} | {r['vcycle_final_loss']:.4f} | "
+                         f"{_pct(r['compute_saving_pct'], r['compute_saving_bound'])} | "
+                         f"{_pct(r['wallclock_saving_pct'], r['wallclock_saving_bound'])} | "
+                         f"{_num(r['flops_to_reach_baseline'])} | "
+                         f"{_pct(r['flops_saving_at_baseline_loss_pct'])} |")
+    return "\n".join(lines + ["", "![validation loss vs model FLOPs](savings.png)", ""])
+
+
+def plot(report: dict, out: Path) -> Path:
+    """Per comparison (first seed): the tuned baseline's curve and budget frontier, the best
+    V-cycle's curve; validation loss against model FLOPs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comparisons = report["comparisons"]
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(6 * len(comparisons), 4.5),
+                             squeeze=False)
+    for ax, c in zip(axes[0], comparisons):
+        curves = c["curves"]
+        ax.plot(curves["baseline"]["flops"], curves["baseline"]["loss"], color="grey", lw=1,
+                label="tuned baseline (100%)")
+        fx, fy = zip(*curves["frontier"])
+        ax.plot(fx, fy, "ks-", lw=1.8, label="baseline budgets: final losses")
+        ax.plot(curves["vcycle"]["flops"], curves["vcycle"]["loss"], marker=".", lw=1.4,
+                label=f"V-cycle ({c['best_trial']})")
+        ax.set_title(f"{c['name']}: FLOPs saving {c['headline']['compute']['mean']:.1f}% "
+                     f"(mean of {len(c['seeds'])} seeds)", fontsize=10)
+        ax.set_xlabel("cumulative model FLOPs")
+        ax.set_ylabel("validation loss")
+        ax.set_ylim(top=min(max(fy) + 1.0, max(curves["vcycle"]["loss"])))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
