@@ -120,7 +120,7 @@ def test_operator_requests_are_validated(ckpt, tmp_path):
     refused(r"--alpha=1.5: expected a number in \[0, 1\]", ConfigError, op="interpolate",
             src=ckpt, dst=tmp_path / "o", schemes=WIDTH, large=ckpt, alpha=1.5)
     # the de-coalesced model of ckpt is twice as wide: ckpt itself is not its large level
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(CheckpointError) as err:
         plan_conversion("interpolate", ckpt, tmp_path / "o", schemes=WIDTH, large=ckpt, alpha=0.5)
     # the mismatch is named field by field (--large first), not as two whole model dicts
     assert str(err.value).endswith(
@@ -134,7 +134,7 @@ def test_reshard_without_a_target_layout_is_refused(ckpt, tmp_path):
                  dict(target_layers=[2, 2])):
         refused(r"convert reshard: --src .* is already TP=2, PP=2 \(layers per stage 2,2\) in "
                 r"format torch; give another --target-tp, --target-pp, --target-pp-layers or "
-                r"--format", src=ckpt, dst=tmp_path / "o", **same)
+                r"--format", ConfigError, src=ckpt, dst=tmp_path / "o", **same)
     # another format with the same layout is a conversion
     plan = plan_conversion("reshard", ckpt, tmp_path / "o", fmt="torch_dist")
     assert (plan.target.tp, plan.target.layers_per_pp_stage) == (2, (2, 2))
@@ -142,9 +142,9 @@ def test_reshard_without_a_target_layout_is_refused(ckpt, tmp_path):
 
 def test_uneven_pipeline_targets_are_checked(ckpt, tmp_path):
     refused(r"layers_per_pp_stage=\[1, 2\]: expected 2 positive counts summing to num_layers=4",
-            src=ckpt, dst=tmp_path / "o", target_layers=[1, 2])
-    refused(r"--target-pp=3 and --target-pp-layers=1,3: expected 2 stages in both", src=ckpt,
-            dst=tmp_path / "o", target_pp=3, target_layers=[1, 3])
+            ConfigError, src=ckpt, dst=tmp_path / "o", target_layers=[1, 2])
+    refused(r"--target-pp=3 and --target-pp-layers=1,3: expected 2 stages in both",
+            ConfigError, src=ckpt, dst=tmp_path / "o", target_pp=3, target_layers=[1, 3])
     big = CFG.replace(num_layers=8)
     with pytest.raises(ConfigError, match=r"layers_per_pp_stage=\[1, 2, 3, 2\]: the stages between "
                                           r"the first and the last must hold equal numbers"):

@@ -16,8 +16,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlmega.checkpoint.convert import (load_full_state, plan_conversion, run_conversion,
-                                       save_full_state)
+from mlmega.checkpoint.convert import run_conversion
+from mlmega.checkpoint.convert_plan import plan_conversion
+from mlmega.checkpoint.formats import load_full_state, save_full_state
 from mlmega.checkpoint.dist_format import DistCheckpoint
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.torch_format import TorchCheckpoint

@@ -8,10 +8,10 @@ import argparse
 import pytest
 import torch
 
-from mlmega.checkpoint.convert import load_full_state, save_full_state
+from mlmega.checkpoint.formats import load_full_state, save_full_state
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.torch_format import TorchCheckpoint
-from mlmega.cli import main
+from mlmega.cli.main import main
 from mlmega.config.model import ModelConfig
 from tests.helpers import make_model_state
 

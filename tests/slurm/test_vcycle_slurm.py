@@ -435,7 +435,7 @@ BAD_VALUES = [  # --set value -> what the one-line error says (the key, the valu
 @pytest.mark.parametrize("override, message", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
 def test_bad_values_are_refused_before_anything_exists_or_is_queued(
         tmp_path, gpt_data, prepared, capsys, monkeypatch, override, message):
-    from mlmega.cli import main
+    from mlmega.cli.main import main
 
     name = f"bad-{uuid.uuid4().hex[:8]}"
     recipe = write_recipe(tmp_path, gpt_data, name=name)

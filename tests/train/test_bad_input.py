@@ -54,7 +54,7 @@ def test_bf16_without_a_gpu(tmp_path, prepared):
 
 
 def test_resuming_another_model_names_what_differs(tmp_path, model_parallel):
-    from mlmega.checkpoint.convert import save_full_state
+    from mlmega.checkpoint.formats import save_full_state
     from mlmega.checkpoint.layout import ShardLayout
     from mlmega.checkpoint.torch_format import TorchCheckpoint
     from mlmega.config.errors import ConfigError

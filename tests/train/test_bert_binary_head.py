@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from mlmega.checkpoint.convert import load_full_state, save_full_state
+from mlmega.checkpoint.formats import load_full_state, save_full_state
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.config.model import ModelConfig
 from mlmega.models.build import build_model

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlmega.checkpoint.convert import save_full_state
+from mlmega.checkpoint.formats import save_full_state
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.config.model import ModelConfig
 from tests.helpers import make_model_state

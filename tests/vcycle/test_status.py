@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlmega.cli import main
+from mlmega.cli.main import main
 from mlmega.config.errors import ConfigError
 from mlmega.vcycle.plan import plan_vcycle
 from mlmega.vcycle.recipe import load_recipe
