@@ -57,7 +57,7 @@ def test_resuming_another_model_names_what_differs(tmp_path, model_parallel):
     from mlmega.checkpoint.formats import save_full_state
     from mlmega.checkpoint.layout import ShardLayout
     from mlmega.checkpoint.torch_format import TorchCheckpoint
-    from mlmega.config.errors import ConfigError
+    from mlmega.config.errors import CheckpointError
     from mlmega.config.model import ModelConfig
     from mlmega.train.checkpointing import check_resumable
     from tests.helpers import make_model_state
@@ -65,7 +65,7 @@ def test_resuming_another_model_names_what_differs(tmp_path, model_parallel):
     cfg = ModelConfig(arch="gpt", num_layers=2, hidden_size=32, num_attention_heads=4,
                       vocab_size=100, max_sequence_length=16)
     save_full_state(make_model_state(cfg, seed=0), ShardLayout(cfg), tmp_path / "ckpt")
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(CheckpointError) as err:
         check_resumable(TorchCheckpoint.open(tmp_path / "ckpt"),
                         ShardLayout(cfg.replace(num_layers=4), 1, 2))
     assert str(err.value).endswith("(checkpoint vs stage): num_layers=2 vs 4, TP=1 vs 1, "
