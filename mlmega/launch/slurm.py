@@ -62,6 +62,7 @@ from typing import Any, Mapping, Optional, Sequence
 import submitit
 
 from mlmega.config.errors import ConfigError
+from mlmega.parallel.setup import RENDEZVOUS_PORTS
 from mlmega.launch.executor import Executor
 from mlmega.vcycle.plan import Plan, Stage
 from mlmega.vcycle.run import (CANCELLED, COMPLETED, FAILED, FINAL_STATES, RUNNING, SUBMITTED,
@@ -175,10 +176,7 @@ def rendezvous_port(job_id: str) -> int:
     node get different ports) within [20000, 32768), below Linux's default ephemeral range.
     (submitit's seeded port spans 20000-60000: in CI one collided with a socket of SLURM's that
     the kernel had given an ephemeral port, and the job failed with EADDRINUSE.)"""
-    return random.Random(job_id).randrange(*_RENDEZVOUS_PORTS)
-
-
-_RENDEZVOUS_PORTS = (20000, 32768)
+    return random.Random(job_id).randrange(*RENDEZVOUS_PORTS)
 
 
 def _tracker_step(save_dir: Path) -> Optional[int]:

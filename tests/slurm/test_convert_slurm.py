@@ -110,7 +110,8 @@ def test_a_job_whose_coordinator_dies_cancels_itself_and_the_rerun_cleans_up(tmp
     assert not (tmp_path / "dst").exists()
     [staging] = tmp_path.glob(".dst.tmp-*")
     rerun = subprocess.run([sys.executable, "-m", "mlmega", "convert", "reshard", "--src",
-                            str(tmp_path / "src"), "--dst", str(tmp_path / "dst")],
+                            str(tmp_path / "src"), "--dst", str(tmp_path / "dst"),
+                            "--target-tp", "1"],
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"{staging}: removed (left by process {proc.pid}" in rerun.stderr
