@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from mlmega.parallel.setup import RENDEZVOUS_PORTS
 from mlmega.vcycle.run import COMPLETED
 
 MAX_REQUEUES_ENV = "MLMEGA_MAX_REQUEUES"  # a cluster.env key: restarts allowed per job
@@ -123,10 +124,7 @@ def rendezvous_port(job_id: str) -> int:
     node get different ports) within [20000, 32768), below Linux's default ephemeral range.
     (submitit's seeded port spans 20000-60000: in CI one collided with a socket of SLURM's that
     the kernel had given an ephemeral port, and the job failed with EADDRINUSE.)"""
-    return random.Random(job_id).randrange(*_RENDEZVOUS_PORTS)
-
-
-_RENDEZVOUS_PORTS = (20000, 32768)
+    return random.Random(job_id).randrange(*RENDEZVOUS_PORTS)
 
 
 def _tracker_step(save_dir: Path) -> Optional[int]:

@@ -17,7 +17,11 @@ _NOISE = ("Transformer Engine and Apex are not installed", "Apex is not installe
           "full scope is deprecated",  # TransformerConfig's own default cuda_graph_scope
           # per TP rank; GPU jobs with TP > 1 set it (launch.slurm), elsewhere it does not apply
           "When using async grad allreduce it is recommended to set the environment variable "
-          "CUDA_DEVICE_MAX_CONNECTIONS")
+          "CUDA_DEVICE_MAX_CONNECTIONS",
+          "When using sequence parallelism it is recommended to set the environment variable "
+          "CUDA_DEVICE_MAX_CONNECTIONS",
+          # torch 2.13 deprecates the collectives megatron-core 0.16 calls (sequence parallelism)
+          r"`torch\.distributed\.\w+` is deprecated\. Please use `torch\.distributed\.\w+_single`")
 _KERNELS = (("Apex", "apex"), ("TransformerEngine", "transformer_engine"))
 
 

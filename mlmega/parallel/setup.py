@@ -13,10 +13,24 @@ import torch.distributed as dist
 from mlmega.models import cpu_shims
 
 
+#: Rendezvous ports are drawn below Linux's default ephemeral range (32768-60999), where the
+#: kernel hands ports to other sockets (gloo peers, SLURM's): a port it gave out once and found
+#: free could be taken again before the TCPStore listens (EADDRINUSE, seen in CI).
+RENDEZVOUS_PORTS = (20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on this host now, drawn from :data:`RENDEZVOUS_PORTS`."""
+    draw = random.Random()  # not the seeded global generator: parallel runs draw different ports
+    for _ in range(200):
+        port = draw.randrange(*RENDEZVOUS_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {RENDEZVOUS_PORTS} on this host")
 
 
 def init_process_group(rank: int | None = None, world_size: int | None = None,

@@ -383,22 +383,25 @@ def test_usr2_while_the_job_starts_is_caught(tmp_path, gpt_data):
     ``scancel --signal``) killed the tasks (exit 12): submitit installs its handler only after
     unpickling the job. The job's entry point now records it first thing and training saves after
     its first step (here with no requeue allowed, so the job ends there, saying why)."""
+    import os
+    import signal
+
     from mlmega.vcycle.run import create_run, saved_step
 
     run_dir = tmp_path / "run"
     plan = plan_vcycle(load_recipe(write_recipe(tmp_path, gpt_data)))
     create_run(plan, run_dir, gpt_data, "slurm")
     job_id = SlurmExecutor()._submit(plan, plan.stages[0], run_dir, None, requeues=0)
-    deadline = time.monotonic() + 120
-    while True:  # both tasks (TP=2 on the two fake nodes) started and catch USR2
-        pids = _task_pids(run_dir)
-        if len(pids) == 2 and all(_catches_usr2(p) for p in pids):
-            break
+    deadline, signalled = time.monotonic() + 120, set()
+    while len(signalled) < 2:  # each task (TP=2 on the two fake nodes), once it catches USR2:
+        for pid in set(_task_pids(run_dir)) - signalled:  # (tasks start apart: one by one)
+            if _catches_usr2(pid):
+                # still importing: torch is not loaded yet (submitit's own handler comes after it)
+                assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
+                os.kill(pid, signal.SIGUSR2)  # what `scancel --signal=USR2` sends each task
+                signalled.add(pid)
         assert time.monotonic() < deadline, _logs(run_dir)
         time.sleep(0.01)
-    # still importing: torch is not loaded yet (submitit's own handler would come after it)
-    assert not any("libtorch" in Path(f"/proc/{p}/maps").read_text() for p in pids)
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
 
     (run,) = sacct([job_id], timeout=120)
     log = _logs(run_dir)
