@@ -504,6 +504,11 @@ def test_one_writer_per_run_and_resume_overrides(tmp_path, gpt_data):
     new = [s.job_id for s in RunState.load(run_dir).stages]
     try:
         assert not set(new) & set(first)
+        deadline = time.monotonic() + 60  # slurmdbd records jobs a little after they exist
+        while not set(new) <= set(_jobs_named(f"mlmega-{name}-", first[0])):
+            assert time.monotonic() < deadline, "the new chain's jobs never reached sacct"
+            time.sleep(0.5)
+        time.sleep(2)  # a second chain, submitted alongside, would be recorded by now too
         assert _jobs_named(f"mlmega-{name}-", first[0]) == sorted(first + new, key=int), \
             "one new chain, not two"
         assert scontrol_job(new[0])["TimeLimit"] == "00:07:00"
