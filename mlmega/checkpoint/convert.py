@@ -9,12 +9,9 @@ marker last and renames the staging directory into place.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import shutil
-import signal
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +29,7 @@ from mlmega.checkpoint.formats import writer
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.streaming import reuse_freed_memory
 from mlmega.config.errors import CheckpointError
+from mlmega.parallel.parent_death import die_with_parent
 from mlmega.progress import Progress, format_seconds
 
 
@@ -96,18 +94,6 @@ def _worker_context():
     return get_context("fork" if "fork" in get_all_start_methods() else "spawn")
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: the kernel kills this worker when its coordinator dies (even by
-    SIGKILL, which runs no cleanup), so no orphan goes on converting."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before prctl took effect
-        os._exit(1)
-
-
 def run_locally(tasks: Sequence[ConversionTask], workers: int, log=print) -> list[RankResult]:
     """Run ``tasks`` in this process (workers <= 1) or in ``workers`` forked processes."""
     if workers <= 1:
@@ -120,7 +106,7 @@ def run_locally(tasks: Sequence[ConversionTask], workers: int, log=print) -> lis
     gc.freeze()
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(),
-                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             for done, task_results in enumerate(pool.map(convert_task, tasks), 1):
                 results.extend(task_results)
                 elapsed = time.monotonic() - start

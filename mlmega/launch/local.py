@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import codecs
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
+from mlmega.parallel.parent_death import die_with_parent
 from mlmega.parallel.setup import free_port
 
 
@@ -42,7 +43,7 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
                 echoes += [_Echo(paths[0], sys.stdout), _Echo(paths[1], sys.stderr)]
         procs.append(subprocess.Popen([sys.executable, "-m", "mlmega", *argv], env=rank_env,
                                       stdout=out, stderr=err,
-                                      preexec_fn=_die_with(os.getpid())))
+                                      preexec_fn=partial(die_with_parent, os.getpid())))
         for handle in opened:
             handle.close()  # the rank holds its own copy
     codes: dict[int, int] = {}  # in the order the ranks ended
@@ -73,22 +74,6 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
         for echo in echoes:
             echo.close()
     return next((code for code in codes.values() if code != 0), 0)  # the first failure's code
-
-
-def _die_with(parent: int):
-    """A ``preexec_fn``: the child gets SIGKILL when ``parent`` dies (``PR_SET_PDEATHSIG``)."""
-    if not sys.platform.startswith("linux"):
-        return None
-
-    def arm() -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # it died before the line above
-            os._exit(1)
-
-    return arm
-
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class _Echo:

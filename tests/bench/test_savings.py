@@ -40,7 +40,7 @@ def test_compare_reports_savings_against_the_baseline():
 def test_quick_protocol_writes_a_consistent_report_and_reuses_its_runs(tmp_path):
     """The whole protocol at toy scale: sweeps, frontier, seeds; the report's savings follow from
     its own frontier numbers; a second invocation trains nothing (every run is reused)."""
-    command = [sys.executable, str(ROOT / "benchmarks" / "savings.py"), "--quick", "--out",
+    command = [sys.executable, str(ROOT / "benchmarks" / "savings.py"), "--scale", "quick", "--out",
                str(tmp_path)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

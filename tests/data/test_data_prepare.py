@@ -165,7 +165,7 @@ def test_jsonl_and_parquet_records_prepare_like_the_same_text(corpus_dir, tmp_pa
     half = len(records) // 2
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:half]))
     pq.write_table(pa.Table.from_pylist(records[half:]), tmp_path / "b.parquet")
-    text = prepare(options(corpus_dir, tmp_path / "text"))
+    prepare(options(corpus_dir, tmp_path / "text"))
     rows = prepare(options(corpus_dir, tmp_path / "rows", doc_mode="auto", text_field="body",
                            inputs=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")]))
     assert rows.meta["documents"] == len(docs)

@@ -170,7 +170,6 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 def test_one_writer_kill9_and_a_copied_run_resumes_as_itself(tmp_path, prepared):
     """A second writer is refused naming the holder; kill -9 of the coordinator takes its trainer
     with it and resume sees the coordinator dead; a copy of the run resumes the copy only."""
-    import os
     import shutil
     import signal
 
