@@ -27,7 +27,7 @@ def _num(value) -> str:
 
 
 def markdown(report: dict) -> str:
-    scale = ", --quick" if report["quick"] else ""
+    scale = f", scale {report['scale']}"
     lines = [f"# V-cycle vs tuned baseline ({report['date']}{scale})",
              "", f"`{report['command']}`", "",
              f"Budgets of the tuned baseline: {', '.join(f'{b:g}' for b in report['budgets'])} of "

@@ -22,12 +22,15 @@ where it stopped). Wall-clock counts what a user waits for: process start-up, lo
 operator applied at load time, training and the periodic evaluations (the same interval in every
 run).
 
-    python benchmarks/savings.py [--quick] [--all] [--seeds N] --out DIR
-    (the same as: mlmega bench savings [CONFIG] [--quick] [--all] [--seeds N] --out DIR)
+    python benchmarks/savings.py [--scale S] [--only NAME,...] [--all] [--seeds N] --out DIR
+    (the same as: mlmega bench savings [CONFIG] [--scale S] [--only ...] [--all] ... --out DIR)
 
-Default: the GPT 2-level comparison; --all adds GPT 3-level and BERT 2- and 3-level. --quick runs
-the whole protocol at toy scale (minutes; the savings mean nothing there). Writes DIR/report.json,
-DIR/report.md and DIR/savings.png.
+Default: the GPT 2-level comparison; --all adds GPT 3-level and BERT 2- and 3-level; --only names
+the comparisons (gpt-2level, gpt-3level, bert-2level, bert-3level). The comparisons of one
+architecture share its baseline runs (sweep and frontiers). --scale (SCALES): quick runs the whole
+protocol at toy scale (minutes; the savings mean nothing there), small (the default) fits every
+comparison into about 4 hours of one core, medium is the 4L-256 GPT of the first measurements
+(about 24 hours). Writes DIR/report.json, DIR/report.md and DIR/savings.png.
 """
 
 from __future__ import annotations
@@ -58,6 +61,29 @@ from mlmega.vcycle.run import RunState, as_run, create_run, recipe_dict, stage_d
 BUDGETS = (0.5, 0.625, 0.75, 0.875, 1.0)  # of the baseline's steps, each its own LR schedule
 MAX_SWEEP = 8  # baseline peak LRs at most (4 to start, extended while the best is at an end)
 SEEDS = (1234, 1235, 1236)
+COMPARISONS = ("gpt-2level", "gpt-3level", "bert-2level", "bert-3level")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The size of every run of the protocol: the model, the baseline's budget, the first LR."""
+
+    layers: int
+    hidden: int
+    heads: int
+    seq_length: int
+    batch: int  # the global batch
+    steps: int  # the baseline's budget
+    lr: float  # level 0's LR before the sweep (the sweep starts at 0.5, 1, 2, 4 x this)
+    evals: int = 24  # validation points per baseline run (the same interval in every run)
+    eval_iters: int = 4  # batches per validation point
+
+
+SCALES = {
+    "quick": Scale(4, 32, 4, 32, 8, 32, 4e-3, 4, 1),  # 32 steps of a toy model want larger LRs
+    "small": Scale(4, 128, 4, 128, 16, 1200, 2e-3),  # ~3.5 min per baseline run on one core
+    "medium": Scale(4, 256, 8, 128, 16, 2400, 1e-3),  # ~20 min per baseline run
+}
 
 
 @dataclass
@@ -152,12 +178,11 @@ def variant(base: dict, name: str, **changes) -> dict:
     return data
 
 
-def base_recipe(arch: str, quick: bool, levels: int) -> dict:
+def base_recipe(arch: str, scale: Scale, levels: int) -> dict:
     """The benchmark's recipe: the paper's shape (E_a ~5% of the budget at the full size, the
     small level at a higher LR for half the steps, de-coalescing + interpolation, the rest at the
     full size), scaled to a CPU, with the choices measured on it (see the comments)."""
-    steps, batch = (32, 8) if quick else (2400, 16)  # the baseline's budget, the global batch
-    layers, hidden, heads = (4, 32, 4) if quick else (4, 256, 8)
+    steps, batch = scale.steps, scale.batch
     # preserve_function: de-coalescing keeps the small model's function (width: residual writers
     # scaled with the tied embeddings; depth: identity copies). On the 4L-256 GPT the final stage
     # starts at the small model's 3.93 (3.96 after interpolation) instead of 4.64.
@@ -168,27 +193,26 @@ def base_recipe(arch: str, quick: bool, levels: int) -> dict:
     # its peak LR it hands over a model that keeps improving (3.96 -> 3.88): 0.18 lower after 300
     # final-stage steps. The final stage runs 5/8 of the baseline's steps (the paper: 1/2): at
     # 1/2 it ends at 3.532 against the baseline's 3.496 (measured), just short of it.
+    lr = scale.lr
     if levels == 2:
         schedule = dict(coalesce_steps=[steps // 20], bottom_steps=steps // 2,
-                        decoalesce_steps=[steps * 5 // 8], lr=[1e-3, 3e-3])
+                        decoalesce_steps=[steps * 5 // 8], lr=[lr, 3 * lr])
     else:
         schedule = dict(coalesce_steps=[steps // 20, steps // 20], bottom_steps=steps // 2,
-                        decoalesce_steps=[steps * 5 // 8, steps // 8], lr=[1e-3, 2e-3, 4e-3])
-    if quick:  # 32 steps of a toy model want larger LRs (so the sweep starts around its best)
-        schedule["lr"] = [4 * lr for lr in schedule["lr"]]
+                        decoalesce_steps=[steps * 5 // 8, steps // 8], lr=[lr, 2 * lr, 4 * lr])
     # alpha: the paper uses 0.25 (GPT) and 0.5 (BERT); with function-preserving de-coalescing
     # the large model's early weights only need to break the copies' symmetry: 0.9 (start 3.96;
     # 0.5: 4.56); BERT: the same reasoning, not measured
     schedule.update(alpha=0.9, baseline_steps=steps, bottom_decay="constant")
     return dict(
         name=f"{arch}-{levels}level",
-        model=dict(arch=arch, num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                   vocab_size=2048, max_sequence_length=128),
+        model=dict(arch=arch, num_layers=scale.layers, hidden_size=scale.hidden,
+                   num_attention_heads=scale.heads, vocab_size=2048, max_sequence_length=128),
         levels=[level] * (levels - 1),
         schedule=schedule,
-        training=dict(seq_length=32 if quick else 128, micro_batch_size=batch,
+        training=dict(seq_length=scale.seq_length, micro_batch_size=batch,
                       global_batch_size=batch, warmup_steps=steps // 40, seed=SEEDS[0],
-                      eval_interval=steps // (4 if quick else 24), eval_iters=1 if quick else 4,
+                      eval_interval=steps // scale.evals, eval_iters=scale.eval_iters,
                       log_interval=100, data_samples=2 * steps * batch),  # one stream for all runs
         data=dict(prepare=False),
         cluster=dict(executor="local"),
@@ -196,25 +220,31 @@ def base_recipe(arch: str, quick: bool, levels: int) -> dict:
     )
 
 
-def comparisons(quick: bool, everything: bool) -> list[dict]:
-    """The base recipes compared: GPT 2-level; with ``everything`` also GPT 3-level and BERT."""
-    shapes = [("gpt", 2)] + ([("gpt", 3), ("bert", 2), ("bert", 3)] if everything else [])
-    return [base_recipe(arch, quick, levels) for arch, levels in shapes]
+def comparisons(scale: Scale, names: list[str]) -> list[dict]:
+    """The base recipes of the named comparisons (``arch-Klevel``), in COMPARISONS' order."""
+    unknown = sorted(set(names) - set(COMPARISONS))
+    if unknown:
+        raise ConfigError(f"--only: no comparison {', '.join(unknown)}; there are "
+                          f"{', '.join(COMPARISONS)}")
+    return [base_recipe(name.split("-")[0], scale, int(name.split("-")[1][0]))
+            for name in COMPARISONS if name in names]
 
 
 def vcycle_knobs(recipe: dict) -> list[tuple[str, dict]]:
     """The V-cycle's tuning trials, in the order they are tried: (name, recipe changes)."""
     s = recipe["schedule"]
     lr = s["lr"]
+    # in the order of what the CPU measurements found to matter (README, Results): the final
+    # stage's length first (it sets the V-cycle's cost), then the LRs, then alpha and E_a
     return [
         ("default", {}),
-        ("lr-x2", dict(schedule__lr=[2 * x for x in lr])),
-        ("lr-x0.5", dict(schedule__lr=[x / 2 for x in lr])),
-        ("small-lr-x2", dict(schedule__lr=[lr[0], *(2 * x for x in lr[1:])])),
-        ("alpha-0.5", dict(schedule__alpha=0.5)),
-        ("Ea-x2", dict(schedule__coalesce_steps=[2 * x for x in s["coalesce_steps"]])),
         ("final-x0.8", dict(schedule__decoalesce_steps=[
             max(1, s["decoalesce_steps"][0] * 4 // 5), *s["decoalesce_steps"][1:]])),
+        ("lr-x2", dict(schedule__lr=[2 * x for x in lr])),
+        ("small-lr-x2", dict(schedule__lr=[lr[0], *(2 * x for x in lr[1:])])),
+        ("lr-x0.5", dict(schedule__lr=[x / 2 for x in lr])),
+        ("alpha-0.5", dict(schedule__alpha=0.5)),
+        ("Ea-x2", dict(schedule__coalesce_steps=[2 * x for x in s["coalesce_steps"]])),
         ("small-lr-x0.5", dict(schedule__lr=[lr[0], *(x / 2 for x in lr[1:])])),
     ]
 
@@ -238,7 +268,11 @@ class Protocol:
         """The baseline at peak LR ``lr`` for ``budget`` of its steps, its schedule fitted."""
         s, t = recipe["schedule"], recipe["training"]
         name = f"{recipe['model']['arch']}-baseline-lr{lr:.3g}-b{budget:g}-s{seed}"
-        changed = variant(recipe, name, schedule__lr=[lr] * len(s["lr"]),  # V-cycle LRs unused
+        # the V-cycle's own settings do not reach the baseline: written as one 2-level V-cycle's,
+        # so that every comparison of an architecture shares (and reuses) its baseline runs
+        changed = variant(recipe, name, levels=recipe["levels"][:1], schedule__lr=[lr, lr],
+                          schedule__coalesce_steps=s["coalesce_steps"][:1],
+                          schedule__decoalesce_steps=s["decoalesce_steps"][:1],
                           schedule__baseline_steps=round(s["baseline_steps"] * budget),
                           training__warmup_steps=round(t["warmup_steps"] * budget),
                           training__seed=seed)
@@ -356,9 +390,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("config", nargs="?", help="a recipe to compare (default: the built-in "
                                                   "GPT 2-level recipe)")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--quick", action="store_true",
-                        help="the whole protocol at toy scale (minutes; savings not meaningful)")
-    parser.add_argument("--all", action="store_true", help="also GPT 3-level, BERT 2- and 3-level")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="small",
+                        help="the runs' size: quick (the whole protocol at toy scale in minutes; "
+                             "savings not meaningful), small (default), medium")
+    parser.add_argument("--only", type=lambda text: text.split(","), default=["gpt-2level"],
+                        help=f"comparisons to run, comma-separated: {', '.join(COMPARISONS)} "
+                             "(default gpt-2level)")
+    parser.add_argument("--all", action="store_true", help="every comparison (as --only with all)")
     parser.add_argument("--seeds", type=int, default=len(SEEDS),
                         help=f"seeds of the headline pair (default {len(SEEDS)})")
 
@@ -374,11 +412,11 @@ def run(args) -> int:
         recipe.setdefault("training", {}).setdefault("data_samples", 2 * plan.data_samples)
         recipes = [recipe]
     else:
-        recipes = comparisons(args.quick, args.all)
+        recipes = comparisons(SCALES[args.scale], list(COMPARISONS) if args.all else args.only)
     out = args.out.resolve()
     protocol = Protocol(out, prepare_data(recipes, out),
                         tuple(SEEDS[0] + i for i in range(args.seeds)))
-    report = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), quick=args.quick,
+    report = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), scale=args.scale,
                   command=" ".join(["python", "benchmarks/savings.py", *sys.argv[1:]]),
                   budgets=list(BUDGETS), seeds=list(protocol.seeds),
                   comparisons=[protocol.compare(r) for r in recipes])

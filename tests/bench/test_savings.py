@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 from benchmarks.frontier import saving
-from benchmarks.savings import BUDGETS, MAX_SWEEP, Curve, compare, reach
+from benchmarks.savings import (BUDGETS, COMPARISONS, MAX_SWEEP, SCALES, Curve, Protocol,
+                                compare, comparisons, reach, variant)
+from mlmega.config.errors import ConfigError
+from mlmega.vcycle.recipe import recipe_from_dict
+from mlmega.vcycle.run import as_run, recipe_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,8 +36,33 @@ def test_compare_reports_savings_against_the_baseline():
     assert result["reached"] and result["flops_to_reach"] == pytest.approx(70.0)
     assert result["flops_saving_pct"] == pytest.approx(30.0)
     assert result["wallclock_saving_pct"] == pytest.approx(20.0)
+
     never = compare(baseline, Curve("w", [10, 20], [1, 2], [8, 7], ["post", "post"]), "post")
     assert not never["reached"] and never["flops_saving_pct"] is None
+
+
+def test_comparisons_of_one_architecture_share_their_baseline_runs(tmp_path):
+    """The 2- and 3-level comparisons of an architecture train the same baseline recipe under the
+    same run name (so the second reuses the first's sweep and frontiers); GPT's differ from BERT's."""
+    runs = {}
+
+    class Recorder(Protocol):
+        def run(self, name, recipe, baseline):
+            parsed = recipe_from_dict(variant(recipe, name), name)
+            runs.setdefault(name, []).append(recipe_dict(as_run(parsed, tmp_path)))
+            return None, None
+
+    for recipe in comparisons(SCALES["small"], list(COMPARISONS)):
+        Recorder(tmp_path, {}).baseline(recipe, 2e-3, 0.5, 1234)
+    assert sorted(runs) == ["bert-baseline-lr0.002-b0.5-s1234", "gpt-baseline-lr0.002-b0.5-s1234"]
+    for name, recipes in runs.items():
+        assert len(recipes) == 2 and recipes[0] == recipes[1], name
+        assert recipes[0]["schedule"]["baseline_steps"] == SCALES["small"].steps // 2
+
+
+def test_unknown_comparison_is_named():
+    with pytest.raises(ConfigError, match="no comparison gpt-4level; there are gpt-2level"):
+        comparisons(SCALES["small"], ["gpt-2level", "gpt-4level"])
 
 
 @pytest.mark.slow
