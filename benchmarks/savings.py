@@ -61,6 +61,7 @@ from mlmega.vcycle.run import RunState, as_run, create_run, recipe_dict, stage_d
 BUDGETS = (0.5, 0.625, 0.75, 0.875, 1.0)  # of the baseline's steps, each its own LR schedule
 MAX_SWEEP = 8  # baseline peak LRs at most (4 to start, extended while the best is at an end)
 SEEDS = (1234, 1235, 1236)
+RUN_WAIT_S = 4 * 3600  # the longest a run is waited for while another process trains it
 COMPARISONS = ("gpt-2level", "gpt-3level", "bert-2level", "bert-3level")
 
 
@@ -107,7 +108,9 @@ def run_recipe(recipe: Recipe, run_dir: Path, data_dir: Path, baseline: bool,
     plan = plan_vcycle(recipe)
     stages = [plan.baseline] if baseline else list(plan.stages)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir, "bench savings"):
+    # another protocol process on the same --out may be training this run (comparisons share
+    # their baseline runs): wait for it, then reuse what it finished
+    with RunLock(run_dir, "bench savings", wait_s=RUN_WAIT_S):
         if (run_dir / "state.json").exists():
             state = RunState.load(run_dir)
             stored = run_dir / "recipe.yaml"  # read as today's Recipe: new options take defaults
