@@ -1,8 +1,9 @@
 """The baseline's cost frontier C_base(L) and the compute-equivalent saving of a run against it.
 
 The tuned baseline is trained at several budgets, each with its own complete LR schedule; each
-budget gives one point (cost, final loss), cost being model FLOPs or wall-clock seconds. The
-frontier keeps the points no cheaper point beats and interpolates linearly between neighbours:
+evaluation of each run gives a point (cost, loss), cost being model FLOPs or wall-clock seconds
+spent up to it. The frontier keeps the points no cheaper point beats and interpolates linearly
+between neighbours:
 C_base(L) is the cost at which it reaches loss L. Beyond its ends it is a bound: a loss below every
 budget's needs at least the largest cost, one above every budget's at most the smallest.
 

@@ -32,8 +32,9 @@ def markdown(report: dict) -> str:
              "", f"`{report['command']}`", "",
              f"Budgets of the tuned baseline: {', '.join(f'{b:g}' for b in report['budgets'])} of "
              f"its steps, each with its own schedule; seeds {report['seeds']}. Compute-equivalent "
-             "saving = 1 - C_vcycle / C_base(L_vcycle) on the baseline's frontier ('>=': the "
-             "V-cycle ends below every budget's loss, so at least this).", ""]
+             "saving = 1 - C_vcycle / C_base(L_vcycle), C_base(L) the least cost at which any "
+             "budget's run reached L, at its end or at an evaluation on the way ('>=': the "
+             "V-cycle ends below every loss they reached, so at least this).", ""]
     lines += ["| comparison | compute-equivalent FLOPs saving: mean (min, max) | holds | "
               "wall-clock saving: mean (min, max) | holds |", "|---|---|---|---|---|"]
     for c in report["comparisons"]:
@@ -83,7 +84,9 @@ def plot(report: dict, out: Path) -> Path:
         ax.plot(curves["baseline"]["flops"], curves["baseline"]["loss"], color="grey", lw=1,
                 label="tuned baseline (100%)")
         fx, fy = zip(*curves["frontier"])
-        ax.plot(fx, fy, "ks-", lw=1.8, label="baseline budgets: final losses")
+        ax.plot(fx, fy, "ks", label="baseline budgets: final losses")
+        ex, ey = zip(*c["seeds"][0]["frontier_flops"])
+        ax.plot(ex, ey, "k-", lw=1.8, label="C_base: least FLOPs to each loss")
         ax.plot(curves["vcycle"]["flops"], curves["vcycle"]["loss"], marker=".", lw=1.4,
                 label=f"V-cycle ({c['best_trial']})")
         ax.set_title(f"{c['name']}: FLOPs saving {c['headline']['compute']['mean']:.1f}% "

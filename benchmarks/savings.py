@@ -7,8 +7,9 @@ reading the same sample stream (one data order per seed):
 1. Baseline LR sweep at the full budget: peak LRs a factor 2 apart (at least 4), extended while
    the best sits at an end, so that the sweep brackets it.
 2. The tuned baseline (best LR) at 50, 62.5, 75, 87.5 and 100% of the budget, each with its own
-   complete LR schedule (warm-up and linear decay fitted to its steps): the frontier C_base(L), in
-   model FLOPs and in wall-clock seconds (benchmarks/frontier.py).
+   complete LR schedule (the same warm-up, linear decay to zero at its last step). The frontier
+   C_base(L) is the least cost at which any of these runs reached loss L, at its end or at an
+   evaluation on the way, in model FLOPs and in wall-clock seconds (benchmarks/frontier.py).
 3. The V-cycle gets as many tuning trials as the baseline got LRs, over its own knobs (LRs, the
    small level's LR, alpha, E_a, the final stage's length), its level-0 LR starting at the
    baseline's best; the best trial has the largest compute-equivalent saving.
@@ -48,7 +49,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # loaded by path (mlmega bench) or run as a script
 
-from benchmarks.frontier import AT_MOST, saving  # noqa: E402
+from benchmarks.frontier import AT_MOST, pareto, saving  # noqa: E402
 from mlmega.config.errors import ConfigError  # noqa: E402
 from mlmega.data.prepare import PrepareOptions, prepare  # noqa: E402
 from mlmega.launch.executor import LocalExecutor  # noqa: E402
@@ -268,8 +269,12 @@ class Protocol:
                           baseline, log=self.log)
 
     def baseline(self, recipe: dict, lr: float, budget: float, seed: int) -> Curve:
-        """The baseline at peak LR ``lr`` for ``budget`` of its steps, its schedule fitted."""
-        s, t = recipe["schedule"], recipe["training"]
+        """The baseline at peak LR ``lr`` for ``budget`` of its steps, its decay fitted to them.
+
+        The warm-up stays at the recipe's steps: it keeps the tuned peak LR stable, whatever the
+        budget (scaled with it, 15 steps at 50% threw the run off for ~100 steps and left it
+        0.4 above the 100% run's loss at the same step: a frontier weaker than the baseline)."""
+        s = recipe["schedule"]
         name = f"{recipe['model']['arch']}-baseline-lr{lr:.3g}-b{budget:g}-s{seed}"
         # the V-cycle's own settings do not reach the baseline: written as one 2-level V-cycle's,
         # so that every comparison of an architecture shares (and reuses) its baseline runs
@@ -277,7 +282,6 @@ class Protocol:
                           schedule__coalesce_steps=s["coalesce_steps"][:1],
                           schedule__decoalesce_steps=s["decoalesce_steps"][:1],
                           schedule__baseline_steps=round(s["baseline_steps"] * budget),
-                          training__warmup_steps=round(t["warmup_steps"] * budget),
                           training__seed=seed)
         return self.run(name, changed, baseline=True)[1]
 
@@ -346,11 +350,13 @@ class Protocol:
 def seed_result(seed: int, frontier: list[dict], plan: Plan, vcycle: Curve) -> dict:
     """One seed's V-cycle against that seed's baseline frontier (FLOPs and wall-clock)."""
     loss = vcycle.loss[-1]
-    flops = saving(vcycle.flops[-1], loss, [(p["flops"], p["final_loss"]) for p in frontier])
-    secs = saving(vcycle.seconds[-1], loss, [(p["seconds"], p["final_loss"]) for p in frontier])
+    flops_points, seconds_points = baseline_points(frontier)
+    flops = saving(vcycle.flops[-1], loss, flops_points)
+    secs = saving(vcycle.seconds[-1], loss, seconds_points)
     reached = compare(frontier[-1]["curve"], vcycle, plan.stages[-1].name)
     return dict(seed=seed, frontier=[{k: v for k, v in p.items() if k != "curve"}
                                      for p in frontier],
+                frontier_flops=pareto(flops_points), frontier_seconds=pareto(seconds_points),
                 vcycle_final_loss=loss, vcycle_flops=vcycle.flops[-1],
                 vcycle_seconds=vcycle.seconds[-1],
                 compute_saving_pct=100 * flops.value, compute_saving_bound=flops.bound,
@@ -360,6 +366,18 @@ def seed_result(seed: int, frontier: list[dict], plan: Plan, vcycle: Curve) -> d
                 flops_saving_at_baseline_loss_pct=reached["flops_saving_pct"],
                 seconds_to_reach_baseline=reached["seconds_to_reach"],
                 wallclock_saving_at_baseline_loss_pct=reached["wallclock_saving_pct"])
+
+
+def baseline_points(frontier: list[dict]) -> tuple[list, list]:
+    """Every (FLOPs, loss) and (seconds, loss) the budget runs reached, at their ends and at each
+    evaluation on the way: C_base(L) is the least cost at which any baseline run reached L (at
+    this scale a longer schedule passes through losses a shorter one ends above)."""
+    flops, seconds = [], []
+    for point in frontier:
+        curve = point["curve"]
+        flops += [(f, loss) for f, loss in zip(curve.flops, curve.loss) if f > 0]
+        seconds += [(t, loss) for t, loss in zip(curve.seconds, curve.loss) if t > 0]
+    return flops, seconds
 
 
 def headline(per_seed: list[dict]) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.frontier import saving
+from benchmarks.frontier import cost_to_reach, saving
 from benchmarks.savings import (BUDGETS, COMPARISONS, MAX_SWEEP, SCALES, Curve, Protocol,
                                 compare, comparisons, reach, variant)
 from mlmega.config.errors import ConfigError
@@ -100,7 +100,9 @@ def check_report(out: Path) -> dict:
         assert [p["budget"] for p in r["frontier"]] == list(BUDGETS)
         flops = [(p["flops"], p["final_loss"]) for p in r["frontier"]]
         assert flops[-1][0] == pytest.approx(2 * flops[0][0])  # 100% vs 50% of the steps
-        expected = saving(r["vcycle_flops"], r["vcycle_final_loss"], flops)
+        envelope = r["frontier_flops"]  # every evaluation of every budget: no weaker than ends
+        assert all(cost_to_reach(envelope, loss).value <= cost for cost, loss in flops)
+        expected = saving(r["vcycle_flops"], r["vcycle_final_loss"], envelope)
         assert r["compute_saving_pct"] == pytest.approx(100 * expected.value)
         assert r["compute_saving_bound"] == expected.bound
     values = [r["compute_saving_pct"] for r in gpt["seeds"]]
