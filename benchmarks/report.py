@@ -45,7 +45,8 @@ def markdown(report: dict) -> str:
     for c in report["comparisons"]:
         lines += ["", f"## {c['name']}", "", "Baseline LR sweep (full budget, first seed):", "",
                   "| peak LR | final val loss | FLOPs | seconds |", "|---|---|---|---|"]
-        lines += [f"| {r['lr']:.3g}{' (best)' if r['best'] else ''} | {r['final_loss']:.4f} | "
+        lines += [f"| {r['lr']:.3g}{' (best)' if r['best'] else ''}"
+                  f"{' (refined)' if r.get('refined') else ''} | {r['final_loss']:.4f} | "
                   f"{r['flops']:.3g} | {r['seconds']:.0f} |" for r in c["baseline_sweep"]]
         lines += ["", "V-cycle trials (as many as baseline LRs; first seed):", "",
                   "| trial | changes | final val loss | FLOPs | compute-equivalent saving |",

@@ -5,7 +5,8 @@ For each comparison (an architecture and a number of levels), on the local execu
 reading the same sample stream (one data order per seed):
 
 1. Baseline LR sweep at the full budget: peak LRs a factor 2 apart (at least 4), extended while
-   the best sits at an end, so that the sweep brackets it.
+   the best sits at an end, so that the sweep brackets it; then the half-steps (factor sqrt 2)
+   either side of that best.
 2. The tuned baseline (best LR) at 50, 62.5, 75, 87.5 and 100% of the budget, each with its own
    complete LR schedule (the same warm-up, linear decay to zero at its last step). The frontier
    C_base(L) is the least cost at which any of these runs reached loss L, at its end or at an
@@ -60,7 +61,7 @@ from mlmega.vcycle.lock import RunLock  # noqa: E402
 from mlmega.vcycle.run import RunState, as_run, create_run, recipe_dict, stage_dir  # noqa: E402
 
 BUDGETS = (0.5, 0.625, 0.75, 0.875, 1.0)  # of the baseline's steps, each its own LR schedule
-MAX_SWEEP = 8  # baseline peak LRs at most (4 to start, extended while the best is at an end)
+MAX_SWEEP = 6  # ladder LRs at most (4 to start, extended while the best is at an end), + 2 refined
 SEEDS = (1234, 1235, 1236)
 RUN_WAIT_S = 4 * 3600  # the longest a run is waited for while another process trains it
 COMPARISONS = ("gpt-2level", "gpt-3level", "bert-2level", "bert-3level")
@@ -238,18 +239,18 @@ def vcycle_knobs(recipe: dict) -> list[tuple[str, dict]]:
     """The V-cycle's tuning trials, in the order they are tried: (name, recipe changes)."""
     s = recipe["schedule"]
     lr = s["lr"]
-    # in the order of what the CPU measurements found to matter (README, Results): the final
-    # stage's length first (it sets the V-cycle's cost), then the LRs, then alpha and E_a
+    # the final stage's length first (the CPU measurements found it sets the saving), then each
+    # LR knob in both directions, then alpha and E_a
     return [
         ("default", {}),
         ("final-x0.8", dict(schedule__decoalesce_steps=[
             max(1, s["decoalesce_steps"][0] * 4 // 5), *s["decoalesce_steps"][1:]])),
-        ("lr-x2", dict(schedule__lr=[2 * x for x in lr])),
+        ("small-lr-x0.5", dict(schedule__lr=[lr[0], *(x / 2 for x in lr[1:])])),
         ("small-lr-x2", dict(schedule__lr=[lr[0], *(2 * x for x in lr[1:])])),
         ("lr-x0.5", dict(schedule__lr=[x / 2 for x in lr])),
+        ("lr-x2", dict(schedule__lr=[2 * x for x in lr])),
         ("alpha-0.5", dict(schedule__alpha=0.5)),
         ("Ea-x2", dict(schedule__coalesce_steps=[2 * x for x in s["coalesce_steps"]])),
-        ("small-lr-x0.5", dict(schedule__lr=[lr[0], *(x / 2 for x in lr[1:])])),
     ]
 
 
@@ -290,7 +291,8 @@ class Protocol:
         return self.run(name, variant(recipe, name, training__seed=seed, **changes), False)
 
     def sweep_baseline(self, recipe: dict) -> list[dict]:
-        """Peak LRs a factor 2 apart around the recipe's, until the best is not at an end."""
+        """Peak LRs a factor 2 apart around the recipe's, until the best is not at an end; then
+        the two LRs a factor sqrt(2) either side of that best."""
         seed, lr0 = self.seeds[0], recipe["schedule"]["lr"][0]
         finals = {}
         lrs = [lr0 * f for f in (0.5, 1, 2, 4)]
@@ -304,8 +306,14 @@ class Protocol:
             if len(finals) >= MAX_SWEEP or best not in (ordered[0], ordered[-1]):
                 break
             lrs = [best / 2] if best == ordered[0] else [best * 2]
-        return [dict(lr=lr, final_loss=loss, flops=flops, seconds=secs, best=lr == best)
-                for lr, (loss, flops, secs) in sorted(finals.items())]
+        refined = [float(f"{best * f:.3g}")  # the value the run's name shows
+                   for f in (2 ** -0.5, 2 ** 0.5)]  # the half-steps either side of the best
+        for lr in refined:
+            curve = self.baseline(recipe, lr, 1.0, seed)
+            finals[lr] = (curve.loss[-1], curve.flops[-1], curve.seconds[-1])
+        best = min(finals, key=lambda lr: finals[lr][0])
+        return [dict(lr=lr, final_loss=loss, flops=flops, seconds=secs, best=lr == best,
+                     refined=lr in refined) for lr, (loss, flops, secs) in sorted(finals.items())]
 
     def frontier(self, recipe: dict, lr: float, seed: int) -> list[dict]:
         points = []

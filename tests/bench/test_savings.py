@@ -89,11 +89,15 @@ def check_report(out: Path) -> dict:
     report = json.loads((out / "report.json").read_text())
     (gpt,) = report["comparisons"]
     sweep = gpt["baseline_sweep"]
-    lrs = [r["lr"] for r in sweep]
+    ladder = [r for r in sweep if not r["refined"]]
+    lrs = [r["lr"] for r in ladder]
     assert len(lrs) >= 4 and all(b == pytest.approx(2 * a) for a, b in zip(lrs, lrs[1:]))
+    top = min(ladder, key=lambda r: r["final_loss"])
+    assert top not in (ladder[0], ladder[-1]) or len(ladder) == MAX_SWEEP
+    assert sorted(r["lr"] for r in sweep if r["refined"]) == \
+        pytest.approx([top["lr"] / 2 ** 0.5, top["lr"] * 2 ** 0.5], rel=5e-3)
     best = [r for r in sweep if r["best"]]
     assert len(best) == 1 and best[0]["final_loss"] == min(r["final_loss"] for r in sweep)
-    assert best[0] not in (sweep[0], sweep[-1]) or len(sweep) == MAX_SWEEP
     assert len(gpt["vcycle_trials"]) == len(sweep), "as many V-cycle trials as baseline LRs"
     assert [r["seed"] for r in gpt["seeds"]] == report["seeds"] and len(report["seeds"]) >= 3
     for r in gpt["seeds"]:
