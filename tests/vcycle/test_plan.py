@@ -23,7 +23,7 @@ def test_gpt_base_plan_matches_the_reference_schedule():
         [("pre", 0, 5000), ("bottom", 1, 50000), ("post", 0, 50000)]
     small = plan.stages[1].model
     assert (small.num_layers, small.hidden_size, small.num_attention_heads) == (6, 384, 6)
-    assert plan.stages[1].lr == 4e-4 and plan.stages[1].warmup_steps == 0
+    assert plan.stages[1].lr == 1.5e-4 and plan.stages[1].warmup_steps == 0
     assert plan.stages[0].decay_style == "constant" and plan.stages[2].decay_style == "linear"
     post = plan.stages[2].init
     assert (post.op, post.source, post.large, post.alpha) == \
