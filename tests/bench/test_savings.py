@@ -103,7 +103,7 @@ def check_report(out: Path) -> dict:
     for r in gpt["seeds"]:
         assert [p["budget"] for p in r["frontier"]] == list(BUDGETS)
         flops = [(p["flops"], p["final_loss"]) for p in r["frontier"]]
-        assert flops[-1][0] == pytest.approx(2 * flops[0][0])  # 100% vs 50% of the steps
+        assert flops[-1][0] == pytest.approx(3 * flops[0][0])  # 150% vs 50% of the steps
         envelope = r["frontier_flops"]  # every evaluation of every budget: no weaker than ends
         assert all(cost_to_reach(envelope, loss).value <= cost for cost, loss in flops)
         expected = saving(r["vcycle_flops"], r["vcycle_final_loss"], envelope)
