@@ -30,9 +30,9 @@ run).
 Default: the GPT 2-level comparison; --all adds GPT 3-level and BERT 2- and 3-level; --only names
 the comparisons (gpt-2level, gpt-3level, bert-2level, bert-3level). The comparisons of one
 architecture share its baseline runs (sweep and frontiers). --scale (SCALES): quick runs the whole
-protocol at toy scale (minutes; the savings mean nothing there), small (the default) fits every
-comparison into about 4 hours of one core, medium is the 4L-256 GPT of the first measurements
-(about 24 hours). Writes DIR/report.json, DIR/report.md and DIR/savings.png.
+protocol at toy scale (minutes; the savings mean nothing there), small (the default) runs one
+architecture's two comparisons in about 6 hours of one core, medium is the 4L-256 GPT of the
+first measurements (about 36 hours). Writes DIR/report.json, DIR/report.md and DIR/savings.png.
 """
 
 from __future__ import annotations
