@@ -50,7 +50,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # loaded by path (mlmega bench) or run as a script
 
-from benchmarks.frontier import AT_LEAST, AT_MOST, EXACT, pareto, saving  # noqa: E402
+from benchmarks.frontier import AT_MOST, EXACT, pareto, saving  # noqa: E402
 from mlmega.config.errors import ConfigError  # noqa: E402
 from mlmega.data.prepare import PrepareOptions, prepare  # noqa: E402
 from mlmega.launch.executor import LocalExecutor  # noqa: E402
@@ -297,12 +297,16 @@ class Protocol:
         the two LRs a factor sqrt(2) either side of that best."""
         seed, lr0 = self.seeds[0], recipe["schedule"]["lr"][0]
         finals = {}
-        lrs = [lr0 * f for f in (0.5, 1, 2, 4)]
-        while True:
+
+        def train(lrs) -> None:
             for lr in lrs:
                 if lr not in finals:
                     curve = self.baseline(recipe, lr, 1.0, seed)
                     finals[lr] = (curve.loss[-1], curve.flops[-1], curve.seconds[-1])
+
+        lrs = [lr0 * f for f in (0.5, 1, 2, 4)]
+        while True:
+            train(lrs)
             ordered = sorted(finals)
             best = min(finals, key=lambda lr: finals[lr][0])
             if len(finals) >= MAX_SWEEP or best not in (ordered[0], ordered[-1]):
@@ -310,9 +314,7 @@ class Protocol:
             lrs = [best / 2] if best == ordered[0] else [best * 2]
         refined = [float(f"{best * f:.3g}")  # the value the run's name shows
                    for f in (2 ** -0.5, 2 ** 0.5)]  # the half-steps either side of the best
-        for lr in refined:
-            curve = self.baseline(recipe, lr, 1.0, seed)
-            finals[lr] = (curve.loss[-1], curve.flops[-1], curve.seconds[-1])
+        train(refined)
         best = min(finals, key=lambda lr: finals[lr][0])
         return [dict(lr=lr, final_loss=loss, flops=flops, seconds=secs, best=lr == best,
                      refined=lr in refined) for lr, (loss, flops, secs) in sorted(finals.items())]
@@ -396,6 +398,12 @@ def baseline_points(frontier: list[dict]) -> tuple[list, list]:
     return flops, seconds
 
 
+def one_way(bounds: set[str]) -> str:
+    """The bound of a mean of values with ``bounds``: one direction if only that one occurs."""
+    one = bounds - {EXACT}
+    return one.pop() if len(one) == 1 else EXACT
+
+
 def headline(per_seed: list[dict]) -> dict:
     """Mean, min and max over seeds ('>=' where a seed's value is only a lower bound: the V-cycle
     ended below every loss its baseline reached); it holds only if every seed shows a saving.
@@ -405,8 +413,7 @@ def headline(per_seed: list[dict]) -> dict:
         values = [r[f"{kind}_saving_pct"] for r in per_seed]
         bounds = {r[f"{kind}_saving_bound"] for r in per_seed}
         out[kind] = dict(mean=sum(values) / len(values), min=min(values), max=max(values),
-                         bound=AT_LEAST if bounds == {AT_LEAST} or bounds == {AT_LEAST, EXACT}
-                         else AT_MOST if AT_MOST in bounds and AT_LEAST not in bounds else EXACT,
+                         bound=one_way(bounds),
                          holds=all(r[f"{kind}_saving_pct"] > 0 and
                                    r[f"{kind}_saving_bound"] != AT_MOST for r in per_seed))
     reached = [r["flops_saving_at_baseline_loss_pct"] for r in per_seed
