@@ -56,7 +56,8 @@ def markdown(report: dict) -> str:
         lines += [f"| {r['lr']:.3g}{' (best)' if r['best'] else ''}"
                   f"{' (refined)' if r.get('refined') else ''} | {r['final_loss']:.4f} | "
                   f"{r['flops']:.3g} | {r['seconds']:.0f} |" for r in c["baseline_sweep"]]
-        lines += ["", "V-cycle trials (as many as baseline LRs; first seed):", "",
+        lines += ["", "V-cycle trials (as many as baseline LRs, each turning one knob of the best "
+                  "before it; first seed):", "",
                   "| trial | changes | final val loss | FLOPs | compute-equivalent saving |",
                   "|---|---|---|---|---|"]
         lines += [f"| {r['trial']}{' (best)' if r['best'] else ''} | {r['changes'] or '-'} | "

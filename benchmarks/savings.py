@@ -12,8 +12,10 @@ reading the same sample stream (one data order per seed):
    C_base(L) is the least cost at which any of these runs reached loss L, at its end or at an
    evaluation on the way, in model FLOPs and in wall-clock seconds (benchmarks/frontier.py).
 3. The V-cycle gets as many tuning trials as the baseline got LRs, over its own knobs (LRs, the
-   small level's LR, alpha, E_a, the final stage's length), its level-0 LR starting at the
-   baseline's best; the best trial has the largest compute-equivalent saving.
+   small level's LR, alpha, E_a, the final stage's and the small levels' length), its level-0 LR
+   starting at the baseline's best: a greedy search, each trial turning one knob of the best
+   trial so far (as the sweep moves from its best LR); the best has the largest
+   compute-equivalent saving.
 4. The headline pair (tuned baseline, best V-cycle) over every seed (model init and data order):
    compute-equivalent saving 1 - C_vcycle / C_base(L_vcycle) in FLOPs and wall-clock, and the
    FLOPs / seconds the V-cycle's final stage needs to reach the 100% baseline's final loss.
@@ -185,6 +187,23 @@ def variant(base: dict, name: str, **changes) -> dict:
     return data
 
 
+def recipe_key(recipe: dict) -> str:
+    """``recipe`` without its name, floats to 6 digits: equal for the same run (0.006 x 2 and
+    0.004 x 3 are one LR)."""
+    def rounded(node):
+        if isinstance(node, dict):
+            return {k: rounded(v) for k, v in node.items() if k != "name"}
+        if isinstance(node, list):
+            return [rounded(v) for v in node]
+        return float(f"{node:.6g}") if isinstance(node, float) else node
+    return yaml.safe_dump(rounded(recipe), sort_keys=True)
+
+
+def rank(trial: dict) -> tuple[float, float]:
+    """Trials order by compute-equivalent saving, then by lower final loss."""
+    return trial["compute_saving_pct"], -trial["vcycle_final_loss"]
+
+
 def base_recipe(arch: str, scale: Scale, levels: int) -> dict:
     """The benchmark's recipe: the paper's shape (E_a ~5% of the budget at the full size, the
     small level at a higher LR for half the steps, de-coalescing + interpolation, the rest at the
@@ -238,11 +257,11 @@ def comparisons(scale: Scale, names: list[str]) -> list[dict]:
 
 
 def vcycle_knobs(recipe: dict) -> list[tuple[str, dict]]:
-    """The V-cycle's tuning trials, in the order they are tried: (name, recipe changes)."""
+    """The V-cycle's knobs, in the order they are turned: (name, changes to ``recipe``)."""
     s = recipe["schedule"]
     lr = s["lr"]
     # the final stage's length first (the CPU measurements found it sets the saving), then each
-    # LR knob in both directions, then alpha and E_a
+    # LR knob in both directions, then alpha, E_a and the small levels' length
     return [
         ("default", {}),
         ("final-x0.8", dict(schedule__decoalesce_steps=[
@@ -253,7 +272,37 @@ def vcycle_knobs(recipe: dict) -> list[tuple[str, dict]]:
         ("lr-x2", dict(schedule__lr=[2 * x for x in lr])),
         ("alpha-0.5", dict(schedule__alpha=0.5)),
         ("Ea-x2", dict(schedule__coalesce_steps=[2 * x for x in s["coalesce_steps"]])),
+        ("bottom-x0.5", dict(schedule__bottom_steps=max(1, s["bottom_steps"] // 2))),
     ]
+
+
+def greedy_trials(tuned: dict, count: int,
+                  evaluate: Callable[[str, dict], dict]) -> tuple[list[dict], dict]:
+    """``count`` V-cycle trials of a greedy search: each turns one knob (vcycle_knobs) of the best
+    trial so far and becomes the best if it saves more; a turn that repeats a tried recipe (one
+    undoing a kept knob) is passed over. ``evaluate(name, changes)`` runs a trial and returns its
+    result (``compute_saving_pct``, ``vcycle_final_loss``). Returns the trials (the best marked)
+    and the best one's recipe changes."""
+    kept, kept_names, tried, trials, changes_of = {}, [], [], [], {}
+    for knob, _ in vcycle_knobs(tuned):
+        if len(trials) == count:
+            break
+        changes = {**kept, **dict(vcycle_knobs(variant(tuned, "", **kept)))[knob]}
+        key = recipe_key(variant(tuned, "", **changes))
+        if key in tried:
+            continue
+        tried.append(key)
+        names = kept_names + [knob] if knob != "default" else kept_names
+        name = "_".join(names) or "default"
+        trials.append(dict(trial=name, changes={k.replace("__", "."): v for k, v in changes.items()},
+                           **evaluate(name, changes)))
+        changes_of[name] = changes
+        if max(trials, key=rank) is trials[-1]:
+            kept, kept_names = changes, names
+    best = max(trials, key=rank)
+    for trial in trials:
+        trial["best"] = trial is best
+    return trials, changes_of[best["trial"]]
 
 
 @dataclass
@@ -335,20 +384,17 @@ class Protocol:
         tuned = variant(recipe, recipe["name"],
                         schedule__lr=[x * scale for x in recipe["schedule"]["lr"]])
         frontiers = {self.seeds[0]: self.frontier(recipe, best_lr, self.seeds[0])}
-        trials = []
-        for trial, changes in vcycle_knobs(tuned)[:len(sweep)]:
-            plan, curve = self.vcycle(tuned, trial, changes, self.seeds[0])
-            result = seed_result(self.seeds[0], frontiers[self.seeds[0]], plan, curve)
-            trials.append(dict(trial=trial, changes={k.replace("__", "."): v
-                                                     for k, v in changes.items()}, **result))
-        best = max(trials, key=lambda r: (r["compute_saving_pct"], -r["vcycle_final_loss"]))
-        for trial in trials:
-            trial["best"] = trial is best
+
+        def trial(name: str, changes: dict) -> dict:
+            plan, curve = self.vcycle(tuned, name, changes, self.seeds[0])
+            return seed_result(self.seeds[0], frontiers[self.seeds[0]], plan, curve)
+
+        trials, best_changes = greedy_trials(tuned, len(sweep), trial)
+        best = next(r for r in trials if r["best"])
         per_seed, curves = [], {}
         for seed in self.seeds:
             frontier = frontiers.get(seed) or self.frontier(recipe, best_lr, seed)
-            plan, curve = self.vcycle(tuned, best["trial"], dict(vcycle_knobs(tuned))[
-                best["trial"]], seed)
+            plan, curve = self.vcycle(tuned, best["trial"], best_changes, seed)
             per_seed.append(seed_result(seed, frontier, plan, curve))
             if seed == self.seeds[0]:
                 curves = dict(frontier=[(p["flops"], p["final_loss"]) for p in frontier],

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.frontier import cost_to_reach, saving
 from benchmarks.savings import (BUDGETS, COMPARISONS, MAX_SWEEP, SCALES, Curve, Protocol,
-                                compare, comparisons, reach, variant)
+                                compare, comparisons, greedy_trials, reach, variant)
 from mlmega.config.errors import ConfigError
 from mlmega.vcycle.recipe import recipe_from_dict
 from mlmega.vcycle.run import as_run, recipe_dict
@@ -63,6 +63,29 @@ def test_comparisons_of_one_architecture_share_their_baseline_runs(tmp_path):
 def test_unknown_comparison_is_named():
     with pytest.raises(ConfigError, match="no comparison gpt-4level; there are gpt-2level"):
         comparisons(SCALES["small"], ["gpt-2level", "gpt-4level"])
+
+
+def test_the_vcycle_search_turns_knobs_of_its_best_trial():
+    """Greedy: a knob that saves more is kept and the next turns build on it; a turn that undoes
+    a kept knob repeats a tried recipe and is passed over; as many trials as asked."""
+    (tuned,) = comparisons(SCALES["small"], ["gpt-2level"])
+    final, (lr0, small) = tuned["schedule"]["decoalesce_steps"][0], tuned["schedule"]["lr"]
+
+    def evaluate(name, changes):  # saves more with a shorter final stage and a lower small LR
+        recipe = variant(tuned, name, **changes)["schedule"]
+        saving = (final - recipe["decoalesce_steps"][0]) / 10 + (small - recipe["lr"][1]) * 1e3 \
+            - abs(lr0 - recipe["lr"][0]) * 1e4
+        return dict(compute_saving_pct=saving, vcycle_final_loss=4.0)
+
+    trials, best = greedy_trials(tuned, 6, evaluate)
+    assert [t["trial"] for t in trials] == [
+        "default", "final-x0.8", "final-x0.8_small-lr-x0.5", "final-x0.8_small-lr-x0.5_lr-x0.5",
+        "final-x0.8_small-lr-x0.5_lr-x2", "final-x0.8_small-lr-x0.5_alpha-0.5"]
+    assert [t["trial"] for t in trials if t["best"]] == ["final-x0.8_small-lr-x0.5"]
+    assert best == dict(schedule__decoalesce_steps=[final * 4 // 5],
+                        schedule__lr=[lr0, small / 2])
+    assert trials[2]["changes"] == {"schedule.decoalesce_steps": [final * 4 // 5],
+                                    "schedule.lr": [lr0, small / 2]}
 
 
 @pytest.mark.slow
