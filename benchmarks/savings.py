@@ -68,7 +68,9 @@ BUDGETS = (0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)
 MAX_SWEEP = 6  # ladder LRs at most (4 to start, extended while the best is at an end), + 2 refined
 SEEDS = (1234, 1235, 1236)
 RUN_WAIT_S = 4 * 3600  # the longest a run is waited for while another process trains it
-COMPARISONS = ("gpt-2level", "gpt-3level", "bert-2level", "bert-3level")
+# name -> (architecture, levels)
+COMPARISONS = {"gpt-2level": ("gpt", 2), "gpt-3level": ("gpt", 3), "bert-2level": ("bert", 2),
+               "bert-3level": ("bert", 3)}
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,7 @@ def rank(trial: dict) -> tuple[float, float]:
     return trial["compute_saving_pct"], -trial["vcycle_final_loss"]
 
 
-def base_recipe(arch: str, scale: Scale, levels: int) -> dict:
+def base_recipe(arch: str, levels: int, scale: Scale) -> dict:
     """The benchmark's recipe: the paper's shape (E_a ~5% of the budget at the full size, the
     small level at a higher LR for half the steps, de-coalescing + interpolation, the rest at the
     full size), scaled to a CPU, with the choices measured on it (see the comments)."""
@@ -247,13 +249,12 @@ def base_recipe(arch: str, scale: Scale, levels: int) -> dict:
 
 
 def comparisons(scale: Scale, names: list[str]) -> list[dict]:
-    """The base recipes of the named comparisons (``arch-Klevel``), in COMPARISONS' order."""
+    """The base recipes of the named comparisons, in COMPARISONS' order."""
     unknown = sorted(set(names) - set(COMPARISONS))
     if unknown:
         raise ConfigError(f"--only: no comparison {', '.join(unknown)}; there are "
                           f"{', '.join(COMPARISONS)}")
-    return [base_recipe(name.split("-")[0], scale, int(name.split("-")[1][0]))
-            for name in COMPARISONS if name in names]
+    return [base_recipe(*COMPARISONS[name], scale) for name in COMPARISONS if name in names]
 
 
 def vcycle_knobs(recipe: dict) -> list[tuple[str, dict]]:
