@@ -139,15 +139,20 @@ def run_recipe(recipe: Recipe, run_dir: Path, data_dir: Path, baseline: bool,
 
 
 def curve_of(run_dir: Path, state: RunState, name: str) -> Curve:
+    """The run's validation points; seconds count each stage's last attempt, after the seconds of
+    the stages before it. A benchmark stage saves no checkpoint before its end, so one that was
+    interrupted ran again from its start: its earlier attempt's points and the pause of an
+    interrupted protocol count nowhere."""
     curve = Curve(name)
-    start = state.stages[0].started
+    before = 0.0
     for entry in state.stages:
         for record in read_metrics(stage_dir(run_dir, entry.name)):
-            if "val_loss" in record:
+            if "val_loss" in record and record["time"] >= entry.started:
                 curve.flops.append(record["flops"])
-                curve.seconds.append(record["time"] - start)
+                curve.seconds.append(before + record["time"] - entry.started)
                 curve.loss.append(record["val_loss"])
                 curve.stage.append(entry.name)
+        before += entry.ended - entry.started
     return curve
 
 
@@ -245,7 +250,8 @@ def base_recipe(arch: str, levels: int, scale: Scale) -> dict:
         training=dict(seq_length=scale.seq_length, micro_batch_size=batch,
                       global_batch_size=batch, warmup_steps=steps // 40, seed=SEEDS[0],
                       eval_interval=steps // scale.evals, eval_iters=scale.eval_iters,
-                      log_interval=100, data_samples=2 * steps * batch),  # one stream for all runs
+                      log_interval=100, data_samples=2 * steps * batch,  # one stream for all runs
+                      save_interval=0),  # a stage saves at its end only (curve_of relies on it)
         data=dict(prepare=False),
         cluster=dict(executor="local"),
         sizing=dict(tp=1),

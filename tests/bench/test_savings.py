@@ -11,10 +11,10 @@ import pytest
 
 from benchmarks.frontier import cost_to_reach, saving
 from benchmarks.savings import (BUDGETS, COMPARISONS, MAX_SWEEP, SCALES, Curve, Protocol,
-                                compare, comparisons, greedy_trials, reach, variant)
+                                compare, comparisons, curve_of, greedy_trials, reach, variant)
 from mlmega.config.errors import ConfigError
 from mlmega.vcycle.recipe import recipe_from_dict
-from mlmega.vcycle.run import as_run, recipe_dict
+from mlmega.vcycle.run import RunState, StageState, as_run, recipe_dict, stage_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,6 +26,25 @@ def test_reach_interpolates_between_evaluations():
     assert reach(curve, 4.5, "a") is None
     assert reach(curve, 3.5, "b") == pytest.approx((25.0, 2.5))
     assert reach(curve, 4.0, "b") == (20, 2)  # its first point already reaches it
+
+
+def test_an_interrupted_run_counts_its_last_attempts_and_no_pause(tmp_path):
+    """A stage run again after an interruption: its first attempt's points are dropped, and the
+    pause before the next stage counts nowhere (seconds add up each stage's last attempt)."""
+    state = RunState(str(tmp_path), "recipe.yaml", "local",
+                     [StageState("big", started=100.0, ended=160.0),
+                      StageState("small", started=1000.0, ended=1030.0)])
+    records = {"big": [(10, 5.0, 1.0, 90.0),  # the interrupted attempt, before the last started
+                       (10, 4.5, 1.0, 130.0), (20, 4.0, 2.0, 160.0)],
+               "small": [(10, 3.9, 3.0, 1030.0)]}
+    for stage, rows in records.items():
+        stage_dir(tmp_path, stage).mkdir(parents=True)
+        (stage_dir(tmp_path, stage) / "metrics.jsonl").write_text("".join(
+            json.dumps(dict(step=step, val_loss=loss, flops=flops, time=t)) + "\n"
+            for step, loss, flops, t in rows))
+    curve = curve_of(tmp_path, state, "vcycle")
+    assert (curve.loss, curve.flops, curve.seconds, curve.stage) == (
+        [4.5, 4.0, 3.9], [1.0, 2.0, 3.0], [30.0, 60.0, 90.0], ["big", "big", "small"])
 
 
 def test_compare_reports_savings_against_the_baseline():
