@@ -139,20 +139,27 @@ def run_recipe(recipe: Recipe, run_dir: Path, data_dir: Path, baseline: bool,
 
 
 def curve_of(run_dir: Path, state: RunState, name: str) -> Curve:
-    """The run's validation points; seconds count each stage's last attempt, after the seconds of
-    the stages before it. A benchmark stage saves no checkpoint before its end, so one that was
-    interrupted ran again from its start: its earlier attempt's points and the pause of an
-    interrupted protocol count nowhere."""
+    """The run's validation points (a step evaluated again after a resume: the last). Seconds
+    count the time the stages' attempts ran (their spans), not the pauses between them: an
+    interrupted protocol's pause counts nowhere, work an attempt lost does."""
     curve = Curve(name)
     before = 0.0
     for entry in state.stages:
+        spans = sorted(entry.spans.values()) or [[entry.started, entry.ended]]
+        points = {}
         for record in read_metrics(stage_dir(run_dir, entry.name)):
-            if "val_loss" in record and record["time"] >= entry.started:
-                curve.flops.append(record["flops"])
-                curve.seconds.append(before + record["time"] - entry.started)
-                curve.loss.append(record["val_loss"])
-                curve.stage.append(entry.name)
-        before += entry.ended - entry.started
+            ran = [i for i, (start, end) in enumerate(spans) if start <= record["time"] <= end]
+            if "val_loss" in record and ran:
+                i = ran[-1]
+                points[record["step"]] = (record["flops"], record["val_loss"], before + sum(
+                    end - start for start, end in spans[:i]) + record["time"] - spans[i][0])
+        for step in sorted(points):
+            flops, loss, seconds = points[step]
+            curve.flops.append(flops)
+            curve.loss.append(loss)
+            curve.seconds.append(seconds)
+            curve.stage.append(entry.name)
+        before += sum(end - start for start, end in spans)
     return curve
 
 
@@ -250,8 +257,7 @@ def base_recipe(arch: str, levels: int, scale: Scale) -> dict:
         training=dict(seq_length=scale.seq_length, micro_batch_size=batch,
                       global_batch_size=batch, warmup_steps=steps // 40, seed=SEEDS[0],
                       eval_interval=steps // scale.evals, eval_iters=scale.eval_iters,
-                      log_interval=100, data_samples=2 * steps * batch,  # one stream for all runs
-                      save_interval=0),  # a stage saves at its end only (curve_of relies on it)
+                      log_interval=100, data_samples=2 * steps * batch),  # one stream for all runs
         data=dict(prepare=False),
         cluster=dict(executor="local"),
         sizing=dict(tp=1),

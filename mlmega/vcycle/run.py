@@ -45,6 +45,7 @@ class StageState:
     ended: Optional[float] = None
     exit_code: Optional[int] = None
     wall: dict[str, float] = field(default_factory=dict)  # job id -> seconds run (all attempts)
+    spans: dict[str, list[float]] = field(default_factory=dict)  # job id -> [start, end] (unix s)
     first_sample: int = 0  # samples consumed by the stages before it (its data starts there)
 
     @property

@@ -28,14 +28,14 @@ def test_reach_interpolates_between_evaluations():
     assert reach(curve, 4.0, "b") == (20, 2)  # its first point already reaches it
 
 
-def test_an_interrupted_run_counts_its_last_attempts_and_no_pause(tmp_path):
-    """A stage run again after an interruption: its first attempt's points are dropped, and the
-    pause before the next stage counts nowhere (seconds add up each stage's last attempt)."""
-    state = RunState(str(tmp_path), "recipe.yaml", "local",
-                     [StageState("big", started=100.0, ended=160.0),
-                      StageState("small", started=1000.0, ended=1030.0)])
-    records = {"big": [(10, 5.0, 1.0, 90.0),  # the interrupted attempt, before the last started
-                       (10, 4.5, 1.0, 130.0), (20, 4.0, 2.0, 160.0)],
+def test_an_interrupted_run_counts_the_time_its_attempts_ran_and_no_pause(tmp_path):
+    """A stage resumed after a pause: a step evaluated again keeps its last point, and seconds add
+    up the time the attempts ran (the earlier attempt's included), never the pause."""
+    state = RunState(str(tmp_path), "recipe.yaml", "local", [
+        StageState("big", spans={"local:1": [50.0, 80.0], "local:2": [100.0, 140.0]}),
+        StageState("small", spans={"local:2": [1000.0, 1030.0]})])
+    records = {"big": [(10, 5.0, 1.0, 70.0),  # the first attempt; the second evaluates it again
+                       (10, 4.5, 1.0, 110.0), (20, 4.0, 2.0, 140.0)],
                "small": [(10, 3.9, 3.0, 1030.0)]}
     for stage, rows in records.items():
         stage_dir(tmp_path, stage).mkdir(parents=True)
@@ -44,7 +44,7 @@ def test_an_interrupted_run_counts_its_last_attempts_and_no_pause(tmp_path):
             for step, loss, flops, t in rows))
     curve = curve_of(tmp_path, state, "vcycle")
     assert (curve.loss, curve.flops, curve.seconds, curve.stage) == (
-        [4.5, 4.0, 3.9], [1.0, 2.0, 3.0], [30.0, 60.0, 90.0], ["big", "big", "small"])
+        [4.5, 4.0, 3.9], [1.0, 2.0, 3.0], [40.0, 70.0, 100.0], ["big", "big", "small"])
 
 
 def test_compare_reports_savings_against_the_baseline():
