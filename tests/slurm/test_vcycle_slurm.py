@@ -237,6 +237,9 @@ def test_vcycle_chain_runs_through_slurm(tmp_path, gpt_data):
         assert notes == [1, 0]
     status = mlmega("status", run_dir)
     assert status.count("completed") == 3
+    state = RunState.load(run_dir)  # each job's span, as sacct reports it
+    assert [s.spans for s in state.stages] == [
+        {j: [_t(rows[j]["Start"]), _t(rows[j]["End"])]} for j in ids]
     print(f"mlmega run returned after {submit_s:.1f} s")
     report_timings([rows[j] for j in ids], ids)
 
