@@ -22,9 +22,10 @@ reading the same sample stream (one data order per seed):
    Mean, min and max over seeds; the headline holds only if every seed saves.
 
 Every run lives in OUT/runs/NAME and is reused when finished (an interrupted protocol continues
-where it stopped). Wall-clock counts what a user waits for: process start-up, loading and the
-operator applied at load time, training and the periodic evaluations (the same interval in every
-run).
+where it stopped, an interrupted run from its checkpoint). Wall-clock counts what a user waits for:
+process start-up, loading and the operator applied at load time, training and the periodic
+evaluations (the same interval in every run); of an interrupted run, the time its attempts ran,
+not the pause between them.
 
     python benchmarks/savings.py [--scale S] [--only NAME,...] [--all] [--seeds N] --out DIR
     (the same as: mlmega bench savings [CONFIG] [--scale S] [--only ...] [--all] ... --out DIR)
