@@ -35,7 +35,8 @@ the comparisons (gpt-2level, gpt-3level, bert-2level, bert-3level). The comparis
 architecture share its baseline runs (sweep and frontiers). --scale (SCALES): quick runs the whole
 protocol at toy scale (minutes; the savings mean nothing there), small (the default) runs GPT's two
 comparisons in about 6 hours of one core (BERT's train 4x the steps: its masked LM needs them to
-leave the unigram plateau), medium is the 4L-256 GPT of the first measurements (about 36 hours). Writes DIR/report.json, DIR/report.md and DIR/savings.png.
+leave the unigram plateau), medium is the 4L-256 GPT of the first measurements (about 36 hours).
+Writes DIR/report.json, DIR/report.md and DIR/savings.png.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def curve_of(run_dir: Path, state: RunState, name: str) -> Curve:
     curve = Curve(name)
     before = 0.0
     for entry in state.stages:
+        # a state written before spans were recorded: its stages' last attempts
         spans = sorted(entry.spans.values()) or [[entry.started, entry.ended]]
         points = {}
         for record in read_metrics(stage_dir(run_dir, entry.name)):
