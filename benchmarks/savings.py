@@ -92,6 +92,10 @@ class Scale:
     # times later than GPT (4L-128, LR 1e-3: validation 6.02 after 1200 steps, 5.40 after 4800)
     bert_steps_factor: int = 1
 
+    def baseline_steps(self, arch: str) -> int:
+        """The baseline's budget for ``arch``."""
+        return self.steps * (self.bert_steps_factor if arch == "bert" else 1)
+
 
 SCALES = {
     "quick": Scale(4, 32, 4, 32, 8, 32, 4e-3, 4, 1),  # 32 steps of a toy model want larger LRs
@@ -149,20 +153,22 @@ def curve_of(run_dir: Path, state: RunState, name: str) -> Curve:
     for entry in state.stages:
         # a state written before spans were recorded: its stages' last attempts
         spans = sorted(entry.spans.values()) or [[entry.started, entry.ended]]
+        shifts = []  # a time in span i, plus shifts[i]: the seconds the run had run by then
+        for start, end in spans:
+            shifts.append(before - start)
+            before += end - start
         points = {}
         for record in read_metrics(stage_dir(run_dir, entry.name)):
             ran = [i for i, (start, end) in enumerate(spans) if start <= record["time"] <= end]
             if "val_loss" in record and ran:
-                i = ran[-1]
-                points[record["step"]] = (record["flops"], record["val_loss"], before + sum(
-                    end - start for start, end in spans[:i]) + record["time"] - spans[i][0])
+                points[record["step"]] = (record["flops"], record["val_loss"],
+                                          record["time"] + shifts[ran[-1]])
         for step in sorted(points):
             flops, loss, seconds = points[step]
             curve.flops.append(flops)
             curve.loss.append(loss)
             curve.seconds.append(seconds)
             curve.stage.append(entry.name)
-        before += sum(end - start for start, end in spans)
     return curve
 
 
@@ -229,7 +235,7 @@ def base_recipe(arch: str, levels: int, scale: Scale) -> dict:
     """The benchmark's recipe: the paper's shape (E_a ~5% of the budget at the full size, the
     small level at a higher LR for half the steps, de-coalescing + interpolation, the rest at the
     full size), scaled to a CPU, with the choices measured on it (see the comments)."""
-    steps, batch = scale.steps * (scale.bert_steps_factor if arch == "bert" else 1), scale.batch
+    steps, batch = scale.baseline_steps(arch), scale.batch
     # preserve_function: de-coalescing keeps the small model's function (width: residual writers
     # scaled with the tied embeddings; depth: identity copies). On the 4L-256 GPT the final stage
     # starts at the small model's 3.93 (3.96 after interpolation) instead of 4.64.

@@ -74,11 +74,10 @@ def test_comparisons_of_one_architecture_share_their_baseline_runs(tmp_path):
     for recipe in comparisons(SCALES["small"], list(COMPARISONS)):
         Recorder(tmp_path, {}).baseline(recipe, 2e-3, 0.5, 1234)
     assert sorted(runs) == ["bert-baseline-lr0.002-b0.5-s1234", "gpt-baseline-lr0.002-b0.5-s1234"]
-    small = SCALES["small"]
     for name, recipes in runs.items():
         assert len(recipes) == 2 and recipes[0] == recipes[1], name
-        steps = small.steps * (small.bert_steps_factor if name.startswith("bert") else 1)
-        assert recipes[0]["schedule"]["baseline_steps"] == steps // 2
+        assert recipes[0]["schedule"]["baseline_steps"] == \
+            SCALES["small"].baseline_steps(recipes[0]["model"]["arch"]) // 2
 
 
 def test_unknown_comparison_is_named():
