@@ -57,24 +57,27 @@ def markdown(report: dict) -> str:
                   f"{' (refined)' if r.get('refined') else ''} | {r['final_loss']:.4f} | "
                   f"{r['flops']:.3g} | {r['seconds']:.0f} |" for r in c["baseline_sweep"]]
         lines += ["", "V-cycle trials (as many as baseline LRs, each turning one knob of the best "
-                  "before it; first seed):", "",
-                  "| trial | changes | final val loss | FLOPs | compute-equivalent saving |",
-                  "|---|---|---|---|---|"]
+                  "before it; first seed). Copies' spread: how far the final model's width copies "
+                  "moved apart (benchmarks/spread.py; 0: the small level's function; the 100% "
+                  f"baseline, trained from scratch: {_num(c.get('baseline_copies_spread'))}).", "",
+                  "| trial | changes | final val loss | FLOPs | compute-equivalent saving | "
+                  "copies' spread |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['trial']}{' (best)' if r['best'] else ''} | {r['changes'] or '-'} | "
                   f"{r['vcycle_final_loss']:.4f} | {r['vcycle_flops']:.3g} | "
-                  f"{_pct(r['compute_saving_pct'], r['compute_saving_bound'])} |"
-                  for r in c["vcycle_trials"]]
+                  f"{_pct(r['compute_saving_pct'], r['compute_saving_bound'])} | "
+                  f"{_num(r.get('copies_spread'))} |" for r in c["vcycle_trials"]]
         lines += ["", "Headline pair per seed (baseline frontier final losses at each budget):", "",
                   "| seed | frontier losses | V-cycle loss | FLOPs saving | wall-clock saving | "
-                  "FLOPs to reach the 100% baseline's loss | saving there |",
-                  "|---|---|---|---|---|---|---|"]
+                  "FLOPs to reach the 100% baseline's loss | saving there | copies' spread |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in c["seeds"]:
             losses = ", ".join(f"{p['final_loss']:.3f}" for p in r["frontier"])
             lines.append(f"| {r['seed']} | {losses} | {r['vcycle_final_loss']:.4f} | "
                          f"{_pct(r['compute_saving_pct'], r['compute_saving_bound'])} | "
                          f"{_pct(r['wallclock_saving_pct'], r['wallclock_saving_bound'])} | "
                          f"{_num(r['flops_to_reach_baseline'])} | "
-                         f"{_pct(r['flops_saving_at_baseline_loss_pct'])} |")
+                         f"{_pct(r['flops_saving_at_baseline_loss_pct'])} | "
+                         f"{_num(r.get('copies_spread'))} |")
     return "\n".join(lines + ["", "![validation loss vs model FLOPs](savings.png)", ""])
 
 

@@ -19,7 +19,9 @@ reading the same sample stream (one data order per seed):
 4. The headline pair (tuned baseline, best V-cycle) over every seed (model init and data order):
    compute-equivalent saving 1 - C_vcycle / C_base(L_vcycle) in FLOPs and wall-clock, and the
    FLOPs / seconds the V-cycle's final stage needs to reach the 100% baseline's final loss.
-   Mean, min and max over seeds; the headline holds only if every seed saves.
+   Mean, min and max over seeds; the headline holds only if every seed saves. Each V-cycle's
+   final model also gets its copies' spread (benchmarks/spread.py): how far it moved from the
+   small level it was de-coalesced from.
 
 Every run lives in OUT/runs/NAME and is reused when finished (an interrupted protocol continues
 where it stopped, an interrupted run from its checkpoint). Wall-clock counts what a user waits for:
@@ -55,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # loaded by path (mlmega bench) or run as a script
 
 from benchmarks.frontier import AT_MOST, EXACT, pareto, saving  # noqa: E402
+from benchmarks.spread import checkpoint_spread  # noqa: E402
 from mlmega.config.errors import ConfigError  # noqa: E402
 from mlmega.data.prepare import PrepareOptions, prepare  # noqa: E402
 from mlmega.launch.executor import LocalExecutor  # noqa: E402
@@ -353,7 +356,7 @@ class Protocol:
         budget (scaled with it, 15 steps at 50% threw the run off for ~100 steps and left it
         0.4 above the 100% run's loss at the same step: a frontier weaker than the baseline)."""
         s = recipe["schedule"]
-        name = f"{recipe['model']['arch']}-baseline-lr{lr:.3g}-b{budget:g}-s{seed}"
+        name = baseline_name(recipe, lr, budget, seed)
         # the V-cycle's own settings do not reach the baseline: written as one 2-level V-cycle's,
         # so that every comparison of an architecture shares (and reuses) its baseline runs
         changed = variant(recipe, name, levels=recipe["levels"][:1], schedule__lr=[lr, lr],
@@ -363,9 +366,14 @@ class Protocol:
                           training__seed=seed)
         return self.run(name, changed, baseline=True)[1]
 
-    def vcycle(self, recipe: dict, trial: str, changes: dict, seed: int) -> tuple[Plan, Curve]:
+    def vcycle(self, recipe: dict, trial: str, changes: dict, seed: int
+               ) -> tuple[Plan, Curve, Optional[float]]:
+        """V-cycle ``trial``: its plan, its curve and its final model's copies' spread."""
         name = f"{recipe['name']}-{trial}-s{seed}"
-        return self.run(name, variant(recipe, name, training__seed=seed, **changes), False)
+        plan, curve = self.run(name, variant(recipe, name, training__seed=seed, **changes), False)
+        final = plan.stages[-1]
+        return plan, curve, checkpoint_spread(stage_dir(self.out / "runs" / name, final.name),
+                                              final.init.schemes)
 
     def sweep_baseline(self, recipe: dict) -> list[dict]:
         """Peak LRs a factor 2 apart around the recipe's, until the best is not at an end; then
@@ -412,28 +420,40 @@ class Protocol:
         frontiers = {self.seeds[0]: self.frontier(recipe, best_lr, self.seeds[0])}
 
         def trial(name: str, changes: dict) -> dict:
-            plan, curve = self.vcycle(tuned, name, changes, self.seeds[0])
-            return seed_result(self.seeds[0], frontiers[self.seeds[0]], plan, curve)
+            plan, curve, spread = self.vcycle(tuned, name, changes, self.seeds[0])
+            return seed_result(self.seeds[0], frontiers[self.seeds[0]], plan, curve, spread)
 
         trials, best_changes = greedy_trials(tuned, len(sweep), trial)
         best = next(r for r in trials if r["best"])
         per_seed, curves = [], {}
         for seed in self.seeds:
             frontier = frontiers.get(seed) or self.frontier(recipe, best_lr, seed)
-            plan, curve = self.vcycle(tuned, best["trial"], best_changes, seed)
-            per_seed.append(seed_result(seed, frontier, plan, curve))
+            plan, curve, spread = self.vcycle(tuned, best["trial"], best_changes, seed)
+            per_seed.append(seed_result(seed, frontier, plan, curve, spread))
             if seed == self.seeds[0]:
                 curves = dict(frontier=[(p["flops"], p["final_loss"]) for p in frontier],
                               baseline=full_budget(frontier)["curve"].to_dict(),
                               vcycle=curve.to_dict())
+        # the same measure of the 100% baseline (trained from scratch), with the V-cycle's scheme
+        scratch = checkpoint_spread(
+            stage_dir(self.out / "runs" / baseline_name(recipe, best_lr, 1.0, self.seeds[0]),
+                      "baseline"), plan.stages[-1].init.schemes)
         return dict(name=recipe["name"], arch=recipe["model"]["arch"],
                     levels=len(recipe["levels"]) + 1, baseline_sweep=sweep, best_lr=best_lr,
+                    baseline_copies_spread=scratch,
                     vcycle_trials=trials, best_trial=best["trial"], seeds=per_seed,
                     headline=headline(per_seed), curves=curves)
 
 
-def seed_result(seed: int, frontier: list[dict], plan: Plan, vcycle: Curve) -> dict:
-    """One seed's V-cycle against that seed's baseline frontier (FLOPs and wall-clock)."""
+def baseline_name(recipe: dict, lr: float, budget: float, seed: int) -> str:
+    """The run name of a baseline: shared by every comparison of the recipe's architecture."""
+    return f"{recipe['model']['arch']}-baseline-lr{lr:.3g}-b{budget:g}-s{seed}"
+
+
+def seed_result(seed: int, frontier: list[dict], plan: Plan, vcycle: Curve,
+                spread: Optional[float]) -> dict:
+    """One seed's V-cycle against that seed's baseline frontier (FLOPs and wall-clock), with the
+    final model's copies' spread (benchmarks/spread.py)."""
     loss = vcycle.loss[-1]
     flops_points, seconds_points = baseline_points(frontier)
     flops = saving(vcycle.flops[-1], loss, flops_points)
@@ -443,7 +463,7 @@ def seed_result(seed: int, frontier: list[dict], plan: Plan, vcycle: Curve) -> d
                                      for p in frontier],
                 frontier_flops=pareto(flops_points), frontier_seconds=pareto(seconds_points),
                 vcycle_final_loss=loss, vcycle_flops=vcycle.flops[-1],
-                vcycle_seconds=vcycle.seconds[-1],
+                vcycle_seconds=vcycle.seconds[-1], copies_spread=spread,
                 compute_saving_pct=100 * flops.value, compute_saving_bound=flops.bound,
                 wallclock_saving_pct=100 * secs.value, wallclock_saving_bound=secs.bound,
                 baseline_final_loss=reached["baseline_final_val_loss"],
