@@ -434,10 +434,11 @@ class Protocol:
                 curves = dict(frontier=[(p["flops"], p["final_loss"]) for p in frontier],
                               baseline=full_budget(frontier)["curve"].to_dict(),
                               vcycle=curve.to_dict())
-        # the same measure of the 100% baseline (trained from scratch), with the V-cycle's scheme
-        scratch = checkpoint_spread(
-            stage_dir(self.out / "runs" / baseline_name(recipe, best_lr, 1.0, self.seeds[0]),
-                      "baseline"), plan.stages[-1].init.schemes)
+                # the same measure of this seed's 100% baseline (trained from scratch), with the
+                # V-cycle's scheme
+                scratch = checkpoint_spread(
+                    stage_dir(self.out / "runs" / baseline_name(recipe, best_lr, 1.0, seed),
+                              "baseline"), plan.stages[-1].init.schemes)
         return dict(name=recipe["name"], arch=recipe["model"]["arch"],
                     levels=len(recipe["levels"]) + 1, baseline_sweep=sweep, best_lr=best_lr,
                     baseline_copies_spread=scratch,

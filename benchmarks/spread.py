@@ -9,6 +9,7 @@ from typing import Optional
 from mlmega.checkpoint.formats import load_full_state
 from mlmega.config.model import ModelConfig
 from mlmega.config.schemes import LevelSchemes
+from mlmega.models.params import iter_params
 from mlmega.models.state import StateDict
 from mlmega.operators.level_map import coalesce, decoalesce
 
@@ -22,7 +23,8 @@ def copies_spread(state: StateDict, cfg: ModelConfig, schemes: LevelSchemes) -> 
     width = dataclasses.replace(schemes, depth=None)
     small, small_cfg = coalesce(state, cfg, width)
     projected, _ = decoalesce(small, small_cfg, width)
-    names = [name for name, tensor in state.items() if tensor.dim() == 2 and ".layers." in name]
+    names = [name for name, _, layer in iter_params(cfg)
+             if layer is not None and state[name].dim() == 2]
     off = sum(float((state[n].double() - projected[n].double()).square().sum()) for n in names)
     total = sum(float(state[n].double().square().sum()) for n in names)
     return (off / total) ** 0.5
