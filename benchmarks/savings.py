@@ -155,7 +155,8 @@ def curve_of(run_dir: Path, state: RunState, name: str) -> Curve:
     before = 0.0
     for entry in state.stages:
         # a state written before spans were recorded: its stages' last attempts
-        spans = sorted(entry.spans.values()) or [[entry.started, entry.ended]]
+        spans = sorted(span for runs in entry.spans.values() for span in runs) or [
+            [entry.started, entry.ended]]
         shifts = []  # a time in span i, plus shifts[i]: the seconds the run had run by then
         for start, end in spans:
             shifts.append(before - start)

@@ -78,7 +78,7 @@ class LocalExecutor(Executor):
                                      stage.resources.world, log_dir=log_dir, job=log_dir.name)
             entry.exit_code, entry.ended = code, time.time()
             entry.wall[entry.job_id] = entry.ended - entry.started
-            entry.spans[entry.job_id] = [entry.started, entry.ended]
+            entry.spans[entry.job_id] = [[entry.started, entry.ended]]
             entry.status = COMPLETED if code == 0 and stage_finished(run_dir, stage) else \
                 CANCELLED if code in (3, -signal.SIGTERM) else FAILED
             if entry.status == CANCELLED:  # `mlmega cancel` stops the whole run

@@ -150,8 +150,9 @@ class SlurmExecutor(Executor):
                 entry.started = info.start or entry.started
                 entry.ended = info.end or (None if info.state in WAITING | ACTIVE
                                            else entry.ended)
-                if info.start and info.end:
-                    entry.spans[entry.job_id] = [info.start, info.end]
+                ended = [[start, end] for start, end in info.runs if end is not None]
+                if ended:
+                    entry.spans[entry.job_id] = ended
                 if info.exit_code is not None and info.state not in WAITING | ACTIVE:
                     entry.exit_code = info.exit_code
             if entry.status == COMPLETED:

@@ -33,7 +33,15 @@ class JobInfo:
     start: Optional[float] = None
     end: Optional[float] = None
     reason: str = ""
-    wall_s: Optional[float] = None  # over every run of the job (a requeue runs it again)
+    runs: tuple[tuple[float, Optional[float]], ...] = ()  # (start, end) of each run that started
+    # (a requeue runs the job again under its id; end None: still running)
+
+    @property
+    def wall_s(self) -> Optional[float]:
+        """Seconds over every run of the job (a running one: so far); None before any ran."""
+        if not self.runs:
+            return None
+        return sum((time.time() if end is None else end) - start for start, end in self.runs)
 
 
 def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess:
@@ -51,8 +59,8 @@ SACCT_FIELDS = ("JobID", "State", "ExitCode", "Start", "End", "Reason")
 
 
 def sacct(job_ids: Sequence[str]) -> Optional[dict[str, JobInfo]]:
-    """One ``sacct`` call for all ``job_ids``: each job's latest run, with the wall time of all
-    its runs (``-D``: a requeued job's earlier runs too); None when sacct fails."""
+    """One ``sacct`` call for all ``job_ids``: each job's latest run, with the start and end of
+    all its runs (``-D``: a requeued job's earlier runs too); None when sacct fails."""
     if not job_ids:
         return {}
     try:
@@ -69,13 +77,11 @@ def sacct(job_ids: Sequence[str]) -> Optional[dict[str, JobInfo]]:
             continue
         code = row.get("ExitCode", "").split(":")[0]
         start, end = _time(row.get("Start", "")), _time(row.get("End", ""))
-        runs = [out[row["JobID"]].wall_s if row["JobID"] in out else None,
-                None if start is None else (end or time.time()) - start]
-        wall = sum(r for r in runs if r is not None) if any(r is not None for r in runs) \
-            else None
+        runs = out[row["JobID"]].runs if row["JobID"] in out else ()
         out[row["JobID"]] = JobInfo(row["JobID"], (row.get("State") or "UNKNOWN").split()[0],
                                     int(code) if code.isdigit() else None, start, end,
-                                    row.get("Reason", ""), wall)
+                                    row.get("Reason", ""),
+                                    runs + (((start, end),) if start is not None else ()))
     return out
 
 

@@ -45,8 +45,14 @@ class StageState:
     ended: Optional[float] = None
     exit_code: Optional[int] = None
     wall: dict[str, float] = field(default_factory=dict)  # job id -> seconds run (all attempts)
-    spans: dict[str, list[float]] = field(default_factory=dict)  # job id -> [start, end] (unix s)
+    # job id -> [start, end] (unix s) of each run that ended (a requeued SLURM job runs again)
+    spans: dict[str, list[list[float]]] = field(default_factory=dict)
     first_sample: int = 0  # samples consumed by the stages before it (its data starts there)
+
+    def __post_init__(self):
+        # a state file written before a job's runs were kept apart: job id -> [start, end]
+        self.spans = {job: [runs] if runs and not isinstance(runs[0], list) else runs
+                      for job, runs in self.spans.items()}
 
     @property
     def wall_s(self) -> Optional[float]:

@@ -28,12 +28,27 @@ def test_reach_interpolates_between_evaluations():
     assert reach(curve, 4.0, "b") == (20, 2)  # its first point already reaches it
 
 
-def test_an_interrupted_run_counts_the_time_its_attempts_ran_and_no_pause(tmp_path):
+@pytest.mark.parametrize("big_spans, stored", [
+    ({"local:1": [[50.0, 80.0]], "local:2": [[100.0, 140.0]]}, None),  # two local attempts
+    ({"17": [[50.0, 80.0], [100.0, 140.0]]}, None),  # one SLURM job, requeued: two runs
+    # a state file from before a job's runs were kept apart (job id -> [start, end])
+    ({"local:1": [[50.0, 80.0]], "local:2": [[100.0, 140.0]]},
+     {"local:1": [50.0, 80.0], "local:2": [100.0, 140.0]}),
+])
+def test_an_interrupted_run_counts_the_time_its_attempts_ran_and_no_pause(tmp_path, big_spans,
+                                                                          stored):
     """A stage resumed after a pause: a step evaluated again keeps its last point, and seconds add
-    up the time the attempts ran (the earlier attempt's included), never the pause."""
+    up the time the attempts (or a requeued job's runs) ran, the earlier one's included, never the
+    pause."""
     state = RunState(str(tmp_path), "recipe.yaml", "local", [
-        StageState("big", spans={"local:1": [50.0, 80.0], "local:2": [100.0, 140.0]}),
-        StageState("small", spans={"local:2": [1000.0, 1030.0]})])
+        StageState("big", spans=big_spans), StageState("small", spans={"18": [[1000.0, 1030.0]]})])
+    if stored is not None:
+        state.save()
+        data = json.loads(state.path.read_text())
+        data["stages"][0]["spans"] = stored
+        state.path.write_text(json.dumps(data))
+        state = RunState.load(tmp_path)
+        assert state.stages[0].spans == big_spans
     records = {"big": [(10, 5.0, 1.0, 70.0),  # the first attempt; the second evaluates it again
                        (10, 4.5, 1.0, 110.0), (20, 4.0, 2.0, 140.0)],
                "small": [(10, 3.9, 3.0, 1030.0)]}

@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -277,7 +278,7 @@ def test_refresh_completed_needs_the_last_checkpoint(tmp_path, monkeypatch):
     assert [s.status for s in state.stages] == [COMPLETED, FAILED, RUNNING]
 
 
-def test_refresh_sums_the_wall_time_of_every_run_of_a_job(tmp_path, monkeypatch):
+def test_refresh_keeps_the_time_and_span_of_every_run_of_a_job(tmp_path, monkeypatch):
     plan = make_plan(tmp_path, recipe_dict())
     state = fake_state(tmp_path, plan, [RUNNING, SUBMITTED, SUBMITTED])
     state.stages[1].wall = {"9": 30.0}  # an earlier job of the stage (before a resume)
@@ -293,6 +294,9 @@ def test_refresh_sums_the_wall_time_of_every_run_of_a_job(tmp_path, monkeypatch)
     assert "-D" in fake.calls[0]
     assert [s.wall for s in state.stages] == [{"11": 105.0}, {"9": 30.0, "12": 10.0}, {}]
     assert [s.wall_s for s in state.stages] == [105.0, 40.0, None]
+    t = datetime(2026, 11, 25, 0, 30).timestamp()
+    assert [s.spans for s in state.stages] == [  # unix seconds of each run that ended
+        {"11": [[t, t + 100], [t + 120, t + 125]]}, {"12": [[t + 125, t + 135]]}, {}]
     assert [s.status for s in state.stages] == [SUBMITTED] * 3  # each job's latest run
 
 

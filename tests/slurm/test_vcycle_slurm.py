@@ -239,7 +239,7 @@ def test_vcycle_chain_runs_through_slurm(tmp_path, gpt_data):
     assert status.count("completed") == 3
     state = RunState.load(run_dir)  # each job's span, as sacct reports it
     assert [s.spans for s in state.stages] == [
-        {j: [_t(rows[j]["Start"]), _t(rows[j]["End"])]} for j in ids]
+        {j: [[_t(rows[j]["Start"]), _t(rows[j]["End"])]]} for j in ids]
     print(f"mlmega run returned after {submit_s:.1f} s")
     report_timings([rows[j] for j in ids], ids)
 
@@ -321,11 +321,12 @@ def test_signalled_and_requeued_stages_keep_their_job_and_resume(tmp_path, gpt_d
     (resumed,) = resumed_at(run_dir, STAGES[1], ids[1])
     assert_resumed_without_repeats(train_steps(run_dir, STAGES[1]), resumed, 12)
     assert_final_checkpoint(run_dir)
-    # a stage's wall time: both runs of its requeued job
+    # a stage's wall time and spans: both runs of its requeued job
     state = refresh(run_dir)
     for entry in state.stages:
-        walls = [_t(r["End"]) - _t(r["Start"]) for r in runs if r["JobID"] == entry.job_id]
-        assert entry.wall == {entry.job_id: pytest.approx(sum(walls))}, (entry, runs)
+        spans = [[_t(r["Start"]), _t(r["End"])] for r in runs if r["JobID"] == entry.job_id]
+        assert entry.spans == {entry.job_id: spans}, (entry, runs)
+        assert entry.wall == {entry.job_id: pytest.approx(sum(e - s for s, e in spans))}, entry
     report_timings(runs, ids)
 
 

@@ -134,10 +134,11 @@ def test_cancel_midway_then_resume_completes(tmp_path, prepared):
     # the bottom stage's wall time covers both attempts, each with its own logs
     walls = state.stages[1].wall
     assert len(walls) == 2 and state.stages[1].wall_s == sum(walls.values())
-    spans = sorted(state.stages[1].spans.values())  # each attempt's [start, end], in turn
-    assert len(spans) == 2 and spans[0][1] <= spans[1][0]
-    assert [end - start for start, end in spans] == [walls[job] for job in sorted(
-        walls, key=lambda job: state.stages[1].spans[job])]
+    spans = state.stages[1].spans  # each attempt's one run: [[start, end]]
+    assert sorted(spans) == sorted(walls) and all(len(runs) == 1 for runs in spans.values())
+    (first, second) = sorted(runs[0] for runs in spans.values())
+    assert first[1] <= second[0]
+    assert all(end - start == walls[job] for job, [[start, end]] in spans.items())
     assert sorted(p.name for p in (run_dir / "logs" / "1-bottom-L1").iterdir()) == \
         sorted(job.replace(":", "-") for job in walls)
     assert metric_lines(run_dir)["0-pre-L0"] == pre_lines
