@@ -32,8 +32,9 @@ not the pause between them.
     python benchmarks/savings.py [--scale S] [--only NAME,...] [--all] [--seeds N] --out DIR
     (the same as: mlmega bench savings [CONFIG] [--scale S] [--only ...] [--all] ... --out DIR)
 
-Default: the GPT 2-level comparison; --all adds GPT 3-level and BERT 2- and 3-level; --only names
-the comparisons (gpt-2level, gpt-3level, bert-2level, bert-3level). The comparisons of one
+Default: the GPT 2-level comparison; --all adds GPT's 3-level ones and BERT 2- and 3-level; --only
+names the comparisons (COMPARISONS: gpt-2level, gpt-3level, gpt-3level-depth, whose second level
+halves depth only, bert-2level, bert-3level). The comparisons of one
 architecture share its baseline runs (sweep and frontiers). --scale (SCALES): quick runs the whole
 protocol at toy scale (minutes; the savings mean nothing there), small (the default) runs GPT's two
 comparisons in about 6 hours of one core (BERT's train 4x the steps: its masked LM needs them to
@@ -73,9 +74,15 @@ BUDGETS = (0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)
 MAX_SWEEP = 6  # ladder LRs at most (4 to start, extended while the best is at an end), + 2 refined
 SEEDS = (1234, 1235, 1236)
 RUN_WAIT_S = 4 * 3600  # the longest a run is waited for while another process trains it
-# name -> (architecture, levels)
-COMPARISONS = {"gpt-2level": ("gpt", 2), "gpt-3level": ("gpt", 3), "bert-2level": ("bert", 2),
-               "bert-3level": ("bert", 3)}
+# name -> (architecture, what each level below the full model halves: "width+depth" as in the
+# paper, or "depth" only)
+COMPARISONS = {
+    "gpt-2level": ("gpt", ("width+depth",)),
+    "gpt-3level": ("gpt", ("width+depth", "width+depth")),
+    "gpt-3level-depth": ("gpt", ("width+depth", "depth")),  # the bottom keeps the middle's width
+    "bert-2level": ("bert", ("width+depth",)),
+    "bert-3level": ("bert", ("width+depth", "width+depth")),
+}
 
 
 @dataclass(frozen=True)
@@ -235,16 +242,18 @@ def rank(trial: dict) -> tuple[float, float]:
     return trial["compute_saving_pct"], -trial["vcycle_final_loss"]
 
 
-def base_recipe(arch: str, levels: int, scale: Scale) -> dict:
+def base_recipe(name: str, arch: str, shrinks: tuple[str, ...], scale: Scale) -> dict:
     """The benchmark's recipe: the paper's shape (E_a ~5% of the budget at the full size, the
     small level at a higher LR for half the steps, de-coalescing + interpolation, the rest at the
     full size), scaled to a CPU, with the choices measured on it (see the comments)."""
     steps, batch = scale.baseline_steps(arch), scale.batch
+    levels = len(shrinks) + 1
     # preserve_function: de-coalescing keeps the small model's function (width: residual writers
     # scaled with the tied embeddings; depth: identity copies). On the 4L-256 GPT the final stage
     # starts at the small model's 3.93 (3.96 after interpolation) instead of 4.64.
-    level = {"width": {"kind": "stacked", "factor": 2}, "depth": {"kind": "adjacent", "factor": 2},
-             "preserve_function": True}
+    halves = {"width": {"kind": "stacked", "factor": 2}, "depth": {"kind": "adjacent", "factor": 2}}
+    level_of = {"width+depth": {**halves, "preserve_function": True},
+                "depth": {"depth": halves["depth"], "preserve_function": True}}
     # bottom_decay constant: a small level annealed to LR 0 sits in a minimum that the final
     # stage's fresh peak LR throws it out of (validation loss 3.99 -> 4.08 in 100 steps); kept at
     # its peak LR it hands over a model that keeps improving (3.96 -> 3.88): 0.18 lower after 300
@@ -262,10 +271,10 @@ def base_recipe(arch: str, levels: int, scale: Scale) -> dict:
     # 0.5: 4.56); BERT: the same reasoning, not measured
     schedule.update(alpha=0.9, baseline_steps=steps, bottom_decay="constant")
     return dict(
-        name=f"{arch}-{levels}level",
+        name=name,
         model=dict(arch=arch, num_layers=scale.layers, hidden_size=scale.hidden,
                    num_attention_heads=scale.heads, vocab_size=2048, max_sequence_length=128),
-        levels=[level] * (levels - 1),
+        levels=[level_of[shrink] for shrink in shrinks],
         schedule=schedule,
         training=dict(seq_length=scale.seq_length, micro_batch_size=batch,
                       global_batch_size=batch, warmup_steps=steps // 40, seed=SEEDS[0],
@@ -283,7 +292,7 @@ def comparisons(scale: Scale, names: list[str]) -> list[dict]:
     if unknown:
         raise ConfigError(f"--only: no comparison {', '.join(unknown)}; there are "
                           f"{', '.join(COMPARISONS)}")
-    return [base_recipe(*COMPARISONS[name], scale) for name in COMPARISONS if name in names]
+    return [base_recipe(name, *COMPARISONS[name], scale) for name in COMPARISONS if name in names]
 
 
 def vcycle_knobs(recipe: dict) -> list[tuple[str, dict]]:

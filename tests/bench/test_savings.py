@@ -77,7 +77,8 @@ def test_compare_reports_savings_against_the_baseline():
 
 def test_comparisons_of_one_architecture_share_their_baseline_runs(tmp_path):
     """The 2- and 3-level comparisons of an architecture train the same baseline recipe under the
-    same run name (so the second reuses the first's sweep and frontiers); GPT's differ from BERT's."""
+    same run name (so the second reuses the first's sweep and frontiers); GPT's differ from BERT's.
+    Their V-cycles differ in the levels: gpt-3level-depth's bottom keeps the middle's width."""
     runs = {}
 
     class Recorder(Protocol):
@@ -90,9 +91,17 @@ def test_comparisons_of_one_architecture_share_their_baseline_runs(tmp_path):
         Recorder(tmp_path, {}).baseline(recipe, 2e-3, 0.5, 1234)
     assert sorted(runs) == ["bert-baseline-lr0.002-b0.5-s1234", "gpt-baseline-lr0.002-b0.5-s1234"]
     for name, recipes in runs.items():
-        assert len(recipes) == 2 and recipes[0] == recipes[1], name
+        assert len(recipes) == (3 if name.startswith("gpt") else 2), name
+        assert all(recipe == recipes[0] for recipe in recipes), name
         assert recipes[0]["schedule"]["baseline_steps"] == \
             SCALES["small"].baseline_steps(recipes[0]["model"]["arch"]) // 2
+    shapes = {recipe["name"]: [(m.num_layers, m.hidden_size) for m in recipe_from_dict(
+        recipe, recipe["name"]).level_models()]
+        for recipe in comparisons(SCALES["small"], list(COMPARISONS))}
+    assert shapes == {"gpt-2level": [(4, 128), (2, 64)], "bert-2level": [(4, 128), (2, 64)],
+                      "gpt-3level": [(4, 128), (2, 64), (1, 32)],
+                      "bert-3level": [(4, 128), (2, 64), (1, 32)],
+                      "gpt-3level-depth": [(4, 128), (2, 64), (1, 64)]}
 
 
 def test_unknown_comparison_is_named():
