@@ -51,14 +51,18 @@ def markdown(report: dict) -> str:
                      f"{at['max']:.1f}), {at['seeds']} of {len(c['seeds'])} seeds")
         lines.append(f"| {c['name']} | {' | '.join(cells)} |")
     for c in report["comparisons"]:
-        lines += ["", f"## {c['name']}", "", "Baseline LR sweep (full budget, first seed):", "",
-                  "| peak LR | final val loss | FLOPs | seconds |", "|---|---|---|---|"]
+        lines += ["", f"## {c['name']}", "", "Baseline sweep (LRs, then warm-ups at the best LR; "
+                  "full budget, first seed):", "",
+                  "| peak LR | warm-up steps | final val loss | FLOPs | seconds |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {r['lr']:.3g}{' (best)' if r['best'] else ''}"
-                  f"{' (refined)' if r.get('refined') else ''} | {r['final_loss']:.4f} | "
-                  f"{r['flops']:.3g} | {r['seconds']:.0f} |" for r in c["baseline_sweep"]]
-        lines += ["", "V-cycle trials (as many as baseline LRs, each turning one knob of the best "
-                  "before it; first seed). Copies' spread: how far the final model's width copies "
-                  "moved apart (benchmarks/spread.py; 0: the small level's function; the 100% "
+                  f"{' (refined)' if r['refined'] else ''} | {r['warmup']} | "
+                  f"{r['final_loss']:.4f} | {r['flops']:.3g} | {r['seconds']:.0f} |"
+                  for r in c["baseline_sweep"]]
+        lines += ["", "V-cycle trials (as many as the baseline's sweep had runs, each turning one "
+                  "knob of the best before it; first seed). Copies' spread: how far the final "
+                  "model's width copies moved apart (benchmarks/spread.py; 0: the small level's "
+                  "function; the 100% "
                   f"baseline, trained from scratch: {_num(c.get('baseline_copies_spread'))}).", "",
                   "| trial | changes | final val loss | FLOPs | compute-equivalent saving | "
                   "copies' spread |", "|---|---|---|---|---|---|"]

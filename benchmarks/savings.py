@@ -4,18 +4,20 @@
 For each comparison (an architecture and a number of levels), on the local executor, every run
 reading the same sample stream (one data order per seed):
 
-1. Baseline LR sweep at the full budget: peak LRs a factor 2 apart (at least 4), extended while
+1. Baseline sweep at the full budget: peak LRs a factor 2 apart (at least 4), extended while
    the best sits at an end, so that the sweep brackets it; then the half-steps (factor sqrt 2)
-   either side of that best.
-2. The tuned baseline (best LR) at 50, 62.5, 75, 87.5, 100, 125 and 150% of the budget, each its own
-   complete LR schedule (the same warm-up, linear decay to zero at its last step). The frontier
-   C_base(L) is the least cost at which any of these runs reached loss L, at its end or at an
-   evaluation on the way, in model FLOPs and in wall-clock seconds (benchmarks/frontier.py).
-3. The V-cycle gets as many tuning trials as the baseline got LRs, over its own knobs (LRs, the
-   small level's LR, alpha, E_a, the final stage's and the small levels' length), its level-0 LR
-   starting at the baseline's best: a greedy search, each trial turning one knob of the best
-   trial so far (as the sweep moves from its best LR); the best has the largest
-   compute-equivalent saving.
+   either side of that best; then, at the best LR, warm-ups a factor 2 either side of the
+   recipe's, extended the same way.
+2. The tuned baseline (best LR and warm-up) at 50, 62.5, 75, 87.5, 100, 125 and 150% of the
+   budget, each its own complete LR schedule (the same warm-up, linear decay to zero at its last
+   step). The frontier C_base(L) is the least cost at which any of these runs reached loss L, at
+   its end or at an evaluation on the way, in model FLOPs and in wall-clock seconds
+   (benchmarks/frontier.py).
+3. The V-cycle gets as many tuning trials as the baseline's sweep had runs, over its own knobs
+   (LRs, the small level's LR, alpha, E_a, the final stage's and the small levels' length), its
+   level-0 LR starting at the baseline's best (its warm-up stays the recipe's: it must end within
+   E_a): a greedy search, each trial turning one knob of the best trial so far (as the sweep moves
+   from its best LR); the best has the largest compute-equivalent saving.
 4. The headline pair (tuned baseline, best V-cycle) over every seed (model init and data order):
    compute-equivalent saving 1 - C_vcycle / C_base(L_vcycle) in FLOPs and wall-clock, and the
    FLOPs / seconds the V-cycle's final stage needs to reach the 100% baseline's final loss.
@@ -72,6 +74,7 @@ from mlmega.vcycle.run import RunState, as_run, create_run, recipe_dict, stage_d
 # 100% run's loss still gets an exact compute-equivalent figure, not only a bound
 BUDGETS = (0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)
 MAX_SWEEP = 6  # ladder LRs at most (4 to start, extended while the best is at an end), + 2 refined
+MAX_WARMUPS = 4  # warm-ups at the best LR at most (the recipe's and 2 to start, + 1 extension)
 SEEDS = (1234, 1235, 1236)
 RUN_WAIT_S = 4 * 3600  # the longest a run is waited for while another process trains it
 # name -> (architecture, what each level below the full model halves: "width+depth" as in the
@@ -359,21 +362,25 @@ class Protocol:
         return run_recipe(parsed, self.out / "runs" / name, self.data_dirs[parsed.model.arch],
                           baseline, log=self.log)
 
-    def baseline(self, recipe: dict, lr: float, budget: float, seed: int) -> Curve:
-        """The baseline at peak LR ``lr`` for ``budget`` of its steps, its decay fitted to them.
+    def baseline(self, recipe: dict, lr: float, budget: float, seed: int,
+                 warmup: Optional[int] = None) -> Curve:
+        """The baseline at peak LR ``lr`` for ``budget`` of its steps, its decay fitted to them,
+        after ``warmup`` steps of warm-up (None: the recipe's).
 
-        The warm-up stays at the recipe's steps: it keeps the tuned peak LR stable, whatever the
-        budget (scaled with it, 15 steps at 50% threw the run off for ~100 steps and left it
-        0.4 above the 100% run's loss at the same step: a frontier weaker than the baseline)."""
+        The warm-up does not scale with the budget: it keeps the tuned peak LR stable (scaled,
+        15 steps at 50% threw the run off for ~100 steps and left it 0.4 above the 100% run's loss
+        at the same step: a frontier weaker than the baseline)."""
         s = recipe["schedule"]
-        name = baseline_name(recipe, lr, budget, seed)
+        warmup = recipe["training"]["warmup_steps"] if warmup is None else warmup
+        name = baseline_name(recipe, lr, budget, seed, warmup)
         # the V-cycle's own settings do not reach the baseline: written as one 2-level V-cycle's,
-        # so that every comparison of an architecture shares (and reuses) its baseline runs
+        # so that every comparison of an architecture shares (and reuses) its baseline runs (its
+        # first stage only has to hold the warm-up, which a recipe checks)
         changed = variant(recipe, name, levels=recipe["levels"][:1], schedule__lr=[lr, lr],
-                          schedule__coalesce_steps=s["coalesce_steps"][:1],
+                          schedule__coalesce_steps=[max(s["coalesce_steps"][0], 2 * warmup)],
                           schedule__decoalesce_steps=s["decoalesce_steps"][:1],
                           schedule__baseline_steps=round(s["baseline_steps"] * budget),
-                          training__seed=seed)
+                          training__seed=seed, training__warmup_steps=warmup)
         return self.run(name, changed, baseline=True)[1]
 
     def vcycle(self, recipe: dict, trial: str, changes: dict, seed: int
@@ -386,36 +393,46 @@ class Protocol:
                                               final.init.schemes)
 
     def sweep_baseline(self, recipe: dict) -> list[dict]:
-        """Peak LRs a factor 2 apart around the recipe's, until the best is not at an end; then
-        the two LRs a factor sqrt(2) either side of that best."""
-        seed, lr0 = self.seeds[0], recipe["schedule"]["lr"][0]
-        finals = {}
+        """Peak LRs a factor 2 apart around the recipe's, until the best is not at an end; the
+        two LRs a factor sqrt(2) either side of that best; then, at the best LR, warm-ups a
+        factor 2 either side of the recipe's, until the best is not at an end (or is none)."""
+        seed, lr0, w0 = self.seeds[0], recipe["schedule"]["lr"][0], \
+            recipe["training"]["warmup_steps"]
+        finals = {}  # (lr, warm-up) -> (final loss, FLOPs, seconds)
 
-        def train(lrs) -> None:
-            for lr in lrs:
-                if lr not in finals:
-                    curve = self.baseline(recipe, lr, 1.0, seed)
-                    finals[lr] = (curve.loss[-1], curve.flops[-1], curve.seconds[-1])
+        def train(settings) -> tuple[float, int]:
+            for lr, warmup in settings:
+                if (lr, warmup) not in finals:
+                    curve = self.baseline(recipe, lr, 1.0, seed, warmup)
+                    finals[lr, warmup] = (curve.loss[-1], curve.flops[-1], curve.seconds[-1])
+            return min(finals, key=lambda setting: finals[setting][0])
 
         lrs = [lr0 * f for f in (0.5, 1, 2, 4)]
         while True:
-            train(lrs)
-            ordered = sorted(finals)
-            best = min(finals, key=lambda lr: finals[lr][0])
+            best, _ = train((lr, w0) for lr in lrs)
+            ordered = sorted(lr for lr, _ in finals)
             if len(finals) >= MAX_SWEEP or best not in (ordered[0], ordered[-1]):
                 break
             lrs = [best / 2] if best == ordered[0] else [best * 2]
         refined = [float(f"{best * f:.3g}")  # the value the run's name shows
                    for f in (2 ** -0.5, 2 ** 0.5)]  # the half-steps either side of the best
-        train(refined)
-        best = min(finals, key=lambda lr: finals[lr][0])
-        return [dict(lr=lr, final_loss=loss, flops=flops, seconds=secs, best=lr == best,
-                     refined=lr in refined) for lr, (loss, flops, secs) in sorted(finals.items())]
+        best, _ = train((lr, w0) for lr in refined)
+        warmups = [w0 // 2, max(1, 2 * w0)]
+        while True:
+            _, top = train((best, w) for w in warmups)
+            tried = sorted(w for lr, w in finals if lr == best)
+            if len(tried) >= MAX_WARMUPS or top not in (tried[0], tried[-1]) or top == 0:
+                break
+            warmups = [top // 2] if top == tried[0] else [2 * top]
+        top = min(finals, key=lambda setting: finals[setting][0])
+        return [dict(lr=lr, warmup=warmup, final_loss=loss, flops=flops, seconds=secs,
+                     best=(lr, warmup) == top, refined=lr in refined)
+                for (lr, warmup), (loss, flops, secs) in sorted(finals.items())]
 
-    def frontier(self, recipe: dict, lr: float, seed: int) -> list[dict]:
+    def frontier(self, recipe: dict, lr: float, warmup: int, seed: int) -> list[dict]:
         points = []
         for budget in BUDGETS:
-            curve = self.baseline(recipe, lr, budget, seed)
+            curve = self.baseline(recipe, lr, budget, seed, warmup)
             points.append(dict(budget=budget, flops=curve.flops[-1], seconds=curve.seconds[-1],
                                final_loss=curve.loss[-1], curve=curve))
         return points
@@ -423,11 +440,11 @@ class Protocol:
     def compare(self, recipe: dict) -> dict:
         """The whole protocol for one base recipe; returns its report section."""
         sweep = self.sweep_baseline(recipe)
-        best_lr = next(r["lr"] for r in sweep if r["best"])
+        best_lr, warmup = next((r["lr"], r["warmup"]) for r in sweep if r["best"])
         scale = best_lr / recipe["schedule"]["lr"][0]  # the V-cycle starts from the tuned LR
         tuned = variant(recipe, recipe["name"],
                         schedule__lr=[x * scale for x in recipe["schedule"]["lr"]])
-        frontiers = {self.seeds[0]: self.frontier(recipe, best_lr, self.seeds[0])}
+        frontiers = {self.seeds[0]: self.frontier(recipe, best_lr, warmup, self.seeds[0])}
 
         def trial(name: str, changes: dict) -> dict:
             plan, curve, spread = self.vcycle(tuned, name, changes, self.seeds[0])
@@ -437,7 +454,7 @@ class Protocol:
         best = next(r for r in trials if r["best"])
         per_seed, curves = [], {}
         for seed in self.seeds:
-            frontier = frontiers.get(seed) or self.frontier(recipe, best_lr, seed)
+            frontier = frontiers.get(seed) or self.frontier(recipe, best_lr, warmup, seed)
             plan, curve, spread = self.vcycle(tuned, best["trial"], best_changes, seed)
             per_seed.append(seed_result(seed, frontier, plan, curve, spread))
             if seed == self.seeds[0]:
@@ -447,18 +464,22 @@ class Protocol:
                 # the same measure of this seed's 100% baseline (trained from scratch), with the
                 # V-cycle's scheme
                 scratch = checkpoint_spread(
-                    stage_dir(self.out / "runs" / baseline_name(recipe, best_lr, 1.0, seed),
-                              "baseline"), plan.stages[-1].init.schemes)
+                    stage_dir(self.out / "runs" / baseline_name(recipe, best_lr, 1.0, seed,
+                                                                warmup), "baseline"),
+                    plan.stages[-1].init.schemes)
         return dict(name=recipe["name"], arch=recipe["model"]["arch"],
                     levels=len(recipe["levels"]) + 1, baseline_sweep=sweep, best_lr=best_lr,
+                    best_warmup=warmup,
                     baseline_copies_spread=scratch,
                     vcycle_trials=trials, best_trial=best["trial"], seeds=per_seed,
                     headline=headline(per_seed), curves=curves)
 
 
-def baseline_name(recipe: dict, lr: float, budget: float, seed: int) -> str:
-    """The run name of a baseline: shared by every comparison of the recipe's architecture."""
-    return f"{recipe['model']['arch']}-baseline-lr{lr:.3g}-b{budget:g}-s{seed}"
+def baseline_name(recipe: dict, lr: float, budget: float, seed: int, warmup: int) -> str:
+    """The run name of a baseline: shared by every comparison of the recipe's architecture (the
+    warm-up named where it is not the recipe's)."""
+    tag = "" if warmup == recipe["training"]["warmup_steps"] else f"-w{warmup}"
+    return f"{recipe['model']['arch']}-baseline-lr{lr:.3g}{tag}-b{budget:g}-s{seed}"
 
 
 def seed_result(seed: int, frontier: list[dict], plan: Plan, vcycle: Curve,

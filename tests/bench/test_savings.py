@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,28 @@ def test_comparisons_of_one_architecture_share_their_baseline_runs(tmp_path):
                       "gpt-3level-depth": [(4, 128), (2, 64), (1, 64)]}
 
 
+def test_the_baseline_sweep_brackets_its_best_lr_then_its_best_warmup(tmp_path):
+    """LRs a factor 2 apart until the best is inside, the half-steps beside it; then warm-ups at
+    that LR a factor 2 apart until the best is inside or 4 were tried: here the loss is least at
+    LR 4e-3 and 120 warm-up steps, from the recipe's 2e-3 and 30."""
+    (recipe,) = comparisons(SCALES["small"], ["gpt-2level"])
+    assert (recipe["schedule"]["lr"][0], recipe["training"]["warmup_steps"]) == (2e-3, 30)
+
+    class Sweep(Protocol):
+        def baseline(self, recipe, lr, budget, seed, warmup=None):
+            warmup = recipe["training"]["warmup_steps"] if warmup is None else warmup
+            loss = 4 + abs(math.log2(lr / 4e-3)) + abs(math.log2((warmup + 1) / 121)) / 10
+            return Curve("b", flops=[1.0], seconds=[1.0], loss=[loss])
+
+    sweep = Sweep(tmp_path, {}).sweep_baseline(recipe)
+    tried = [(r["lr"], r["warmup"]) for r in sweep]
+    assert tried == [(1e-3, 30), (2e-3, 30), (0.00283, 30), (4e-3, 15), (4e-3, 30), (4e-3, 60),
+                     (4e-3, 120), (0.00566, 30), (8e-3, 30)]
+    assert [r["refined"] for r in sweep] == [False, False, True, False, False, False, False, True,
+                                             False]
+    assert [(r["lr"], r["warmup"]) for r in sweep if r["best"]] == [(4e-3, 120)]
+
+
 def test_unknown_comparison_is_named():
     with pytest.raises(ConfigError, match="no comparison gpt-4level; there are gpt-2level"):
         comparisons(SCALES["small"], ["gpt-2level", "gpt-4level"])
@@ -156,16 +179,21 @@ def check_report(out: Path) -> dict:
     report = json.loads((out / "report.json").read_text())
     (gpt,) = report["comparisons"]
     sweep = gpt["baseline_sweep"]
-    ladder = [r for r in sweep if not r["refined"]]
+    w0 = comparisons(SCALES["quick"], ["gpt-2level"])[0]["training"]["warmup_steps"]
+    ladder = [r for r in sweep if not r["refined"] and r["warmup"] == w0]
     lrs = [r["lr"] for r in ladder]
     assert len(lrs) >= 4 and all(b == pytest.approx(2 * a) for a, b in zip(lrs, lrs[1:]))
     top = min(ladder, key=lambda r: r["final_loss"])
     assert top not in (ladder[0], ladder[-1]) or len(ladder) == MAX_SWEEP
     assert sorted(r["lr"] for r in sweep if r["refined"]) == \
         pytest.approx([top["lr"] / 2 ** 0.5, top["lr"] * 2 ** 0.5], rel=5e-3)
+    lr_best = min((r for r in sweep if r["warmup"] == w0), key=lambda r: r["final_loss"])["lr"]
+    warmups = sorted(r["warmup"] for r in sweep if r["lr"] == lr_best)
+    assert all(r["lr"] == lr_best for r in sweep if r["warmup"] != w0) and len(warmups) >= 2
     best = [r for r in sweep if r["best"]]
     assert len(best) == 1 and best[0]["final_loss"] == min(r["final_loss"] for r in sweep)
-    assert len(gpt["vcycle_trials"]) == len(sweep), "as many V-cycle trials as baseline LRs"
+    assert (best[0]["lr"], best[0]["warmup"]) == (gpt["best_lr"], gpt["best_warmup"])
+    assert len(gpt["vcycle_trials"]) == len(sweep), "as many V-cycle trials as baseline runs"
     assert [r["seed"] for r in gpt["seeds"]] == report["seeds"] and len(report["seeds"]) >= 3
     for r in gpt["seeds"]:
         assert [p["budget"] for p in r["frontier"]] == list(BUDGETS)
@@ -180,5 +208,5 @@ def check_report(out: Path) -> dict:
     assert gpt["headline"]["compute"]["min"] == min(values)
     assert gpt["headline"]["compute"]["mean"] == pytest.approx(sum(values) / len(values))
     assert (out / "savings.png").stat().st_size > 10_000
-    assert "Baseline LR sweep" in (out / "report.md").read_text()
+    assert "Baseline sweep (LRs, then warm-ups" in (out / "report.md").read_text()
     return gpt
