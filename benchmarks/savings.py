@@ -7,7 +7,7 @@ reading the same sample stream (one data order per seed):
 1. Baseline sweep at the full budget: peak LRs a factor 2 apart (at least 4), extended while
    the best sits at an end, so that the sweep brackets it; then the half-steps (factor sqrt 2)
    either side of that best; then, at the best LR, warm-ups a factor 2 either side of the
-   recipe's, extended the same way.
+   recipe's, extended the same way up to a quarter of the steps.
 2. The tuned baseline (best LR and warm-up) at 50, 62.5, 75, 87.5, 100, 125 and 150% of the
    budget, each its own complete LR schedule (the same warm-up, linear decay to zero at its last
    step). The frontier C_base(L) is the least cost at which any of these runs reached loss L, at
@@ -74,7 +74,6 @@ from mlmega.vcycle.run import RunState, as_run, create_run, recipe_dict, stage_d
 # 100% run's loss still gets an exact compute-equivalent figure, not only a bound
 BUDGETS = (0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)
 MAX_SWEEP = 6  # ladder LRs at most (4 to start, extended while the best is at an end), + 2 refined
-MAX_WARMUPS = 4  # warm-ups at the best LR at most (the recipe's and 2 to start, + 1 extension)
 SEEDS = (1234, 1235, 1236)
 RUN_WAIT_S = 4 * 3600  # the longest a run is waited for while another process trains it
 # name -> (architecture, what each level below the full model halves: "width+depth" as in the
@@ -395,7 +394,8 @@ class Protocol:
     def sweep_baseline(self, recipe: dict) -> list[dict]:
         """Peak LRs a factor 2 apart around the recipe's, until the best is not at an end; the
         two LRs a factor sqrt(2) either side of that best; then, at the best LR, warm-ups a
-        factor 2 either side of the recipe's, until the best is not at an end (or is none)."""
+        factor 2 either side of the recipe's, until the best is not at an end, is none or is a
+        quarter of the steps."""
         seed, lr0, w0 = self.seeds[0], recipe["schedule"]["lr"][0], \
             recipe["training"]["warmup_steps"]
         finals = {}  # (lr, warm-up) -> (final loss, FLOPs, seconds)
@@ -417,11 +417,12 @@ class Protocol:
         refined = [float(f"{best * f:.3g}")  # the value the run's name shows
                    for f in (2 ** -0.5, 2 ** 0.5)]  # the half-steps either side of the best
         best, _ = train((lr, w0) for lr in refined)
+        longest = recipe["schedule"]["baseline_steps"] // 4
         warmups = [w0 // 2, max(1, 2 * w0)]
         while True:
-            _, top = train((best, w) for w in warmups)
+            _, top = train((best, w) for w in warmups if w <= longest)
             tried = sorted(w for lr, w in finals if lr == best)
-            if len(tried) >= MAX_WARMUPS or top not in (tried[0], tried[-1]) or top == 0:
+            if top not in (tried[0], tried[-1]) or top == 0 or 2 * top > longest:
                 break
             warmups = [top // 2] if top == tried[0] else [2 * top]
         top = min(finals, key=lambda setting: finals[setting][0])

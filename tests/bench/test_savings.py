@@ -107,24 +107,23 @@ def test_comparisons_of_one_architecture_share_their_baseline_runs(tmp_path):
 
 def test_the_baseline_sweep_brackets_its_best_lr_then_its_best_warmup(tmp_path):
     """LRs a factor 2 apart until the best is inside, the half-steps beside it; then warm-ups at
-    that LR a factor 2 apart until the best is inside or 4 were tried: here the loss is least at
-    LR 4e-3 and 120 warm-up steps, from the recipe's 2e-3 and 30."""
+    that LR a factor 2 apart until the best is inside or a quarter of the steps (300): here the
+    loss is least at LR 4e-3 and 480 warm-up steps, from the recipe's 2e-3 and 30."""
     (recipe,) = comparisons(SCALES["small"], ["gpt-2level"])
     assert (recipe["schedule"]["lr"][0], recipe["training"]["warmup_steps"]) == (2e-3, 30)
 
     class Sweep(Protocol):
         def baseline(self, recipe, lr, budget, seed, warmup=None):
             warmup = recipe["training"]["warmup_steps"] if warmup is None else warmup
-            loss = 4 + abs(math.log2(lr / 4e-3)) + abs(math.log2((warmup + 1) / 121)) / 10
+            loss = 4 + abs(math.log2(lr / 4e-3)) + abs(math.log2((warmup + 1) / 481)) / 10
             return Curve("b", flops=[1.0], seconds=[1.0], loss=[loss])
 
     sweep = Sweep(tmp_path, {}).sweep_baseline(recipe)
     tried = [(r["lr"], r["warmup"]) for r in sweep]
     assert tried == [(1e-3, 30), (2e-3, 30), (0.00283, 30), (4e-3, 15), (4e-3, 30), (4e-3, 60),
-                     (4e-3, 120), (0.00566, 30), (8e-3, 30)]
-    assert [r["refined"] for r in sweep] == [False, False, True, False, False, False, False, True,
-                                             False]
-    assert [(r["lr"], r["warmup"]) for r in sweep if r["best"]] == [(4e-3, 120)]
+                     (4e-3, 120), (4e-3, 240), (0.00566, 30), (8e-3, 30)]
+    assert [r["refined"] for r in sweep] == [False, False, True] + [False] * 5 + [True, False]
+    assert [(r["lr"], r["warmup"]) for r in sweep if r["best"]] == [(4e-3, 240)]
 
 
 def test_unknown_comparison_is_named():
