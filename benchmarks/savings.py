@@ -408,6 +408,10 @@ class Protocol:
                     finals[lr, warmup] = (curve.loss[-1], curve.flops[-1], curve.seconds[-1])
             return min(finals, key=lambda setting: finals[setting][0])
 
+        def half_steps(lr: float, warmup: int) -> set[tuple[float, int]]:
+            """The LRs a factor sqrt(2) either side of ``lr`` (as the run's name shows them)."""
+            return {(float(f"{lr * f:.3g}"), warmup) for f in (2 ** -0.5, 2 ** 0.5)}
+
         lrs = [lr0 * f for f in (0.5, 1, 2, 4)]
         while True:
             best, _ = train((lr, w0) for lr in lrs)
@@ -415,9 +419,8 @@ class Protocol:
             if len(finals) >= MAX_SWEEP or best not in (ordered[0], ordered[-1]):
                 break
             lrs = [best / 2] if best == ordered[0] else [best * 2]
-        refined = [float(f"{best * f:.3g}")  # the value the run's name shows
-                   for f in (2 ** -0.5, 2 ** 0.5)]  # the half-steps either side of the best
-        best, _ = train((lr, w0) for lr in refined)
+        refined = half_steps(best, w0)
+        best, _ = train(refined)
         longest = recipe["schedule"]["baseline_steps"] // 4
         warmups = [w0 // 2, max(1, 2 * w0)]
         while True:
@@ -426,10 +429,12 @@ class Protocol:
             if top not in (tried[0], tried[-1]) or top == 0 or 2 * top > longest:
                 break
             warmups = [top // 2] if top == tried[0] else [2 * top]
-        train((lr, top) for lr in refined)  # the LR's half-steps again, at the best warm-up
+        if top != w0:  # the LR's half-steps again, at the best warm-up
+            refined |= half_steps(best, top)
+            train(refined)
         top = min(finals, key=lambda setting: finals[setting][0])
         return [dict(lr=lr, warmup=warmup, final_loss=loss, flops=flops, seconds=secs,
-                     best=(lr, warmup) == top, refined=lr in refined)
+                     best=(lr, warmup) == top, refined=(lr, warmup) in refined)
                 for (lr, warmup), (loss, flops, secs) in sorted(finals.items())]
 
     def frontier(self, recipe: dict, lr: float, warmup: int, seed: int) -> list[dict]:

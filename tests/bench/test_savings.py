@@ -129,6 +129,26 @@ def test_the_baseline_sweep_brackets_its_best_lr_then_its_best_warmup(tmp_path):
     assert [(r["lr"], r["warmup"]) for r in sweep if r["best"]] == [(4e-3, 240)]
 
 
+def test_a_refined_best_lr_gets_the_warmups_and_its_own_half_steps(tmp_path):
+    """Least loss at LR 2.9e-3 and 60 warm-up steps: the half-step 2.83e-3 beats the ladder's
+    4e-3, the warm-ups are tried at it (60 inside: 15, 30, 60, 120), then the LRs a half-step
+    either side of it (2e-3, 4e-3) at 60."""
+    (recipe,) = comparisons(SCALES["small"], ["gpt-2level"])
+
+    class Sweep(Protocol):
+        def baseline(self, recipe, lr, budget, seed, warmup=None):
+            warmup = recipe["training"]["warmup_steps"] if warmup is None else warmup
+            loss = 4 + abs(math.log2(lr / 2.9e-3)) + abs(math.log2((warmup + 1) / 61)) / 10
+            return Curve("b", flops=[1.0], seconds=[1.0], loss=[loss])
+
+    sweep = Sweep(tmp_path, {}).sweep_baseline(recipe)
+    assert [(r["lr"], r["warmup"], r["refined"]) for r in sweep] == [
+        (1e-3, 30, False), (2e-3, 30, False), (2e-3, 60, True), (0.00283, 15, False),
+        (0.00283, 30, True), (0.00283, 60, False), (0.00283, 120, False), (4e-3, 30, False),
+        (4e-3, 60, True), (0.00566, 30, True), (8e-3, 30, False)]
+    assert [(r["lr"], r["warmup"]) for r in sweep if r["best"]] == [(0.00283, 60)]
+
+
 def test_unknown_comparison_is_named():
     with pytest.raises(ConfigError, match="no comparison gpt-4level; there are gpt-2level"):
         comparisons(SCALES["small"], ["gpt-2level", "gpt-4level"])
