@@ -15,9 +15,9 @@ reading the same sample stream (one data order per seed):
    its end or at an evaluation on the way, in model FLOPs and in wall-clock seconds
    (benchmarks/frontier.py).
 3. The V-cycle gets as many tuning trials as the baseline's sweep had runs, over its own knobs
-   (LRs, the small level's LR, alpha, E_a, the final stage's and the small levels' length), its
-   level-0 LR starting at the baseline's best (its warm-up stays the recipe's: it must end within
-   E_a): a greedy search, each trial turning one knob of the best trial so far (as the sweep moves
+   (LRs, the small level's LR, alpha, E_a, the final stage's and the small levels' length, the
+   warm-up), its level-0 LR starting at the baseline's best (its warm-up starts at the recipe's:
+   it must end within E_a): a greedy search, each trial turning one knob of the best trial so far (as the sweep moves
    from its best LR); the best has the largest compute-equivalent saving.
 4. The headline pair (tuned baseline, best V-cycle) over every seed (model init and data order):
    compute-equivalent saving 1 - C_vcycle / C_base(L_vcycle) in FLOPs and wall-clock, and the
@@ -300,10 +300,10 @@ def comparisons(scale: Scale, names: list[str]) -> list[dict]:
 
 def vcycle_knobs(recipe: dict) -> list[tuple[str, dict]]:
     """The V-cycle's knobs, in the order they are turned: (name, changes to ``recipe``)."""
-    s = recipe["schedule"]
+    s, warmup = recipe["schedule"], recipe["training"]["warmup_steps"]
     lr = s["lr"]
     # the final stage's length first (the CPU measurements found it sets the saving), then each
-    # LR knob in both directions, then alpha, E_a and the small levels' length
+    # LR knob in both directions, then alpha, E_a, the small levels' length and the warm-up
     return [
         ("default", {}),
         ("final-x0.8", dict(schedule__decoalesce_steps=[
@@ -315,6 +315,9 @@ def vcycle_knobs(recipe: dict) -> list[tuple[str, dict]]:
         ("alpha-0.5", dict(schedule__alpha=0.5)),
         ("Ea-x2", dict(schedule__coalesce_steps=[2 * x for x in s["coalesce_steps"]])),
         ("bottom-x0.5", dict(schedule__bottom_steps=max(1, s["bottom_steps"] // 2))),
+        # the large model's warm-up doubled, E_a lengthened where it would not hold it
+        ("warmup-x2", dict(training__warmup_steps=2 * warmup, schedule__coalesce_steps=[
+            max(s["coalesce_steps"][0], 4 * warmup), *s["coalesce_steps"][1:]])),
     ]
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from benchmarks.frontier import cost_to_reach, saving
 from benchmarks.savings import (BUDGETS, COMPARISONS, MAX_SWEEP, SCALES, Curve, Protocol,
-                                compare, comparisons, curve_of, greedy_trials, reach, variant)
+                                compare, comparisons, curve_of, greedy_trials, reach, variant,
+                                vcycle_knobs)
 from mlmega.config.errors import ConfigError
 from mlmega.vcycle.recipe import recipe_from_dict
 from mlmega.vcycle.run import RunState, StageState, as_run, recipe_dict, stage_dir
@@ -175,6 +176,10 @@ def test_the_vcycle_search_turns_knobs_of_its_best_trial():
                         schedule__lr=[lr0, small / 2])
     assert trials[2]["changes"] == {"schedule.decoalesce_steps": [final * 4 // 5],
                                     "schedule.lr": [lr0, small / 2]}
+    # the warm-up knob lengthens E_a (60 steps) to hold the doubled warm-up (60), a valid recipe
+    warm = dict(vcycle_knobs(tuned))["warmup-x2"]
+    assert warm == dict(training__warmup_steps=60, schedule__coalesce_steps=[120])
+    recipe_from_dict(variant(tuned, "warm", **warm), "warm").validate()
 
 
 @pytest.mark.slow
