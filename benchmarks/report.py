@@ -62,8 +62,8 @@ def markdown(report: dict) -> str:
         lines += ["", "V-cycle trials (as many as the baseline's sweep had runs, each turning one "
                   "knob of the best before it; first seed). Copies' spread: how far the final "
                   "model's width copies moved apart (benchmarks/spread.py; 0: the small level's "
-                  "function; the 100% "
-                  f"baseline, trained from scratch: {_num(c.get('baseline_copies_spread'))}).", "",
+                  "function; the 100% baseline, trained from scratch: "
+                  f"{_num(c.get('baseline_copies_spread'))}).", "",
                   "| trial | changes | final val loss | FLOPs | compute-equivalent saving | "
                   "copies' spread |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['trial']}{' (best)' if r['best'] else ''} | {r['changes'] or '-'} | "

@@ -106,21 +106,27 @@ def test_comparisons_of_one_architecture_share_their_baseline_runs(tmp_path):
                       "gpt-3level-depth": [(4, 128), (2, 64), (1, 64)]}
 
 
-def test_the_baseline_sweep_brackets_its_best_lr_then_its_best_warmup(tmp_path):
-    """LRs a factor 2 apart until the best is inside, the half-steps beside it; then warm-ups at
-    that LR a factor 2 apart until the best is inside or a quarter of the steps (300), and the
-    LR's half-steps again at that warm-up: here the loss is least at LR 4e-3 and 480 warm-up
-    steps, from the recipe's 2e-3 and 30."""
+def synthetic_sweep(tmp_path: Path, best_lr: float, best_warmup: int) -> list[dict]:
+    """The GPT baseline sweep over a synthetic loss, least at ``best_lr`` and ``best_warmup``."""
     (recipe,) = comparisons(SCALES["small"], ["gpt-2level"])
     assert (recipe["schedule"]["lr"][0], recipe["training"]["warmup_steps"]) == (2e-3, 30)
 
     class Sweep(Protocol):
         def baseline(self, recipe, lr, budget, seed, warmup=None):
             warmup = recipe["training"]["warmup_steps"] if warmup is None else warmup
-            loss = 4 + abs(math.log2(lr / 4e-3)) + abs(math.log2((warmup + 1) / 481)) / 10
+            loss = 4 + abs(math.log2(lr / best_lr)) + \
+                abs(math.log2((warmup + 1) / (best_warmup + 1))) / 10
             return Curve("b", flops=[1.0], seconds=[1.0], loss=[loss])
 
-    sweep = Sweep(tmp_path, {}).sweep_baseline(recipe)
+    return Sweep(tmp_path, {}).sweep_baseline(recipe)
+
+
+def test_the_baseline_sweep_brackets_its_best_lr_then_its_best_warmup(tmp_path):
+    """LRs a factor 2 apart until the best is inside, the half-steps beside it; then warm-ups at
+    that LR a factor 2 apart until the best is inside or a quarter of the steps (300), and the
+    LR's half-steps again at that warm-up: here the loss is least at LR 4e-3 and 480 warm-up
+    steps, from the recipe's 2e-3 and 30."""
+    sweep = synthetic_sweep(tmp_path, 4e-3, 480)
     tried = [(r["lr"], r["warmup"]) for r in sweep]
     assert tried == [(1e-3, 30), (2e-3, 30), (0.00283, 30), (0.00283, 240), (4e-3, 15),
                      (4e-3, 30), (4e-3, 60), (4e-3, 120), (4e-3, 240), (0.00566, 30),
@@ -134,15 +140,7 @@ def test_a_refined_best_lr_gets_the_warmups_and_its_own_half_steps(tmp_path):
     """Least loss at LR 2.9e-3 and 60 warm-up steps: the half-step 2.83e-3 beats the ladder's
     4e-3, the warm-ups are tried at it (60 inside: 15, 30, 60, 120), then the LRs a half-step
     either side of it (2e-3, 4e-3) at 60."""
-    (recipe,) = comparisons(SCALES["small"], ["gpt-2level"])
-
-    class Sweep(Protocol):
-        def baseline(self, recipe, lr, budget, seed, warmup=None):
-            warmup = recipe["training"]["warmup_steps"] if warmup is None else warmup
-            loss = 4 + abs(math.log2(lr / 2.9e-3)) + abs(math.log2((warmup + 1) / 61)) / 10
-            return Curve("b", flops=[1.0], seconds=[1.0], loss=[loss])
-
-    sweep = Sweep(tmp_path, {}).sweep_baseline(recipe)
+    sweep = synthetic_sweep(tmp_path, 2.9e-3, 60)
     assert [(r["lr"], r["warmup"], r["refined"]) for r in sweep] == [
         (1e-3, 30, False), (2e-3, 30, False), (2e-3, 60, True), (0.00283, 15, False),
         (0.00283, 30, True), (0.00283, 60, False), (0.00283, 120, False), (4e-3, 30, False),
