@@ -303,7 +303,7 @@ def vcycle_knobs(recipe: dict) -> list[tuple[str, dict]]:
     s, warmup = recipe["schedule"], recipe["training"]["warmup_steps"]
     lr = s["lr"]
     # the final stage's length first (the CPU measurements found it sets the saving), then each
-    # LR knob in both directions, then alpha, E_a, the small levels' length and the warm-up
+    # LR knob in both directions, then alpha, E_a, the small levels' length and the warm-ups
     return [
         ("default", {}),
         ("final-x0.8", dict(schedule__decoalesce_steps=[
@@ -318,6 +318,10 @@ def vcycle_knobs(recipe: dict) -> list[tuple[str, dict]]:
         # the large model's warm-up doubled, E_a lengthened where it would not hold it
         ("warmup-x2", dict(training__warmup_steps=2 * warmup, schedule__coalesce_steps=[
             max(s["coalesce_steps"][0], 4 * warmup), *s["coalesce_steps"][1:]])),
+        # the de-coalesced stages' fresh optimizers warm up for a fifth of their steps (the tuned
+        # GPT baseline's warm-up fraction, 240 of 1200) instead of starting at their peak LR
+        ("final-warmup", dict(schedule__decoalesce_warmup_steps=[
+            steps // 5 for steps in s["decoalesce_steps"]])),
     ]
 
 

@@ -108,7 +108,8 @@ def plan_vcycle(recipe: Recipe) -> Plan:
     for k in reversed(range(last)):
         init = StageInit("interpolate", previous, recipe.levels[k], large=pre[k],
                          alpha=sched.alpha)
-        previous = add("post", k, sched.decoalesce_steps[k], 0,
+        warmup = sched.decoalesce_warmup_steps[k] if sched.decoalesce_warmup_steps else 0
+        previous = add("post", k, sched.decoalesce_steps[k], warmup,
                        "linear" if k == 0 else sched.bottom_decay, init)
     baseline_steps = sched.baseline_steps or sum(s.steps for s in stages)
     baseline = _stage(recipe, "baseline", 0, "baseline", models[0], baseline_steps, sched.lr[0],

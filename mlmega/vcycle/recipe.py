@@ -66,6 +66,8 @@ class ScheduleConfig:
     constant to keep the peak LR: de-coalescing re-warms the LR, undoing an annealed minimum).
     ``decoalesce_steps[k]``: steps at level k after de-coalescing + interpolation (linear decay at
     level 0; levels in between are de-coalesced again, so they decay as ``bottom_decay`` says).
+    ``decoalesce_warmup_steps[k]``: LR warm-up of the stage after de-coalescing to level k (its
+    optimizer starts anew on a trained model); empty: every such stage starts at its peak LR.
     ``lr[k]``: peak learning rate of level k (smaller levels use higher LRs).
     ``baseline_steps``: the full model trained alone for the comparison (default: the V-cycle's
     steps at level 0).
@@ -76,6 +78,7 @@ class ScheduleConfig:
     decoalesce_steps: tuple[int, ...] = checked(ge=1)
     lr: tuple[float, ...] = checked(gt=0)
     alpha: float = checked(0.5, ge=0, le=1)
+    decoalesce_warmup_steps: tuple[int, ...] = checked((), ge=0)
     min_lr_ratio: float = checked(0.0, ge=0, le=1)
     baseline_steps: Optional[int] = checked(None, ge=1)
     bottom_decay: str = checked("linear", choices=DECAY_STYLES)  # the bottom stage's decay_style
@@ -166,6 +169,15 @@ class Recipe:
             raise ConfigError(f"{self.source}: training.warmup_steps={t.warmup_steps} must end "
                               f"within the first stage (schedule.coalesce_steps[0]="
                               f"{s.coalesce_steps[0]})")
+        warmups = s.decoalesce_warmup_steps
+        if warmups and len(warmups) != k:
+            raise ConfigError(f"{self.source}: schedule.decoalesce_warmup_steps has "
+                              f"{len(warmups)} entries; expected {k} (or none) for {k + 1} levels")
+        for j, (warmup, steps) in enumerate(zip(warmups, s.decoalesce_steps)):
+            if warmup >= steps:
+                raise ConfigError(f"{self.source}: schedule.decoalesce_warmup_steps[{j}]={warmup} "
+                                  f"must end within its stage (schedule.decoalesce_steps[{j}]="
+                                  f"{steps})")
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"{self.source}: training.global_batch_size={t.global_batch_size} "
                               f"is not a multiple of micro_batch_size={t.micro_batch_size}")

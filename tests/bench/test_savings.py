@@ -178,6 +178,10 @@ def test_the_vcycle_search_turns_knobs_of_its_best_trial():
     warm = dict(vcycle_knobs(tuned))["warmup-x2"]
     assert warm == dict(training__warmup_steps=60, schedule__coalesce_steps=[120])
     recipe_from_dict(variant(tuned, "warm", **warm), "warm").validate()
+    # the de-coalesced stage's warm-up is a fifth of that stage, which holds it
+    final_warm = dict(vcycle_knobs(tuned))["final-warmup"]
+    assert final_warm == dict(schedule__decoalesce_warmup_steps=[final // 5])
+    recipe_from_dict(variant(tuned, "final-warm", **final_warm), "final-warm").validate()
 
 
 @pytest.mark.slow

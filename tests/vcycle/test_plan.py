@@ -91,6 +91,22 @@ def test_three_level_bert_large():
     assert 45 < plan.flops_saving_pct < 55
 
 
+def test_de_coalesced_stages_warm_up_as_the_recipe_says():
+    """Each stage after de-coalescing to level k warms up for decoalesce_warmup_steps[k] (its
+    optimizer starts anew); without the option they start at their peak LR."""
+    path = CONFIGS / "bert-large-3level.yaml"  # decoalesce_steps [40000, 20000]
+    posts = [s for s in plan_vcycle(load_recipe(path)).stages if s.kind == "post"]
+    assert [(s.level, s.warmup_steps) for s in posts] == [(1, 0), (0, 0)]
+    recipe = load_recipe(path, ["schedule.decoalesce_warmup_steps=[4000, 2000]"])
+    stages = plan_vcycle(recipe).stages
+    assert [(s.level, s.warmup_steps) for s in stages if s.kind == "post"] == [(1, 2000), (0, 4000)]
+    assert [s.warmup_steps for s in stages if s.kind != "post"] == \
+        [recipe.training.warmup_steps, 0, 0]
+    with pytest.raises(ConfigError, match=r"decoalesce_warmup_steps\[1\]=20000 must end within "
+                                          r"its stage \(schedule.decoalesce_steps\[1\]=20000\)"):
+        load_recipe(path, ["schedule.decoalesce_warmup_steps=[4000, 20000]"])
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt", "tiny-bert", "gpt-base", "bert-base",
                                   "bert-large-3level"])
 def test_shipped_recipes_plan(name):
@@ -119,6 +135,10 @@ def _write(tmp_path, changes: dict, base: str = "tiny-gpt") -> Path:
     ({"cluster": {"executor": "slurm", "partitoin": "gpu"}}, r"unknown key\(s\) \['partitoin'\]"),
     ({"schedule.lr": [1e-3]}, r"schedule.lr has 1 entries; expected 2 for 2 levels"),
     ({"schedule.alpha": 1.5}, r"schedule.alpha=1.5: expected a number in \[0, 1\]"),
+    ({"schedule.decoalesce_warmup_steps": [5, 5]},
+     r"schedule.decoalesce_warmup_steps has 2 entries; expected 1 \(or none\) for 2 levels"),
+    ({"schedule.decoalesce_warmup_steps": [-1]},
+     r"schedule.decoalesce_warmup_steps=\[-1\]: expected"),
     ({"schedule.bottom_decay": "exp"}, r"schedule.bottom_decay='exp': expected one of"),
     ({"training.seq_length": 256}, r"seq_length=256 exceeds model.max_sequence_length=128"),
     ({"sizing.tp": 3}, r"sizing.tp=3 does not divide the model \(4 heads"),
