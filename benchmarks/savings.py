@@ -329,25 +329,31 @@ def greedy_trials(tuned: dict, count: int,
                   evaluate: Callable[[str, dict], dict]) -> tuple[list[dict], dict]:
     """``count`` V-cycle trials of a greedy search: each turns one knob (vcycle_knobs) of the best
     trial so far and becomes the best if it saves more; a turn that repeats a tried recipe (one
-    undoing a kept knob) is passed over. ``evaluate(name, changes)`` runs a trial and returns its
-    result (``compute_saving_pct``, ``vcycle_final_loss``). Returns the trials (the best marked)
-    and the best one's recipe changes."""
+    undoing a kept knob) is passed over; passes over the knobs go on (a knob may turn again, from
+    the best so far) until ``count`` trials ran or a pass found no new recipe.
+    ``evaluate(name, changes)`` runs a trial and returns its result (``compute_saving_pct``,
+    ``vcycle_final_loss``). Returns the trials (the best marked) and the best one's changes."""
     kept, kept_names, tried, trials, changes_of = {}, [], [], [], {}
-    for knob, _ in vcycle_knobs(tuned):
-        if len(trials) == count:
+    while len(trials) < count:
+        before = len(trials)
+        for knob, _ in vcycle_knobs(tuned):
+            if len(trials) == count:
+                break
+            changes = {**kept, **dict(vcycle_knobs(variant(tuned, "", **kept)))[knob]}
+            key = recipe_key(variant(tuned, "", **changes))
+            if key in tried:
+                continue
+            tried.append(key)
+            names = kept_names + [knob] if knob != "default" else kept_names
+            name = "_".join(names) or "default"
+            trials.append(dict(trial=name, changes={k.replace("__", "."): v
+                                                    for k, v in changes.items()},
+                               **evaluate(name, changes)))
+            changes_of[name] = changes
+            if max(trials, key=rank) is trials[-1]:
+                kept, kept_names = changes, names
+        if len(trials) == before:
             break
-        changes = {**kept, **dict(vcycle_knobs(variant(tuned, "", **kept)))[knob]}
-        key = recipe_key(variant(tuned, "", **changes))
-        if key in tried:
-            continue
-        tried.append(key)
-        names = kept_names + [knob] if knob != "default" else kept_names
-        name = "_".join(names) or "default"
-        trials.append(dict(trial=name, changes={k.replace("__", "."): v for k, v in changes.items()},
-                           **evaluate(name, changes)))
-        changes_of[name] = changes
-        if max(trials, key=rank) is trials[-1]:
-            kept, kept_names = changes, names
     best = max(trials, key=rank)
     for trial in trials:
         trial["best"] = trial is best

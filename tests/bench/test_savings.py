@@ -155,7 +155,8 @@ def test_unknown_comparison_is_named():
 
 def test_the_vcycle_search_turns_knobs_of_its_best_trial():
     """Greedy: a knob that saves more is kept and the next turns build on it; a turn that undoes
-    a kept knob repeats a tried recipe and is passed over; as many trials as asked."""
+    a kept knob repeats a tried recipe and is passed over; as many trials as asked, in further
+    passes over the knobs once every knob has turned."""
     (tuned,) = comparisons(SCALES["small"], ["gpt-2level"])
     final, (lr0, small) = tuned["schedule"]["decoalesce_steps"][0], tuned["schedule"]["lr"]
 
@@ -182,6 +183,14 @@ def test_the_vcycle_search_turns_knobs_of_its_best_trial():
     final_warm = dict(vcycle_knobs(tuned))["final-warmup"]
     assert final_warm == dict(schedule__decoalesce_warmup_steps=[final // 5])
     recipe_from_dict(variant(tuned, "final-warm", **final_warm), "final-warm").validate()
+    # past the last knob, a second pass turns the knobs again from the best so far
+    trials, best = greedy_trials(tuned, 12, evaluate)
+    assert len({t["trial"] for t in trials}) == 12
+    first_pass = "final-x0.8_small-lr-x0.5"
+    assert [t["trial"] for t in trials[-2:]] == [
+        f"{first_pass}_final-x0.8", f"{first_pass}_final-x0.8_small-lr-x0.5"]
+    assert best == dict(schedule__decoalesce_steps=[final * 4 // 5 * 4 // 5],
+                        schedule__lr=[lr0, small / 4])
 
 
 @pytest.mark.slow
