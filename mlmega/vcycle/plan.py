@@ -91,9 +91,9 @@ def plan_vcycle(recipe: Recipe) -> Plan:
     last = len(models) - 1
     stages: list[Stage] = []
 
-    def add(kind, level, steps, warmup, decay, init):
+    def add(kind, level, steps, warmup, decay, init, lr=None):
         name = f"{len(stages)}-{kind}-L{level}"
-        lr = sched.lr[level]
+        lr = sched.lr[level] if lr is None else lr
         stages.append(_stage(recipe, name, level, kind, models[level], steps, lr, warmup, decay,
                              init))
         return name
@@ -109,8 +109,9 @@ def plan_vcycle(recipe: Recipe) -> Plan:
         init = StageInit("interpolate", previous, recipe.levels[k], large=pre[k],
                          alpha=sched.alpha)
         warmup = sched.decoalesce_warmup_steps[k] if sched.decoalesce_warmup_steps else 0
+        lr = sched.decoalesce_lr[k] if sched.decoalesce_lr else None
         previous = add("post", k, sched.decoalesce_steps[k], warmup,
-                       "linear" if k == 0 else sched.bottom_decay, init)
+                       "linear" if k == 0 else sched.bottom_decay, init, lr)
     baseline_steps = sched.baseline_steps or sum(s.steps for s in stages)
     baseline = _stage(recipe, "baseline", 0, "baseline", models[0], baseline_steps, sched.lr[0],
                       train.warmup_steps, "linear", None)

@@ -69,6 +69,8 @@ class ScheduleConfig:
     ``decoalesce_warmup_steps[k]``: LR warm-up of the stage after de-coalescing to level k (its
     optimizer starts anew on a trained model); empty: every such stage starts at its peak LR.
     ``lr[k]``: peak learning rate of level k (smaller levels use higher LRs).
+    ``decoalesce_lr[k]``: peak LR of the stage after de-coalescing to level k, where it should not
+    restart at ``lr[k]`` (e.g. a lower one, as if the level's schedule went on); empty: ``lr``.
     ``baseline_steps``: the full model trained alone for the comparison (default: the V-cycle's
     steps at level 0).
     """
@@ -79,6 +81,7 @@ class ScheduleConfig:
     lr: tuple[float, ...] = checked(gt=0)
     alpha: float = checked(0.5, ge=0, le=1)
     decoalesce_warmup_steps: tuple[int, ...] = checked((), ge=0)
+    decoalesce_lr: tuple[float, ...] = checked((), gt=0)
     min_lr_ratio: float = checked(0.0, ge=0, le=1)
     baseline_steps: Optional[int] = checked(None, ge=1)
     bottom_decay: str = checked("linear", choices=DECAY_STYLES)  # the bottom stage's decay_style
@@ -169,10 +172,11 @@ class Recipe:
             raise ConfigError(f"{self.source}: training.warmup_steps={t.warmup_steps} must end "
                               f"within the first stage (schedule.coalesce_steps[0]="
                               f"{s.coalesce_steps[0]})")
+        for key in ("decoalesce_warmup_steps", "decoalesce_lr"):
+            if getattr(s, key) and len(getattr(s, key)) != k:
+                raise ConfigError(f"{self.source}: schedule.{key} has {len(getattr(s, key))} "
+                                  f"entries; expected {k} (or none) for {k + 1} levels")
         warmups = s.decoalesce_warmup_steps
-        if warmups and len(warmups) != k:
-            raise ConfigError(f"{self.source}: schedule.decoalesce_warmup_steps has "
-                              f"{len(warmups)} entries; expected {k} (or none) for {k + 1} levels")
         for j, (warmup, steps) in enumerate(zip(warmups, s.decoalesce_steps)):
             if warmup >= steps:
                 raise ConfigError(f"{self.source}: schedule.decoalesce_warmup_steps[{j}]={warmup} "

@@ -107,6 +107,23 @@ def test_de_coalesced_stages_warm_up_as_the_recipe_says():
         load_recipe(path, ["schedule.decoalesce_warmup_steps=[4000, 20000]"])
 
 
+def test_de_coalesced_stages_take_their_own_peak_lr_where_the_recipe_gives_one():
+    path = CONFIGS / "bert-large-3level.yaml"
+    recipe = load_recipe(path)
+    lr_of = {(s.kind, s.level): s.lr for s in plan_vcycle(recipe).stages}
+    assert lr_of[("post", 0)] == lr_of[("pre", 0)] == recipe.schedule.lr[0]
+    assert lr_of[("post", 1)] == lr_of[("pre", 1)] == recipe.schedule.lr[1]
+    recipe = load_recipe(path, ["schedule.decoalesce_lr=[5.0e-5, 7.0e-5]"])
+    stages = plan_vcycle(recipe).stages
+    ratio = recipe.schedule.min_lr_ratio
+    assert [(s.level, s.lr, s.min_lr) for s in stages if s.kind == "post"] == \
+        [(1, 7e-5, 7e-5 * ratio), (0, 5e-5, 5e-5 * ratio)]
+    assert [s.lr for s in stages if s.kind != "post"] == list(recipe.schedule.lr)
+    with pytest.raises(ConfigError, match=r"schedule.decoalesce_lr has 1 entries; expected 2 "
+                                          r"\(or none\) for 3 levels"):
+        load_recipe(path, ["schedule.decoalesce_lr=[5.0e-5]"])
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt", "tiny-bert", "gpt-base", "bert-base",
                                   "bert-large-3level"])
 def test_shipped_recipes_plan(name):
