@@ -160,10 +160,13 @@ class Recipe:
         s, k = self.schedule, len(self.levels)
         if k < 1:
             raise ConfigError(f"{self.source}: levels: expected at least one coarser level")
-        for key, want in (("coalesce_steps", k), ("decoalesce_steps", k), ("lr", k + 1)):
-            if len(getattr(s, key)) != want:
-                raise ConfigError(f"{self.source}: schedule.{key} has {len(getattr(s, key))} "
-                                  f"entries; expected {want} for {k + 1} levels")
+        for key, want, optional in (("coalesce_steps", k, False), ("decoalesce_steps", k, False),
+                                    ("lr", k + 1, False), ("decoalesce_warmup_steps", k, True),
+                                    ("decoalesce_lr", k, True)):
+            count = len(getattr(s, key))
+            if count != want and not (optional and count == 0):
+                raise ConfigError(f"{self.source}: schedule.{key} has {count} entries; expected "
+                                  f"{want}{' (or none)' if optional else ''} for {k + 1} levels")
         if self.baseline is not None and not isinstance(self.baseline, str):
             raise ConfigError(f"{self.source}: baseline={self.baseline!r}: expected the path of "
                               f"a baseline run directory or metrics file")
@@ -172,12 +175,7 @@ class Recipe:
             raise ConfigError(f"{self.source}: training.warmup_steps={t.warmup_steps} must end "
                               f"within the first stage (schedule.coalesce_steps[0]="
                               f"{s.coalesce_steps[0]})")
-        for key in ("decoalesce_warmup_steps", "decoalesce_lr"):
-            if getattr(s, key) and len(getattr(s, key)) != k:
-                raise ConfigError(f"{self.source}: schedule.{key} has {len(getattr(s, key))} "
-                                  f"entries; expected {k} (or none) for {k + 1} levels")
-        warmups = s.decoalesce_warmup_steps
-        for j, (warmup, steps) in enumerate(zip(warmups, s.decoalesce_steps)):
+        for j, (warmup, steps) in enumerate(zip(s.decoalesce_warmup_steps, s.decoalesce_steps)):
             if warmup >= steps:
                 raise ConfigError(f"{self.source}: schedule.decoalesce_warmup_steps[{j}]={warmup} "
                                   f"must end within its stage (schedule.decoalesce_steps[{j}]="
