@@ -16,9 +16,10 @@ reading the same sample stream (one data order per seed):
    (benchmarks/frontier.py).
 3. The V-cycle gets as many tuning trials as the baseline's sweep had runs, over its own knobs
    (LRs, the small level's LR, alpha, E_a, the final stage's and the small levels' length, the
-   warm-up), its level-0 LR starting at the baseline's best (its warm-up starts at the recipe's:
-   it must end within E_a): a greedy search, each trial turning one knob of the best trial so far (as the sweep moves
-   from its best LR); the best has the largest compute-equivalent saving.
+   warm-ups), its level-0 LR starting at the baseline's best (its warm-up starts at the
+   recipe's: it must end within E_a): a greedy search, each trial turning one knob of the best
+   trial so far (as the sweep moves from its best LR), passing over the knobs again once all have
+   turned; the best has the largest compute-equivalent saving.
 4. The headline pair (tuned baseline, best V-cycle) over every seed (model init and data order):
    compute-equivalent saving 1 - C_vcycle / C_base(L_vcycle) in FLOPs and wall-clock, and the
    FLOPs / seconds the V-cycle's final stage needs to reach the 100% baseline's final loss.
