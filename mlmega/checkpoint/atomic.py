@@ -29,8 +29,8 @@ from mlmega.config.errors import CheckpointError, ConfigError
 # may be replaced by --overwrite. Top level, then inside an iteration directory.
 _CHECKPOINT_TOP = re.compile(r"latest_checkpointed_iteration\.txt|iter_\d{7}|release")
 _CHECKPOINT_ITERATION = re.compile(
-    r"mp_rank_\d{2}(_\d{3})?|__\d+_\d+\.distcp(\.mlmega-checksums\.json)?|\.metadata|common\.pt"
-    r"|metadata\.json|\.mlmega-index-\d+\.json")
+    r"mp_rank_\d{2}(_\d{3})?|(__\d+_\d+\.distcp|\.metadata)(\.mlmega-checksums\.json)?"
+    r"|common\.pt|metadata\.json|\.mlmega-index-\d+\.json")
 
 
 def _stderr(message: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from mlmega.checkpoint.integrity import RecordChecks
 from mlmega.config.errors import CheckpointError
 from mlmega.config.model import ModelConfig
 
@@ -42,10 +43,13 @@ def _stdlib_safe_globals() -> list:
             signal.Signals]
 
 
-def load_file(path: Path, mmap: bool = True) -> dict[str, Any]:
+def load_file(path: Path, mmap: bool = True, verify: bool = False) -> dict[str, Any]:
     """``torch.load`` one shard file safely: tensors plus the explicit allow-list of classes
     (:func:`_stdlib_safe_globals`, else megatron-core's :func:`safe_globals`); anything else, and
-    corrupt or truncated files, raise CheckpointError."""
+    corrupt or truncated files, raise CheckpointError. ``verify``: check the pickle's checksum
+    first (its tensors' records are checked where they are read)."""
+    if verify:
+        RecordChecks(path).check_record("data.pkl")
     try:
         try:
             with torch.serialization.safe_globals(_stdlib_safe_globals()):

@@ -52,7 +52,8 @@ import torch
 
 from mlmega import compat
 from mlmega.checkpoint.atomic import write_text_atomic, writing
-from mlmega.checkpoint.integrity import RecordChecks, check_finite, write_manifest
+from mlmega.checkpoint.integrity import (RecordChecks, check_finite, write_file_manifest,
+                                         write_manifest)
 from mlmega.checkpoint.interface import CheckpointReader, CheckpointWriter, StageTensors
 from mlmega.checkpoint.layout import WORD_EMBEDDINGS, ShardLayout, pad_rows
 from mlmega.checkpoint.streaming import LazyTensor, StreamingWriter, materialized
@@ -157,6 +158,8 @@ class DistCheckpoint(CheckpointReader):
         if not metadata_path.is_file():
             raise CheckpointError(f"{metadata_path}: file is missing (the torch_dist index of keys "
                                   f"and chunks)")
+        if verify:  # a manifest, where mlmega wrote it (torch's own index has no checksums)
+            RecordChecks(metadata_path, "file").check_all()
         metadata = load_dist_metadata(metadata_path)  # never torch's plain pickle.load
         reader = FileSystemReader(str(directory))
         try:
@@ -166,7 +169,7 @@ class DistCheckpoint(CheckpointReader):
                                   f"({type(err).__name__}: {err})") from None
         _check_data_files(directory, metadata)
         common_path = directory / COMMON_FILE
-        common = load_file(common_path, mmap=False)
+        common = load_file(common_path, mmap=False, verify=verify)
         if not isinstance(common, dict):
             raise CheckpointError(f"{common_path}: expected a dict, got {type(common).__name__}")
         args = common.get("args")
@@ -281,7 +284,7 @@ class DistCheckpoint(CheckpointReader):
             if self.verify:
                 if stored.relative_path not in self._checks:
                     self._checks[stored.relative_path] = RecordChecks(
-                        self.directory / stored.relative_path, blobs=True)
+                        self.directory / stored.relative_path, "blobs")
                 self._checks[stored.relative_path].check(stored.offset, stored.length)
         for name, file_items in by_file.items():
             try:
@@ -294,6 +297,18 @@ class DistCheckpoint(CheckpointReader):
         return out
 
     # -- validation ---------------------------------------------------------------------------
+    def stored_files(self) -> list[tuple[Path, str, list[tuple[int, int]]]]:
+        blobs: dict[str, list[tuple[int, int]]] = {}  # byte objects are raw bytes, not archives
+        tensors = self.tensor_keys
+        for index, info in self.metadata.storage_data.items():
+            ranges = blobs.setdefault(info.relative_path, [])
+            if index.fqn in tensors:
+                ranges.append((info.offset, info.length))
+        return [(self.directory / METADATA_FILE, "file", []),
+                (self.directory / COMMON_FILE, "zip", []),
+                *((self.directory / name, "blobs", sorted(ranges))
+                  for name, ranges in sorted(blobs.items()))]
+
     def validate_tensors(self) -> None:
         """Every parameter of the args' model is stored, with the expected global shape, and no
         model tensor is left over (optimizer state and byte objects are ignored)."""
@@ -545,6 +560,7 @@ def finalize_dist(directory: str | Path, layout: ShardLayout, iteration: int,
         else torch.float32
     with writing(directory / METADATA_FILE):
         FileSystemWriter(str(directory)).finish(Metadata({**tensors, **objects}), [results])
+        write_file_manifest(directory / METADATA_FILE)
     with writing(directory / COMMON_FILE):
         torch.save(common_state(layout, iteration, extra_args, dtype, **extra),
                    directory / COMMON_FILE)

@@ -2,11 +2,12 @@
 
 mlmega writes its torch-format records without zip CRC32s (computing them is the writer's main
 cost, see :mod:`mlmega.checkpoint.streaming`); instead every data file ``F`` it writes gets a
-manifest ``F.mlmega-checksums.json``: the byte range and xxh3-64 hash of each tensor record (xxh3
-hashes at memory speed, several times zlib's CRC32). Files without a manifest (``torch.save``'s,
-Megatron-LM's, torch.distributed.checkpoint's) are checked against their zip CRC32s where they
-have them. :class:`RecordChecks` checks a record in full once per process, before the first read
-of any of its bytes, so a damaged record is an error, never a converted value.
+manifest ``F.mlmega-checksums.json``: the byte range and xxh3-64 hash of each record (tensor
+storages and the pickle; a plain pickle file is one record). xxh3 hashes at memory speed, several
+times zlib's CRC32. Files without a manifest (``torch.save``'s, Megatron-LM's,
+torch.distributed.checkpoint's) are checked against their zip CRC32s where they have them.
+:class:`RecordChecks` checks a record in full once per process, before the first read of any of its
+bytes, so a damaged record is an error, never a converted value.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import xxhash
@@ -37,9 +38,10 @@ def manifest_path(data_file: Path) -> Path:
     return data_file.with_name(data_file.name + MANIFEST_SUFFIX)
 
 
-def new_hash():
-    """A streaming hash of the manifest's algorithm (``update(buffer)``, ``hexdigest()``)."""
-    return xxhash.xxh3_64()
+def new_hash(data=b""):
+    """A streaming hash of the manifest's algorithm (``update(buffer)``, ``hexdigest()``), fed
+    ``data`` first."""
+    return xxhash.xxh3_64(data)
 
 
 def write_manifest(data_file: Path, records: Iterable[tuple[int, int, str]]) -> None:
@@ -50,6 +52,13 @@ def write_manifest(data_file: Path, records: Iterable[tuple[int, int, str]]) -> 
         path.write_text(text)
     except OSError as err:
         raise CheckpointError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
+def write_file_manifest(path: Path) -> None:
+    """The manifest of a plain file (a pickle, not a zip): the whole file as one record."""
+    with open(path, "rb") as file:
+        data = file.read()
+    write_manifest(path, [(0, len(data), new_hash(data).hexdigest())])
 
 
 @dataclass(frozen=True)
@@ -111,16 +120,25 @@ class _Expected:
     algorithm: str
 
 
+CONTAINERS = ("zip", "blobs", "file")
+
+
 class RecordChecks:
     """The checksummed records of one data file; :meth:`check` verifies those a byte range touches.
 
-    ``blobs``: the file is a sequence of zips (a torch.distributed.checkpoint ``.distcp``); without
-    a manifest, the zip around a checked range is parsed when that range is first checked.
+    ``container``: ``zip``, one torch archive; ``blobs``, a sequence of zips (a
+    torch.distributed.checkpoint ``.distcp``: without a manifest, the zip around a checked range is
+    parsed when that range is first checked); ``file``, a plain file (a pickle: only a manifest
+    has checksums for it).
     """
 
-    def __init__(self, path: Path, blobs: bool = False):
-        self.path, self.blobs = Path(path), blobs
-        self._fd = os.open(self.path, os.O_RDONLY)
+    def __init__(self, path: Path, container: str = "zip"):
+        assert container in CONTAINERS, container
+        self.path, self.container = Path(path), container
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: file is missing") from None
         self._lock = threading.Lock()
         self._records: list[_Expected] = []
         self._done: set[int] = set()  # offsets of verified records
@@ -138,7 +156,7 @@ class RecordChecks:
             if data["algorithm"] != ALGORITHM:
                 raise CheckpointError(f"{manifest}: algorithm={data['algorithm']!r}, expected "
                                       f"{ALGORITHM!r}")
-        elif not blobs:
+        elif container == "zip":
             self._add_zip(0, os.fstat(self._fd).st_size)
 
     def __del__(self):
@@ -149,12 +167,7 @@ class RecordChecks:
     def _add_zip(self, base: int, length: int) -> None:
         """Expect the CRC32s the zip at [base, base + length) stores (0 on a record: not stored)."""
         self._parsed.add(base)
-        try:
-            records = zip_records(self._fd, base, length)
-        except (zipfile.BadZipFile, OSError, ValueError) as err:
-            raise CheckpointError(f"{self.path}: bytes {base}..{base + length} are not a zip "
-                                  f"archive ({err}); the file is damaged") from None
-        for record in records.values():
+        for record in self._zip_records(base, length).values():
             if record.crc32 and record.length:
                 bisect.insort(self._records, _Expected(record.offset, record.length,
                                                         f"{record.crc32:08x}", "crc32"))
@@ -162,7 +175,7 @@ class RecordChecks:
     def check(self, offset: int, length: int) -> None:
         """Verify (once) every checksummed record overlapping bytes [offset, offset + length)."""
         with self._lock:
-            if self.blobs and not self.has_manifest and offset not in self._parsed:
+            if self.container == "blobs" and not self.has_manifest and offset not in self._parsed:
                 self._add_zip(offset, length)
             i = max(bisect.bisect_right(self._records, offset, key=_offset) - 1, 0)
             while i < len(self._records) and self._records[i].offset < offset + length:
@@ -170,6 +183,35 @@ class RecordChecks:
                 if record.offset + record.length > offset and record.offset not in self._done:
                     self.confirm(record, self._pieces(record))
                 i += 1
+
+    def _zip_records(self, base: int, length: int) -> dict[str, ZipRecord]:
+        try:
+            return zip_records(self._fd, base, length)
+        except (zipfile.BadZipFile, OSError, ValueError) as err:
+            raise CheckpointError(f"{self.path}: bytes {base}..{base + length} are not a zip "
+                                  f"archive ({err}); the file is damaged or truncated") from None
+
+    def check_record(self, name: str) -> None:
+        """Verify record ``name`` of a ``zip`` file (e.g. ``data.pkl``), if it is checksummed."""
+        record = self._zip_records(0, os.fstat(self._fd).st_size).get(name)
+        if record is not None:
+            self.check(record.offset, record.length)
+
+    def check_all(self, blob_ranges: Iterable[tuple[int, int]] = (),
+                  checked: Callable[[int], None] = lambda nbytes: None) -> tuple[int, int]:
+        """Verify every checksummed record, calling ``checked(length)`` after each; returns
+        (records, bytes) verified. ``blob_ranges``: the (offset, length) of each zip of a
+        ``blobs`` file (their CRC32s are the checksums where there is no manifest)."""
+        with self._lock:
+            if self.container == "blobs" and not self.has_manifest:
+                for offset, length in blob_ranges:
+                    if offset not in self._parsed:
+                        self._add_zip(offset, length)
+            for record in self._records:
+                if record.offset not in self._done:
+                    self.confirm(record, self._pieces(record))
+                checked(record.length)
+        return len(self._records), sum(r.length for r in self._records)
 
     def unverified(self, offset: int, length: int) -> Optional[_Expected]:
         """The unverified record that is exactly bytes [offset, offset + length), if any: a
@@ -192,9 +234,11 @@ class RecordChecks:
                 hasher.update(piece)
         found = f"{crc:08x}" if record.algorithm == "crc32" else hasher.hexdigest()
         if found != record.value:
+            rewritten = f" (or was rewritten without its {manifest_path(self.path).name})" \
+                if record.algorithm == ALGORITHM else ""
             raise CheckpointError(f"{self.path}: the {record.length}-byte record at byte "
                                   f"{record.offset} fails its {record.algorithm} check (stored "
-                                  f"{record.value}, read {found}): the file is damaged")
+                                  f"{record.value}, read {found}): the file is damaged{rewritten}")
         self._done.add(record.offset)
 
     def _pieces(self, record: _Expected) -> Iterator[bytes]:

@@ -39,6 +39,12 @@ class CheckpointReader(abc.ABC):
         checksums before reading them; ``check_finite``: refuse NaN/Inf."""
 
     @abc.abstractmethod
+    def stored_files(self) -> list[tuple[Path, str, list[tuple[int, int]]]]:
+        """Every file of the checkpoint: its path, its container (see
+        :class:`mlmega.checkpoint.integrity.RecordChecks`) and, in a ``blobs`` file, the
+        (offset, length) of each tensor's archive."""
+
+    @abc.abstractmethod
     def validate_tensors(self) -> None:
         """Every parameter of the args' model is stored, with its expected shape; nothing extra."""
 

@@ -19,9 +19,10 @@ as its record is written. Without CRC32s a record's data goes from the tensors t
 (torch's writer writes the header and skips the data, which the file sink fills). Each tensor is
 written compactly (its own elements in contiguous order; a view does not drag its base's storage
 along, unlike ``torch.save``). Each tensor record's xxh3 hash is taken on the way and written to
-the file's checksum manifest (:mod:`mlmega.checkpoint.integrity`). Tensors elsewhere (inside other objects) and tensor subclasses such
-as ``nn.Parameter`` are handled as ``torch.save`` handles them: pickled by torch's own reducers and
-their storages written after the pickle.
+the file's checksum manifest (:mod:`mlmega.checkpoint.integrity`), as are the pickle's and those
+of the storages written after it. Tensors elsewhere (inside other objects) and tensor subclasses
+such as ``nn.Parameter`` are handled as ``torch.save`` handles them: pickled by torch's own reducers
+and their storages written after the pickle.
 
 :func:`reuse_freed_memory` makes a process that streams tensors reuse freed ones' memory.
 """
@@ -197,7 +198,8 @@ class StreamingWriter:
     to store each record's zip CRC32 (None: as torch.save is configured). torch.load never checks
     them, and computing them is the writer's main cost (docs/performance-notes.md).
     Whatever ``checksums`` says, every tensor record's xxh3 hash is taken as it is written
-    (:mod:`mlmega.checkpoint.integrity`): :meth:`finish` writes them to the file's manifest.
+    (:mod:`mlmega.checkpoint.integrity`), and the pickle's: :meth:`finish` writes them to the
+    file's manifest.
 
     ``target``: a path, or an open unbuffered binary file to append one archive to (a blob in a
     larger file, as torch.distributed.checkpoint stores tensors; :meth:`checksum_records` then
@@ -355,6 +357,7 @@ class StreamingWriter:
         data = buffer.getvalue()
         zf = self._zip
         zf.write_record("data.pkl", data, len(data))
+        self._hashes["data.pkl"] = new_hash(data).hexdigest()
         zf.write_record(".format_version", "1", len("1"))
         alignment = str(compat.storage_alignment())
         zf.write_record(".storage_alignment", alignment, len(alignment))
@@ -363,6 +366,8 @@ class StreamingWriter:
             if storage.device.type != "cpu":
                 storage = storage.cpu()
             zf.write_record(f"data/{key}", storage, storage.nbytes())
+            self._hashes[f"data/{key}"] = new_hash(
+                byte_view(torch.empty(0, dtype=torch.uint8).set_(storage))).hexdigest()
             self.bytes_written += storage.nbytes()
         zf.write_end_of_file()
         self._stream.check()
@@ -373,8 +378,8 @@ class StreamingWriter:
         return self.bytes_written
 
     def checksum_records(self) -> list[tuple[int, int, str]]:
-        """(offset in the file, length, xxh3 hex) of every tensor record written through
-        :meth:`write_tensor` (the archive must be complete: offsets come from its directory)."""
+        """(offset in the file, length, xxh3 hex) of every storage record and of the pickle
+        (the archive must be complete: offsets come from its directory)."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
             records = zip_records(fd, self._base, self._stream.position)

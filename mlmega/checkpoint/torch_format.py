@@ -91,7 +91,7 @@ class TorchCheckpoint(CheckpointReader):
         if not ranks:
             raise CheckpointError(f"{directory}: no mp_rank_* shard directories")
         first = min(ranks)
-        shard0 = load_file(ranks[first] / SHARD_FILE)
+        shard0 = load_file(ranks[first] / SHARD_FILE, verify=verify)
         args = shard0.get("args")
         if args is None:
             raise CheckpointError(f"{ranks[first] / SHARD_FILE}: no 'args' key; cannot tell the "
@@ -130,7 +130,8 @@ class TorchCheckpoint(CheckpointReader):
         key = (tp_rank, pp_rank)
         with self._opening:
             if key not in self._shards:
-                self._shards[key] = load_file(self.shard_path(tp_rank, pp_rank))
+                self._shards[key] = load_file(self.shard_path(tp_rank, pp_rank),
+                                              verify=self.verify)
             return self._shards[key]
 
     def _record_file(self, tp_rank: int, pp_rank: int) -> RecordFile:
@@ -181,6 +182,10 @@ class TorchCheckpoint(CheckpointReader):
             if found[key] != value:
                 raise CheckpointError(f"{path}: args.{key}={found[key]!r}, expected {value!r} "
                                       f"(as in {first})")
+
+    def stored_files(self) -> list[tuple[Path, str, list[tuple[int, int]]]]:
+        return [(self.shard_path(tp_rank, pp_rank), "zip", []) for tp_rank, pp_rank
+                in self.layout.ranks]
 
     def validate_tensors(self) -> None:
         """Every rank agrees with the first (args, iteration) and holds exactly the tensors its

@@ -1,4 +1,4 @@
-"""``mlmega convert`` and ``mlmega inspect``: sharded checkpoint conversion and inspection."""
+"""``mlmega convert``, ``inspect`` and ``verify``: sharded checkpoint conversion and inspection."""
 
 from __future__ import annotations
 
@@ -65,6 +65,17 @@ def register(sub) -> None:
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _vocab_options(inspect)
     inspect.set_defaults(handler=_inspect)
+
+    verify = sub.add_parser(
+        "verify", help="check a whole checkpoint's checksums",
+        description="Check a Megatron checkpoint in full: the marker, every rank's args and "
+                    "layout, tensor names and shapes, and every checksummed byte of every file "
+                    "(mlmega's xxh3 manifests; the zip CRC32s of torch.save's files), including "
+                    "optimizer state and padding that a conversion never reads. Damage: exit "
+                    "code 2, naming the file and the record.")
+    verify.add_argument("path", help="checkpoint root")
+    _vocab_options(verify)
+    verify.set_defaults(handler=_verify)
 
 
 def _layer_counts(text: str) -> list[int]:
@@ -140,4 +151,26 @@ def _inspect(args: argparse.Namespace) -> int:
             table.add_row(row["name"], str(row["shape"]), str(row["tp_dim"]), str(row["pp_rank"]),
                           row["dtype"])
         console.print(table)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from mlmega.checkpoint.verify import verify_checkpoint
+    from mlmega.progress import console as wide_console
+
+    checked = verify_checkpoint(args.path, vocab_size=args.vocab_size, tokenizer=args.tokenizer)
+    table = Table(title=f"{args.path}: verified")
+    for column in ("file", "bytes", "checksummed records", "checked bytes"):
+        table.add_column(column, justify="left" if column == "file" else "right")
+    root = Path(args.path)
+    for f in checked:
+        table.add_row(str(f.path.relative_to(root)), f"{f.size:,}",
+                      f"{f.records:,}" if f.records else "none", f"{f.checked_bytes:,}")
+    wide_console().print(table)
+    bare = [str(f.path.relative_to(root)) for f in checked if not f.records]
+    print(f"{sum(f.records for f in checked):,} records ({sum(f.checked_bytes for f in checked):,} "
+          f"bytes) in {len(checked)} file{'s' * (len(checked) != 1)} match their checksums"
+          + (f"; without checksums, nothing to check in: {', '.join(bare)}" if bare else ""))
     return 0

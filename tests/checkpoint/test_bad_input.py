@@ -13,6 +13,7 @@ import torch
 from mlmega.checkpoint.convert import run_conversion
 from mlmega.checkpoint.convert_plan import plan_conversion
 from mlmega.checkpoint.formats import save_full_state
+from mlmega.checkpoint.integrity import manifest_path
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.directory import TRACKER
 from mlmega.checkpoint.torch_format import TorchCheckpoint
@@ -59,7 +60,8 @@ def test_truncated_shard_file(ckpt, tmp_path):
     path = ckpt / "iter_0000003" / "mp_rank_01_000" / "model_optim_rng.pt"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    refused(r"mp_rank_01_000/model_optim_rng.pt: cannot load", src=ckpt, dst=tmp_path / "out")
+    refused(r"mp_rank_01_000/model_optim_rng.pt: bytes 0\.\.\d+ are not a zip archive \(.*\); "
+            r"the file is damaged or truncated", src=ckpt, dst=tmp_path / "out")
 
 
 def test_args_disagree_with_shards(ckpt, tmp_path):
@@ -89,6 +91,7 @@ def test_tensor_shapes_disagree_with_args(ckpt, tmp_path):
     content = torch.load(path, weights_only=False)
     content["model"]["decoder.layers.0.mlp.linear_fc1.weight"] = torch.zeros(3, 32)
     torch.save(content, path)
+    manifest_path(path).unlink()  # the rewritten file's own CRC32s stand
     refused(r"linear_fc1.weight has shape \(3, 32\), expected \(64, 32\)", src=ckpt,
             dst=tmp_path / "out")
 

@@ -64,7 +64,9 @@ def test_flipped_bytes_in_a_torch_record_are_detected(small_checkpoints, tmp_pat
     assert code == 2
     assert err == (f"mlmega: error: {path}: the {record.length}-byte record at byte "
                    f"{record.offset} fails its {algorithm} check " + err.split(" check ", 1)[1])
-    assert "the file is damaged; nothing was published to" in err and "\n" not in err
+    rewritten = f" (or was rewritten without its {path.name}{MANIFEST_SUFFIX})" \
+        if written_by == "mlmega" else ""
+    assert f"the file is damaged{rewritten}; nothing was published to" in err and "\n" not in err
     assert not dst.exists() and not list(tmp_path.glob(".out.*")), "nothing published or left"
     # --no-verify converts it as it is: the flipped value is copied
     assert _convert(ckpt, dst, capsys, "--no-verify")[0] == 0
@@ -135,3 +137,89 @@ def test_intact_checkpoints_verify_and_read_back(small_checkpoints):
     for fmt in ("torch", "torch_dist"):
         back, _ = load_full_state(small_checkpoints[fmt])
         assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def _record(path: Path, name: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return zip_records(fd, 0, os.fstat(fd).st_size)[name]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("written_by", ["mlmega", "torch.save"])
+def test_a_flipped_byte_in_the_pickle_is_detected_before_unpickling(small_checkpoints, tmp_path,
+                                                                    capsys, written_by):
+    ckpt = copy_of(small_checkpoints["torch"], tmp_path / "ckpt")
+    path = ckpt / SHARD
+    algorithm = "xxh3_64"
+    if written_by == "torch.save":
+        torch.save(torch.load(path, weights_only=False), path)
+        Path(str(path) + MANIFEST_SUFFIX).unlink()
+        algorithm = "crc32"
+    record = _record(path, "data.pkl")
+    _flip(path, record.offset + record.length // 2)
+    code, err = _convert(ckpt, tmp_path / "out", capsys)
+    assert code == 2 and "\n" not in err
+    assert f"{path}: the {record.length}-byte record at byte {record.offset} fails its " \
+           f"{algorithm} check" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, algorithm", [(".metadata", "xxh3_64"), ("common.pt", "crc32")])
+def test_a_flipped_byte_in_a_dist_index_or_common_file_is_detected(small_checkpoints, tmp_path,
+                                                                   capsys, name, algorithm):
+    """mlmega writes a manifest for torch's index (a plain pickle); common.pt has its CRC32s."""
+    ckpt = copy_of(small_checkpoints["torch_dist"], tmp_path / "ckpt")
+    path = ckpt / "iter_0000003" / name
+    offset, length = (0, path.stat().st_size) if name == ".metadata" else \
+        (_record(path, "data.pkl").offset, _record(path, "data.pkl").length)
+    _flip(path, offset + length // 2)
+    code, err = _convert(ckpt, tmp_path / "out", capsys)
+    assert code == 2 and "\n" not in err
+    assert f"{path}: the {length}-byte record at byte {offset} fails its {algorithm} check" in err
+
+
+def _verify(ckpt: Path, capsys) -> tuple[int, str, str]:
+    code = main(["verify", str(ckpt)])
+    out = capsys.readouterr()
+    return code, out.out, out.err.strip()
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_verify_checks_bytes_a_conversion_never_reads(small_checkpoints, tmp_path, capsys, fmt):
+    """Damage in TP rank 1's word-embedding rows (vocabulary padding at TP=1, never read by a
+    conversion to it) converts cleanly, but ``mlmega verify`` finds it."""
+    ckpt = copy_of(small_checkpoints[fmt], tmp_path / "ckpt")
+    code, out, _ = _verify(ckpt, capsys)
+    assert code == 0, out
+    assert "match their checksums" in out and "without checksums" not in out
+    if fmt == "torch":
+        path = ckpt / "iter_0000003/mp_rank_01_000/model_optim_rng.pt"
+        record = _record(path, "data/0")
+        offset, length = record.offset, record.length
+    else:
+        path = ckpt / "iter_0000003" / "__1_0.distcp"
+        records = json.loads(Path(str(path) + MANIFEST_SUFFIX).read_text())["records"]
+        offset, length, _ = max(records, key=lambda r: r[1])
+    _flip(path, offset + length - 1)
+    assert _convert(ckpt, tmp_path / "out", capsys)[0] == 0
+    code, _, err = _verify(ckpt, capsys)
+    assert code == 2 and "\n" not in err
+    assert err.startswith(f"mlmega: error: {path}: the {length}-byte record at byte {offset} "
+                          f"fails its xxh3_64 check")
+
+
+def test_verify_says_which_files_have_no_checksums(small_checkpoints, tmp_path, capsys):
+    ckpt = copy_of(small_checkpoints["torch"], tmp_path / "ckpt")
+    path = ckpt / SHARD
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(torch.load(path, weights_only=False), path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    Path(str(path) + MANIFEST_SUFFIX).unlink()
+    code, out, _ = _verify(ckpt, capsys)
+    assert code == 0
+    assert out.rstrip().endswith("; without checksums, nothing to check in: "
+                                 "iter_0000003/mp_rank_01_000/model_optim_rng.pt"), out

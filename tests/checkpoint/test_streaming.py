@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import zipfile
 import pytest
 import torch
 
+from mlmega.checkpoint.integrity import manifest_path, new_hash, zip_records
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.streaming import LazyTensor, RowBlocks, StreamingWriter, save_streaming
 from mlmega.checkpoint.directory import load_file
@@ -316,3 +318,23 @@ def test_streamed_level_conversions_match_the_operators(tmp_path, op, target):
     assert (layout.tp, layout.pp) == target and set(got) == set(expected)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
+
+
+def test_manifest_covers_every_record_the_pickle_included(tmp_path):
+    """Tensor records, the pickle and storages pickled late (a Parameter's): each hashed as read."""
+    path = tmp_path / "f.pt"
+    save_streaming({"p": torch.nn.Parameter(torch.randn(3, 2)), "t": torch.ones(4),
+                    "args": argparse.Namespace(lr=0.1)}, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        records = zip_records(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    hashed = {name for name in records if name == "data.pkl" or name.startswith("data/")}
+    assert len(hashed) == 3
+    manifest = json.loads(manifest_path(path).read_text())["records"]
+    data = path.read_bytes()
+    assert sorted(manifest) == sorted(
+        [records[n].offset, records[n].length,
+         new_hash(data[records[n].offset:records[n].offset + records[n].length]).hexdigest()]
+        for n in hashed)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mlmega.checkpoint.dist_format import METADATA_FILE
+from mlmega.checkpoint.integrity import manifest_path
 from mlmega.config.errors import CheckpointError
 from mlmega.checkpoint.directory import load_file
 from mlmega.checkpoint.unpickle import DIST_METADATA_GLOBALS, load_dist_metadata
@@ -49,6 +50,7 @@ def test_poisoned_dist_metadata_is_refused_and_never_runs(small_checkpoints, tmp
     metadata = load_dist_metadata(path)
     metadata.planner_data = _payloads(marker)[payload]
     path.write_bytes(pickle.dumps(metadata))
+    manifest_path(path).unlink()  # as a forger would: with it, the checksum refuses the file first
     global_name = {"os.system": "posix.system", "eval": "builtins.eval"}[payload]
     for argv in (["inspect", str(ckpt)],
                  ["convert", "reshard", "--src", str(ckpt), "--dst", str(tmp_path / "out")]):
@@ -72,6 +74,7 @@ def test_poisoned_torch_pickles_are_refused_and_never_run(small_checkpoints, tmp
     content = torch.load(path, weights_only=False)
     content["args"].tokenizer_model = _payloads(marker)["os.system"]
     torch.save(content, path)
+    manifest_path(path).unlink(missing_ok=True)  # (common.pt has none: torch.save's CRC32s)
     for argv in (["inspect", str(ckpt)],
                  ["convert", "reshard", "--src", str(ckpt), "--dst", str(tmp_path / "out")]):
         code, err = _run_cli(argv, capsys)

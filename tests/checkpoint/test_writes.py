@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mlmega.checkpoint import atomic
-from mlmega.checkpoint.formats import save_full_state
+from mlmega.checkpoint.formats import open_checkpoint, save_full_state
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.directory import TRACKER
 from mlmega.checkpoint.torch_format import TorchCheckpoint
@@ -76,6 +76,18 @@ def test_overwrite_replaces_only_a_checkpoint(source, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "precious", "sibling"]
     assert (sibling / "notes.txt").read_text() == "keep"
 
+
+
+def test_overwrite_replaces_every_file_mlmega_writes(source, tmp_path, capsys):
+    """Each format's files (checksum manifests included) are a checkpoint's: --overwrite may
+    replace them."""
+    out = tmp_path / "out"
+    for fmt in ("torch", "torch_dist"):
+        assert _convert(source, out, capsys, "--format", fmt, "--overwrite")[0] == 0
+        code, err = _convert(source, out, capsys, "--format", fmt, "--overwrite",
+                             "--target-pp", "1")
+        assert code == 0, err
+        assert open_checkpoint(out).layout.pp == 1
 
 def test_replacing_without_an_atomic_exchange_also_works(source, tmp_path, capsys, monkeypatch):
     """Where renameat2(RENAME_EXCHANGE) is unsupported (some network filesystems), the old
