@@ -24,6 +24,7 @@ import torch.distributed as dist
 from mlmega.checkpoint.atomic import write_text_atomic
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.directory import TRACKER, iteration_dir_name, load_file
+from mlmega.checkpoint.integrity import RecordChecks
 from mlmega.checkpoint.torch_format import TorchCheckpoint, rank_file_path, shard_content
 from mlmega.config.errors import CheckpointError
 
@@ -98,6 +99,17 @@ def latest(save_dir: Path) -> Optional[TorchCheckpoint]:
     if not (save_dir / TRACKER).exists():
         return None
     return TorchCheckpoint.open(save_dir)
+
+
+def verify_rank_files(ckpt: TorchCheckpoint, tp_rank: int, pp_rank: int,
+                      optimizer_shards: bool) -> None:
+    """Check every record of the files a rank resumes from (its shard, and ``distrib_optim.pt``
+    where ``optimizer_shards``) against their checksums: resuming reads them whole, unchecked.
+    CheckpointError names the file and the damaged record."""
+    path = ckpt.shard_path(tp_rank, pp_rank)
+    RecordChecks(path).check_all()
+    if optimizer_shards and (path.parent / OPTIMIZER_SHARDS_FILE).is_file():
+        RecordChecks(path.parent / OPTIMIZER_SHARDS_FILE).check_all()
 
 
 def gather_optimizer_shards(optimizer) -> Any:

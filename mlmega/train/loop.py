@@ -61,6 +61,8 @@ def train(cfg: TrainConfig) -> dict:
     # the parameters, taken at construction, and its first step would write those back.
     if resume is not None:
         checkpointing.check_resumable(resume, layout)
+        checkpointing.verify_rank_files(resume, tp_rank, pp_rank,
+                                        perf.distributed_optimizer and dp_rank == 0)
         shard = resume.shard(tp_rank, pp_rank)
         _load_model(model, shard["model"], f"{resume.shard_path(tp_rank, pp_rank)}")
     elif cfg.init is not None:

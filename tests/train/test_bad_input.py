@@ -99,3 +99,32 @@ def test_resume_refuses_a_changed_sample_stream(tmp_path, prepared):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "consumed_train_samples=16 at step 2, but" in proc.stderr
     assert "reads sample 24 next (first_sample=8, global_batch_size=8)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_damaged_checkpoint(tmp_path, prepared):
+    """A flipped byte in a tensor record of the shard to resume from: a one-line error naming the
+    record (its zip CRC32), not a run that silently goes on from damaged weights."""
+    import os
+
+    from mlmega.checkpoint.integrity import zip_records
+    from tests.train.conftest import run_stage
+
+    run_stage(stage_config(tmp_path, "run", prepared["gpt"], steps=2))
+    path = tmp_path / "run" / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        record = max(zip_records(fd, 0, os.fstat(fd).st_size).values(), key=lambda r: r.length)
+    finally:
+        os.close(fd)
+    with open(path, "r+b") as file:
+        file.seek(record.offset + record.length // 2)
+        byte = file.read(1)[0]
+        file.seek(record.offset + record.length // 2)
+        file.write(bytes([byte ^ 0x40]))
+    config = stage_config(tmp_path, "run", prepared["gpt"], steps=4)
+    proc = subprocess.run([sys.executable, "-m", "mlmega", "train", str(config)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{path}: the {record.length}-byte record at byte {record.offset} fails its crc32 " \
+           f"check" in proc.stderr
