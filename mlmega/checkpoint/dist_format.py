@@ -52,8 +52,8 @@ import torch
 
 from mlmega import compat
 from mlmega.checkpoint.atomic import write_text_atomic, writing
-from mlmega.checkpoint.integrity import (RecordChecks, check_finite, write_file_manifest,
-                                         write_manifest)
+from mlmega.checkpoint.integrity import (RecordChecks, StoredFile, check_finite,
+                                         write_file_manifest, write_manifest)
 from mlmega.checkpoint.interface import CheckpointReader, CheckpointWriter, StageTensors
 from mlmega.checkpoint.layout import WORD_EMBEDDINGS, ShardLayout, pad_rows
 from mlmega.checkpoint.streaming import LazyTensor, StreamingWriter, materialized
@@ -297,16 +297,16 @@ class DistCheckpoint(CheckpointReader):
         return out
 
     # -- validation ---------------------------------------------------------------------------
-    def stored_files(self) -> list[tuple[Path, str, list[tuple[int, int]]]]:
+    def stored_files(self) -> list[StoredFile]:
         blobs: dict[str, list[tuple[int, int]]] = {}  # byte objects are raw bytes, not archives
         tensors = self.tensor_keys
         for index, info in self.metadata.storage_data.items():
             ranges = blobs.setdefault(info.relative_path, [])
             if index.fqn in tensors:
                 ranges.append((info.offset, info.length))
-        return [(self.directory / METADATA_FILE, "file", []),
-                (self.directory / COMMON_FILE, "zip", []),
-                *((self.directory / name, "blobs", sorted(ranges))
+        return [StoredFile(self.directory / METADATA_FILE, "file"),
+                StoredFile(self.directory / COMMON_FILE),
+                *(StoredFile(self.directory / name, "blobs", tuple(sorted(ranges)))
                   for name, ranges in sorted(blobs.items()))]
 
     def validate_tensors(self) -> None:

@@ -123,6 +123,16 @@ class _Expected:
 CONTAINERS = ("zip", "blobs", "file")
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """One file of a checkpoint, as :class:`RecordChecks` reads it: its container and, in a
+    ``blobs`` file, the (offset, length) of each tensor's archive."""
+
+    path: Path
+    container: str = "zip"
+    blobs: tuple[tuple[int, int], ...] = ()
+
+
 class RecordChecks:
     """The checksummed records of one data file; :meth:`check` verifies those a byte range touches.
 

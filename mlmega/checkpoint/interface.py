@@ -10,6 +10,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequenc
 import torch
 
 from mlmega.checkpoint.directory import iteration_dir_name
+from mlmega.checkpoint.integrity import StoredFile
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.config.model import ModelConfig
 
@@ -39,10 +40,8 @@ class CheckpointReader(abc.ABC):
         checksums before reading them; ``check_finite``: refuse NaN/Inf."""
 
     @abc.abstractmethod
-    def stored_files(self) -> list[tuple[Path, str, list[tuple[int, int]]]]:
-        """Every file of the checkpoint: its path, its container (see
-        :class:`mlmega.checkpoint.integrity.RecordChecks`) and, in a ``blobs`` file, the
-        (offset, length) of each tensor's archive."""
+    def stored_files(self) -> list[StoredFile]:
+        """Every file of the checkpoint, as its checksums are checked."""
 
     @abc.abstractmethod
     def validate_tensors(self) -> None:

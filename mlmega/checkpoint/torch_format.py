@@ -27,7 +27,7 @@ import torch
 
 from mlmega.checkpoint.directory import (CHECKPOINT_VERSION, TRACKER, iteration_dir_name,
                                          latest_directory, layers_per_pp_stage, load_file)
-from mlmega.checkpoint.integrity import RecordChecks, check_finite
+from mlmega.checkpoint.integrity import RecordChecks, StoredFile, check_finite
 from mlmega.checkpoint.interface import CheckpointReader, CheckpointWriter, StageTensors
 from mlmega.checkpoint.layout import WORD_EMBEDDINGS, ShardLayout
 from mlmega.checkpoint.records import RecordFile
@@ -183,8 +183,8 @@ class TorchCheckpoint(CheckpointReader):
                 raise CheckpointError(f"{path}: args.{key}={found[key]!r}, expected {value!r} "
                                       f"(as in {first})")
 
-    def stored_files(self) -> list[tuple[Path, str, list[tuple[int, int]]]]:
-        return [(self.shard_path(tp_rank, pp_rank), "zip", []) for tp_rank, pp_rank
+    def stored_files(self) -> list[StoredFile]:
+        return [StoredFile(self.shard_path(tp_rank, pp_rank)) for tp_rank, pp_rank
                 in self.layout.ranks]
 
     def validate_tensors(self) -> None:

@@ -29,11 +29,11 @@ def verify_checkpoint(root: str | Path, vocab_size: Optional[int] = None,
     reader = open_checkpoint(root, vocab_size=vocab_size, tokenizer=tokenizer, verify=True)
     reader.validate_tensors()
     files = reader.stored_files()
-    sizes = {path: path.stat().st_size for path, _, _ in files}
-    progress = Progress(f"verify {reader.directory}", total=sum(sizes.values()))
+    sizes = [f.path.stat().st_size for f in files]
+    progress = Progress(f"verify {reader.directory}", total=sum(sizes))
     out = []
-    for path, container, blobs in files:
-        records, nbytes = RecordChecks(path, container).check_all(blobs, progress.update)
-        progress.update(sizes[path] - nbytes)  # zip headers and unchecked bytes
-        out.append(FileCheck(path, sizes[path], records, nbytes))
+    for f, size in zip(files, sizes):
+        records, nbytes = RecordChecks(f.path, f.container).check_all(f.blobs, progress.update)
+        progress.update(size - nbytes)  # zip headers and unchecked bytes
+        out.append(FileCheck(f.path, size, records, nbytes))
     return out
