@@ -16,6 +16,7 @@ from mlmega.checkpoint.convert_plan import plan_conversion
 from mlmega.checkpoint.formats import load_full_state, save_full_state
 from mlmega.checkpoint.formats import open_checkpoint
 from mlmega.checkpoint.layout import ShardLayout
+from mlmega.checkpoint.verify import verify_checkpoint
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from tests.checkpoint.megatron_peer import megatron_convert, megatron_load
@@ -67,6 +68,9 @@ def test_round_trip_through_megatron_lm(tmp_path, cfg, src_layout, fmt, dst_layo
                                 *dst_layout)
     ckpt = open_checkpoint(megatron)
     assert (ckpt.layout.tp, ckpt.layout.pp, ckpt.iteration) == (*dst_layout, 7)
+    # every file of both has checksums: mlmega's manifests, Megatron-LM's zip CRC32s
+    for root in (tmp_path / "mlmega", megatron):
+        assert all(f.records for f in verify_checkpoint(root)), root
     assert ckpt.layout.cfg.replace(source="") == cfg  # norm eps, GQA, vocab... survive the args
     got, _ = load_full_state(megatron)
     assert_same(got, state, NOT_CARRIED[cfg.arch])
