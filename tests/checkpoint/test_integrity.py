@@ -35,28 +35,37 @@ def _convert(src: Path, dst: Path, capsys, *options: str) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
+def _records(path: Path) -> dict:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return zip_records(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
 def _largest_record(path: Path):
     """The file's largest tensor record but the word embeddings' (data/0, whose rows on this TP
     rank are vocab padding, never read): a TP-split weight, read by every conversion."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        records = zip_records(fd, 0, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-    return max((r for name, r in records.items() if name.startswith("data/") and name != "data/0"),
-               key=lambda r: r.length)
+    return max((r for name, r in _records(path).items()
+                if name.startswith("data/") and name != "data/0"), key=lambda r: r.length)
+
+
+def _shard_written_by(small_checkpoints, tmp_path: Path, written_by: str) -> tuple[Path, Path, str]:
+    """A copy of the torch checkpoint, its rank file SHARD as mlmega wrote it or rewritten by
+    torch.save (without a manifest), and the checksum that guards it."""
+    ckpt = copy_of(small_checkpoints["torch"], tmp_path / "ckpt")
+    path = ckpt / SHARD
+    if written_by == "torch.save":
+        torch.save(torch.load(path, weights_only=False), path)
+        Path(str(path) + MANIFEST_SUFFIX).unlink()
+        return ckpt, path, "crc32"
+    return ckpt, path, "xxh3_64"
 
 
 @pytest.mark.parametrize("written_by", ["mlmega", "torch.save"])
 def test_flipped_bytes_in_a_torch_record_are_detected(small_checkpoints, tmp_path, capsys, written_by):
     """mlmega's files: their xxh3 manifest; torch.save's (Megatron-LM's): the zip's CRC32s."""
-    ckpt = copy_of(small_checkpoints["torch"], tmp_path / "ckpt")
-    path = ckpt / SHARD
-    algorithm = "xxh3_64"
-    if written_by == "torch.save":
-        torch.save(torch.load(path, weights_only=False), path)
-        Path(str(path) + MANIFEST_SUFFIX).unlink()
-        algorithm = "crc32"
+    ckpt, path, algorithm = _shard_written_by(small_checkpoints, tmp_path, written_by)
     record = _largest_record(path)
     _flip(path, record.offset + record.length // 2)
     dst = tmp_path / "out"
@@ -139,25 +148,11 @@ def test_intact_checkpoints_verify_and_read_back(small_checkpoints):
         assert all(torch.equal(back[k], state[k]) for k in state)
 
 
-def _record(path: Path, name: str):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return zip_records(fd, 0, os.fstat(fd).st_size)[name]
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("written_by", ["mlmega", "torch.save"])
 def test_a_flipped_byte_in_the_pickle_is_detected_before_unpickling(small_checkpoints, tmp_path,
                                                                     capsys, written_by):
-    ckpt = copy_of(small_checkpoints["torch"], tmp_path / "ckpt")
-    path = ckpt / SHARD
-    algorithm = "xxh3_64"
-    if written_by == "torch.save":
-        torch.save(torch.load(path, weights_only=False), path)
-        Path(str(path) + MANIFEST_SUFFIX).unlink()
-        algorithm = "crc32"
-    record = _record(path, "data.pkl")
+    ckpt, path, algorithm = _shard_written_by(small_checkpoints, tmp_path, written_by)
+    record = _records(path)["data.pkl"]
     _flip(path, record.offset + record.length // 2)
     code, err = _convert(ckpt, tmp_path / "out", capsys)
     assert code == 2 and "\n" not in err
@@ -173,7 +168,7 @@ def test_a_flipped_byte_in_a_dist_index_or_common_file_is_detected(small_checkpo
     ckpt = copy_of(small_checkpoints["torch_dist"], tmp_path / "ckpt")
     path = ckpt / "iter_0000003" / name
     offset, length = (0, path.stat().st_size) if name == ".metadata" else \
-        (_record(path, "data.pkl").offset, _record(path, "data.pkl").length)
+        (_records(path)["data.pkl"].offset, _records(path)["data.pkl"].length)
     _flip(path, offset + length // 2)
     code, err = _convert(ckpt, tmp_path / "out", capsys)
     assert code == 2 and "\n" not in err
@@ -196,7 +191,7 @@ def test_verify_checks_bytes_a_conversion_never_reads(small_checkpoints, tmp_pat
     assert "match their checksums" in out and "without checksums" not in out
     if fmt == "torch":
         path = ckpt / "iter_0000003/mp_rank_01_000/model_optim_rng.pt"
-        record = _record(path, "data/0")
+        record = _records(path)["data/0"]
         offset, length = record.offset, record.length
     else:
         path = ckpt / "iter_0000003" / "__1_0.distcp"
