@@ -182,11 +182,16 @@ class RecordChecks:
                 bisect.insort(self._records, _Expected(record.offset, record.length,
                                                         f"{record.crc32:08x}", "crc32"))
 
+    def _expect_blob(self, offset: int, length: int) -> None:
+        """In a ``blobs`` file without a manifest: expect the CRC32s of the zip at [offset,
+        offset + length), parsed once."""
+        if self.container == "blobs" and not self.has_manifest and offset not in self._parsed:
+            self._add_zip(offset, length)
+
     def check(self, offset: int, length: int) -> None:
         """Verify (once) every checksummed record overlapping bytes [offset, offset + length)."""
         with self._lock:
-            if self.container == "blobs" and not self.has_manifest and offset not in self._parsed:
-                self._add_zip(offset, length)
+            self._expect_blob(offset, length)
             i = max(bisect.bisect_right(self._records, offset, key=_offset) - 1, 0)
             while i < len(self._records) and self._records[i].offset < offset + length:
                 record = self._records[i]
@@ -213,10 +218,8 @@ class RecordChecks:
         (records, bytes) verified. ``blob_ranges``: the (offset, length) of each zip of a
         ``blobs`` file (their CRC32s are the checksums where there is no manifest)."""
         with self._lock:
-            if self.container == "blobs" and not self.has_manifest:
-                for offset, length in blob_ranges:
-                    if offset not in self._parsed:
-                        self._add_zip(offset, length)
+            for offset, length in blob_ranges:
+                self._expect_blob(offset, length)
             for record in self._records:
                 if record.offset not in self._done:
                     self.confirm(record, self._pieces(record))
