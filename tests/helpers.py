@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from mlmega.checkpoint.integrity import zip_records
 from mlmega.config.model import ModelConfig
 from mlmega.models.build import build_model
 from mlmega.models.state import StateDict, full_state_dict, load_full_state_dict
@@ -95,3 +98,22 @@ def forward_logits(cfg: ModelConfig, state: StateDict, ids: torch.Tensor,
             out = model(ids, mask, tokentype_ids=types)
     outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     return tuple(o for o in outputs if o is not None)  # BERT without binary head: (logits, None)
+
+
+def file_records(path: Path) -> dict:
+    """The zip records of file ``path`` (name -> offset, length, CRC32), as mlmega's checks read
+    them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return zip_records(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Damage ``path`` in place: one bit of the byte at ``offset`` flipped."""
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([byte ^ 0x40]))

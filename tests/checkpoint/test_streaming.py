@@ -15,7 +15,7 @@ import zipfile
 import pytest
 import torch
 
-from mlmega.checkpoint.integrity import manifest_path, new_hash, zip_records
+from mlmega.checkpoint.integrity import manifest_path, new_hash
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.streaming import LazyTensor, RowBlocks, StreamingWriter, save_streaming
 from mlmega.checkpoint.directory import load_file
@@ -23,6 +23,7 @@ from mlmega.checkpoint.torch_format import TorchCheckpoint, write_rank_file
 from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.models.params import iter_params, param_shapes
+from tests.helpers import file_records
 
 
 def _tensors(value):
@@ -325,11 +326,7 @@ def test_manifest_covers_every_record_the_pickle_included(tmp_path):
     path = tmp_path / "f.pt"
     save_streaming({"p": torch.nn.Parameter(torch.randn(3, 2)), "t": torch.ones(4),
                     "args": argparse.Namespace(lr=0.1)}, path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        records = zip_records(fd, 0, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
+    records = file_records(path)
     hashed = {name for name in records if name == "data.pkl" or name.startswith("data/")}
     assert len(hashed) == 3
     manifest = json.loads(manifest_path(path).read_text())["records"]

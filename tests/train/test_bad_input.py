@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tests.helpers import file_records, flip_byte
 from tests.train.conftest import model_section, stage_config
 
 
@@ -105,23 +106,12 @@ def test_resume_refuses_a_changed_sample_stream(tmp_path, prepared):
 def test_resume_refuses_a_damaged_checkpoint(tmp_path, prepared):
     """A flipped byte in a tensor record of the shard to resume from: a one-line error naming the
     record (its zip CRC32), not a run that silently goes on from damaged weights."""
-    import os
-
-    from mlmega.checkpoint.integrity import zip_records
     from tests.train.conftest import run_stage
 
     run_stage(stage_config(tmp_path, "run", prepared["gpt"], steps=2))
     path = tmp_path / "run" / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt"
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        record = max(zip_records(fd, 0, os.fstat(fd).st_size).values(), key=lambda r: r.length)
-    finally:
-        os.close(fd)
-    with open(path, "r+b") as file:
-        file.seek(record.offset + record.length // 2)
-        byte = file.read(1)[0]
-        file.seek(record.offset + record.length // 2)
-        file.write(bytes([byte ^ 0x40]))
+    record = max(file_records(path).values(), key=lambda r: r.length)
+    flip_byte(path, record.offset + record.length // 2)
     config = stage_config(tmp_path, "run", prepared["gpt"], steps=4)
     proc = subprocess.run([sys.executable, "-m", "mlmega", "train", str(config)],
                           capture_output=True, text=True, timeout=300)
