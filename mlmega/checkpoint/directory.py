@@ -43,13 +43,14 @@ def _stdlib_safe_globals() -> list:
             signal.Signals]
 
 
-def load_file(path: Path, mmap: bool = True, verify: bool = False) -> dict[str, Any]:
+def load_file(path: Path, mmap: bool = True,
+              checks: Optional[RecordChecks] = None) -> dict[str, Any]:
     """``torch.load`` one shard file safely: tensors plus the explicit allow-list of classes
     (:func:`_stdlib_safe_globals`, else megatron-core's :func:`safe_globals`); anything else, and
-    corrupt or truncated files, raise CheckpointError. ``verify``: check the pickle's checksum
-    first (its tensors' records are checked where they are read)."""
-    if verify:
-        RecordChecks(path).check_record("data.pkl")
+    corrupt or truncated files, raise CheckpointError. ``checks`` (the file's): check the
+    pickle's checksum first (its tensors' records are checked where they are read)."""
+    if checks is not None:
+        checks.check_record("data.pkl")
     try:
         try:
             with torch.serialization.safe_globals(_stdlib_safe_globals()):

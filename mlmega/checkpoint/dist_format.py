@@ -169,7 +169,8 @@ class DistCheckpoint(CheckpointReader):
                                   f"({type(err).__name__}: {err})") from None
         _check_data_files(directory, metadata)
         common_path = directory / COMMON_FILE
-        common = load_file(common_path, mmap=False, verify=verify)
+        common = load_file(common_path, mmap=False,
+                           checks=RecordChecks(common_path) if verify else None)
         if not isinstance(common, dict):
             raise CheckpointError(f"{common_path}: expected a dict, got {type(common).__name__}")
         args = common.get("args")

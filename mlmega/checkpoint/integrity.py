@@ -153,6 +153,7 @@ class RecordChecks:
         self._records: list[_Expected] = []
         self._done: set[int] = set()  # offsets of verified records
         self._parsed: set[int] = set()  # blob offsets whose zip CRCs are known
+        self._names: Optional[dict[str, ZipRecord]] = None  # a zip file's records, parsed once
         manifest = manifest_path(self.path)
         self.has_manifest = manifest.is_file()
         if self.has_manifest:
@@ -177,7 +178,8 @@ class RecordChecks:
     def _add_zip(self, base: int, length: int) -> None:
         """Expect the CRC32s the zip at [base, base + length) stores (0 on a record: not stored)."""
         self._parsed.add(base)
-        for record in self._zip_records(base, length).values():
+        records = self._whole_zip() if self.container == "zip" else self._zip_records(base, length)
+        for record in records.values():
             if record.crc32 and record.length:
                 bisect.insort(self._records, _Expected(record.offset, record.length,
                                                         f"{record.crc32:08x}", "crc32"))
@@ -206,9 +208,15 @@ class RecordChecks:
             raise CheckpointError(f"{self.path}: bytes {base}..{base + length} are not a zip "
                                   f"archive ({err}); the file is damaged or truncated") from None
 
+    def _whole_zip(self) -> dict[str, ZipRecord]:
+        """The records of a ``zip`` file, its directory parsed on first use only."""
+        if self._names is None:
+            self._names = self._zip_records(0, os.fstat(self._fd).st_size)
+        return self._names
+
     def check_record(self, name: str) -> None:
         """Verify record ``name`` of a ``zip`` file (e.g. ``data.pkl``), if it is checksummed."""
-        record = self._zip_records(0, os.fstat(self._fd).st_size).get(name)
+        record = self._whole_zip().get(name)
         if record is not None:
             self.check(record.offset, record.length)
 

@@ -63,6 +63,7 @@ class TorchCheckpoint(CheckpointReader):
     check_finite: bool = False  # refuse tensors holding NaN/Inf
     _shards: dict[tuple[int, int], dict] = field(default_factory=dict, repr=False)
     _files: dict[tuple[int, int], RecordFile] = field(default_factory=dict, repr=False)
+    _checks: dict[tuple[int, int], RecordChecks] = field(default_factory=dict, repr=False)
     # files are opened on first use, from any thread (a converter's writer makes row blocks)
     _opening: threading.RLock = field(default_factory=threading.RLock, repr=False,
                                       compare=False)
@@ -91,7 +92,8 @@ class TorchCheckpoint(CheckpointReader):
         if not ranks:
             raise CheckpointError(f"{directory}: no mp_rank_* shard directories")
         first = min(ranks)
-        shard0 = load_file(ranks[first] / SHARD_FILE, verify=verify)
+        checks0 = RecordChecks(ranks[first] / SHARD_FILE) if verify else None
+        shard0 = load_file(ranks[first] / SHARD_FILE, checks=checks0)
         args = shard0.get("args")
         if args is None:
             raise CheckpointError(f"{ranks[first] / SHARD_FILE}: no 'args' key; cannot tell the "
@@ -123,6 +125,8 @@ class TorchCheckpoint(CheckpointReader):
                 raise CheckpointError(f"{path}: {SHARD_FILE} is missing")
         ckpt = cls(root, iteration, release, layout, args, vocab_source, verify, check_finite)
         ckpt._shards[first] = shard0
+        if checks0 is not None:
+            ckpt._checks[first] = checks0
         return ckpt
 
     def shard(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
@@ -130,9 +134,19 @@ class TorchCheckpoint(CheckpointReader):
         key = (tp_rank, pp_rank)
         with self._opening:
             if key not in self._shards:
-                self._shards[key] = load_file(self.shard_path(tp_rank, pp_rank),
-                                              verify=self.verify)
+                self._shards[key] = load_file(
+                    self.shard_path(tp_rank, pp_rank),
+                    checks=self.record_checks(tp_rank, pp_rank) if self.verify else None)
             return self._shards[key]
+
+    def record_checks(self, tp_rank: int, pp_rank: int) -> RecordChecks:
+        """The checksums of a rank's file, one per file: a record verified once (the pickle
+        when the shard loaded, a tensor when read, or all by ``check_all``) is not again."""
+        key = (tp_rank, pp_rank)
+        with self._opening:
+            if key not in self._checks:
+                self._checks[key] = RecordChecks(self.shard_path(tp_rank, pp_rank))
+            return self._checks[key]
 
     def _record_file(self, tp_rank: int, pp_rank: int) -> RecordFile:
         """The reader of a rank's file whose content :meth:`shard` loaded (opened on first use:
@@ -142,7 +156,8 @@ class TorchCheckpoint(CheckpointReader):
             if key not in self._files:
                 self.shard(tp_rank, pp_rank)  # mapped first: RecordFile looks up the mapping
                 path = self.shard_path(tp_rank, pp_rank)
-                self._files[key] = RecordFile(path, RecordChecks(path) if self.verify else None)
+                self._files[key] = RecordFile(
+                    path, self.record_checks(tp_rank, pp_rank) if self.verify else None)
             return self._files[key]
 
     def model_state(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:

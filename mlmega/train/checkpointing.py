@@ -107,7 +107,7 @@ def verify_rank_files(ckpt: TorchCheckpoint, tp_rank: int, pp_rank: int,
     where ``optimizer_shards``) against their checksums: resuming reads them whole, unchecked.
     CheckpointError names the file and the damaged record."""
     path = ckpt.shard_path(tp_rank, pp_rank)
-    RecordChecks(path).check_all()
+    ckpt.record_checks(tp_rank, pp_rank).check_all()
     if optimizer_shards and (path.parent / OPTIMIZER_SHARDS_FILE).is_file():
         RecordChecks(path.parent / OPTIMIZER_SHARDS_FILE).check_all()
 

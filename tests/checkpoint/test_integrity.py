@@ -12,21 +12,13 @@ import pytest
 import torch
 
 from mlmega.checkpoint.formats import load_full_state
-from mlmega.checkpoint.integrity import MANIFEST_SUFFIX, zip_records
+from mlmega.checkpoint.integrity import MANIFEST_SUFFIX
 from mlmega.checkpoint.directory import TRACKER
 from mlmega.cli.main import main
 from tests.checkpoint.conftest import SMALL_GPT, copy_of
-from tests.helpers import make_model_state
+from tests.helpers import file_records, flip_byte, make_model_state
 
 SHARD = "iter_0000003/mp_rank_01_000/model_optim_rng.pt"
-
-
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as file:
-        file.seek(offset)
-        byte = file.read(1)[0]
-        file.seek(offset)
-        file.write(bytes([byte ^ 0x40]))
 
 
 def _convert(src: Path, dst: Path, capsys, *options: str) -> tuple[int, str]:
@@ -35,18 +27,10 @@ def _convert(src: Path, dst: Path, capsys, *options: str) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
-def _records(path: Path) -> dict:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return zip_records(fd, 0, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-
-
 def _largest_record(path: Path):
     """The file's largest tensor record but the word embeddings' (data/0, whose rows on this TP
     rank are vocab padding, never read): a TP-split weight, read by every conversion."""
-    return max((r for name, r in _records(path).items()
+    return max((r for name, r in file_records(path).items()
                 if name.startswith("data/") and name != "data/0"), key=lambda r: r.length)
 
 
@@ -67,7 +51,7 @@ def test_flipped_bytes_in_a_torch_record_are_detected(small_checkpoints, tmp_pat
     """mlmega's files: their xxh3 manifest; torch.save's (Megatron-LM's): the zip's CRC32s."""
     ckpt, path, algorithm = _shard_written_by(small_checkpoints, tmp_path, written_by)
     record = _largest_record(path)
-    _flip(path, record.offset + record.length // 2)
+    flip_byte(path, record.offset + record.length // 2)
     dst = tmp_path / "out"
     code, err = _convert(ckpt, dst, capsys)
     assert code == 2
@@ -89,7 +73,7 @@ def test_flipped_bytes_in_a_dist_chunk_are_detected(small_checkpoints, tmp_path,
     path = ckpt / "iter_0000003" / "__0_0.distcp"
     records = json.loads(Path(str(path) + MANIFEST_SUFFIX).read_text())["records"]
     offset, length, _ = max(records, key=lambda r: r[1])
-    _flip(path, offset + length // 2)
+    flip_byte(path, offset + length // 2)
     code, err = _convert(ckpt, tmp_path / "out", capsys)
     assert code == 2 and "\n" not in err
     assert f"{path}: the {length}-byte record at byte {offset} fails its xxh3_64 check" in err
@@ -152,8 +136,8 @@ def test_intact_checkpoints_verify_and_read_back(small_checkpoints):
 def test_a_flipped_byte_in_the_pickle_is_detected_before_unpickling(small_checkpoints, tmp_path,
                                                                     capsys, written_by):
     ckpt, path, algorithm = _shard_written_by(small_checkpoints, tmp_path, written_by)
-    record = _records(path)["data.pkl"]
-    _flip(path, record.offset + record.length // 2)
+    record = file_records(path)["data.pkl"]
+    flip_byte(path, record.offset + record.length // 2)
     code, err = _convert(ckpt, tmp_path / "out", capsys)
     assert code == 2 and "\n" not in err
     assert f"{path}: the {record.length}-byte record at byte {record.offset} fails its " \
@@ -168,8 +152,8 @@ def test_a_flipped_byte_in_a_dist_index_or_common_file_is_detected(small_checkpo
     ckpt = copy_of(small_checkpoints["torch_dist"], tmp_path / "ckpt")
     path = ckpt / "iter_0000003" / name
     offset, length = (0, path.stat().st_size) if name == ".metadata" else \
-        (_records(path)["data.pkl"].offset, _records(path)["data.pkl"].length)
-    _flip(path, offset + length // 2)
+        (file_records(path)["data.pkl"].offset, file_records(path)["data.pkl"].length)
+    flip_byte(path, offset + length // 2)
     code, err = _convert(ckpt, tmp_path / "out", capsys)
     assert code == 2 and "\n" not in err
     assert f"{path}: the {length}-byte record at byte {offset} fails its {algorithm} check" in err
@@ -191,13 +175,13 @@ def test_verify_checks_bytes_a_conversion_never_reads(small_checkpoints, tmp_pat
     assert "match their checksums" in out and "without checksums" not in out
     if fmt == "torch":
         path = ckpt / "iter_0000003/mp_rank_01_000/model_optim_rng.pt"
-        record = _records(path)["data/0"]
+        record = file_records(path)["data/0"]
         offset, length = record.offset, record.length
     else:
         path = ckpt / "iter_0000003" / "__1_0.distcp"
         records = json.loads(Path(str(path) + MANIFEST_SUFFIX).read_text())["records"]
         offset, length, _ = max(records, key=lambda r: r[1])
-    _flip(path, offset + length - 1)
+    flip_byte(path, offset + length - 1)
     assert _convert(ckpt, tmp_path / "out", capsys)[0] == 0
     code, _, err = _verify(ckpt, capsys)
     assert code == 2 and "\n" not in err
@@ -218,3 +202,44 @@ def test_verify_says_which_files_have_no_checksums(small_checkpoints, tmp_path, 
     assert code == 0
     assert out.rstrip().endswith("; without checksums, nothing to check in: "
                                  "iter_0000003/mp_rank_01_000/model_optim_rng.pt"), out
+
+
+@pytest.mark.parametrize("written_by", ["mlmega", "torch.save"])
+def test_a_verified_shard_is_parsed_and_checked_once(small_checkpoints, tmp_path, monkeypatch,
+                                                     written_by):
+    """Opening a shard (its pickle checked), checking it whole (as a resume does) and reading
+    every tensor: its zip directory is parsed once and each record hashed once."""
+    from mlmega.checkpoint import integrity
+    from mlmega.checkpoint.torch_format import TorchCheckpoint
+    from mlmega.models.params import param_index
+    from mlmega.train.checkpointing import verify_rank_files
+
+    _, path, _ = _shard_written_by(small_checkpoints, tmp_path, written_by)
+    parsed, hashed = [], []
+    real_parse, real_confirm = integrity.zip_records, integrity.RecordChecks.confirm
+
+    def parse(fd, base, length):
+        parsed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_parse(fd, base, length)
+
+    def confirm(self, record, pieces):
+        hashed.append((str(self.path), record.offset))
+        return real_confirm(self, record, pieces)
+
+    monkeypatch.setattr(integrity, "zip_records", parse)
+    monkeypatch.setattr(integrity.RecordChecks, "confirm", confirm)
+    ckpt = TorchCheckpoint.open(path.parents[2])
+    tp_rank, pp_rank = 1, 0  # SHARD: not the rank the open read first
+    assert ckpt.shard_path(tp_rank, pp_rank) == path
+    verify_rank_files(ckpt, tp_rank, pp_rank, optimizer_shards=False)  # as a resume does
+    ckpt.shard(tp_rank, pp_rank)
+    for name, (spec, layer) in param_index(ckpt.layout.cfg).items():
+        if layer is None and spec.pp_stage == "first" or layer in ckpt.layout.pp_stage_layers(0):
+            ckpt.read_shard(name, tp_rank)
+
+    assert parsed.count(str(path)) == 1
+    mine = [offset for file, offset in hashed if file == str(path)]
+    tensors_and_pickle = {r.offset for name, r in file_records(path).items()
+                          if name == "data.pkl" or name.startswith("data/")}
+    assert len(mine) == len(set(mine)) and set(mine) >= tensors_and_pickle
+    assert len(tensors_and_pickle) > 10
