@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import platform
 from pathlib import Path
 from typing import Optional
 
@@ -29,16 +31,29 @@ def schemes_key(schemes: LevelSchemes) -> str:
                            preserve_function=schemes.preserve_function), sort_keys=True)
 
 
+def this_machine() -> str:
+    """The CPU model and core count: what a run's seconds depend on (its FLOPs do not)."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in
+                     Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
+
+
 @dataclasses.dataclass
 class LedgerEntry:
     """A finished run: its recipe (as ``savings.recipe_key`` writes it), its validation curve
-    (``savings.Curve.to_dict``) and the copies' spreads measured on its final checkpoint, keyed by
-    ``stage`` + scheme (:func:`schemes_key`)."""
+    (``savings.Curve.to_dict``), the copies' spreads measured on its final checkpoint, keyed by
+    ``stage`` + scheme (:func:`schemes_key`), and the machine it was timed on
+    (:func:`this_machine`)."""
 
     name: str
     recipe: str
     curve: dict
     spreads: dict[str, Optional[float]] = dataclasses.field(default_factory=dict)
+    machine: str = "unknown"
 
 
 class RunLedger:

@@ -51,7 +51,15 @@ def markdown(report: dict) -> str:
                      f"{at['max']:.1f}), {at['seeds']} of {len(c['seeds'])} seeds")
         lines.append(f"| {c['name']} | {' | '.join(cells)} |")
     for c in report["comparisons"]:
-        lines += ["", f"## {c['name']}", "", "Baseline sweep (LRs, then warm-ups at the best LR; "
+        lines += ["", f"## {c['name']}", ""]
+        machines = c.get("machines", [])
+        if len(machines) > 1:
+            lines += [f"Its runs were timed on {len(machines)} machines ({'; '.join(machines)}): "
+                      "its wall-clock savings compare seconds of different CPUs; the FLOPs "
+                      "savings do not depend on it.", ""]
+        elif machines:
+            lines += [f"Timed on one machine: {machines[0]}.", ""]
+        lines += ["Baseline sweep (LRs, then warm-ups at the best LR; "
                   "full budget, first seed):", "",
                   "| peak LR | warm-up steps | final val loss | FLOPs | seconds |",
                   "|---|---|---|---|---|"]

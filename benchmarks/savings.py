@@ -28,12 +28,15 @@ reading the same sample stream (one data order per seed):
    small level it was de-coalesced from.
 
 Every run lives in OUT/runs/NAME and is reused when finished (an interrupted protocol continues
-where it stopped, an interrupted run from its checkpoint). Wall-clock counts what a user waits for:
-process start-up, loading and the operator applied at load time, training and the periodic
-evaluations (the same interval in every run); of an interrupted run, the time its attempts ran,
-not the pause between them.
+where it stopped, an interrupted run from its checkpoint); with --ledger DIR, each finished run's
+curve and spreads also go to DIR/NAME.json (benchmarks/ledger.py), small enough to commit, and are
+reused from there: a protocol continues from them on a machine where OUT is gone. Wall-clock
+counts what a user waits for: process start-up, loading and the operator applied at load time,
+training and the periodic evaluations (the same interval in every run); of an interrupted run,
+the time its attempts ran, not the pause between them.
 
-    python benchmarks/savings.py [--scale S] [--only NAME,...] [--all] [--seeds N] --out DIR
+    python benchmarks/savings.py [--scale S] [--only NAME,...] [--all] [--seeds N]
+                                 [--ledger DIR] --out DIR
     (the same as: mlmega bench savings [CONFIG] [--scale S] [--only ...] [--all] ... --out DIR)
 
 Default: the GPT 2-level comparison; --all adds GPT's 3-level ones and BERT 2- and 3-level; --only
@@ -62,8 +65,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # loaded by path (mlmega bench) or run as a script
 
 from benchmarks.frontier import AT_MOST, EXACT, pareto, saving  # noqa: E402
+from benchmarks.ledger import LedgerEntry, RunLedger, schemes_key, this_machine  # noqa: E402
 from benchmarks.spread import checkpoint_spread  # noqa: E402
 from mlmega.config.errors import ConfigError  # noqa: E402
+from mlmega.config.schemes import LevelSchemes  # noqa: E402
 from mlmega.data.prepare import PrepareOptions, prepare  # noqa: E402
 from mlmega.launch.executor import LocalExecutor  # noqa: E402
 from mlmega.vcycle.plan import Plan, plan_vcycle  # noqa: E402
@@ -363,18 +368,45 @@ def greedy_trials(tuned: dict, count: int,
 
 @dataclass
 class Protocol:
-    """Runs (cached under ``out/runs``) and the decisions of the protocol for one comparison."""
+    """Runs (cached under ``out/runs``, and in ``ledger`` once finished) and the decisions of the
+    protocol for one comparison."""
 
     out: Path
     data_dirs: dict[str, Path]
     seeds: tuple[int, ...] = SEEDS
     log: Callable[[str], None] = print
+    ledger: Optional[RunLedger] = None
+    entries: dict[str, LedgerEntry] = field(default_factory=dict)  # this process's finished runs
+    used: list[str] = field(default_factory=list)  # the runs the current comparison used
 
     def run(self, name: str, recipe: dict, baseline: bool) -> tuple[Plan, Curve]:
-        parsed = recipe_from_dict(variant(recipe, name), f"<{name}>")
+        """Run ``recipe`` as ``name``: from the ledger if it has the run, else trained (or
+        reused) in ``out/runs/name`` and then entered in the ledger."""
+        named = variant(recipe, name)
+        parsed, key = recipe_from_dict(named, f"<{name}>"), recipe_key(named)
         self.log(f"== {name}")
-        return run_recipe(parsed, self.out / "runs" / name, self.data_dirs[parsed.model.arch],
-                          baseline, log=self.log)
+        self.used.append(name)
+        entry = self.ledger.get(name, key) if self.ledger else None
+        if entry is not None:
+            self.entries[name] = entry
+            return plan_vcycle(parsed), Curve(**entry.curve)
+        plan, curve = run_recipe(parsed, self.out / "runs" / name,
+                                 self.data_dirs[parsed.model.arch], baseline, log=self.log)
+        self.entries[name] = LedgerEntry(name, key, curve.to_dict(), machine=this_machine())
+        if self.ledger:
+            self.ledger.put(self.entries[name])
+        return plan, curve
+
+    def spread(self, name: str, stage: str, schemes: LevelSchemes) -> Optional[float]:
+        """The copies' spread of finished run ``name``'s ``stage`` under ``schemes``
+        (benchmarks/spread.py): from its ledger entry, else measured on its checkpoint."""
+        entry, key = self.entries[name], f"{stage} {schemes_key(schemes)}"
+        if key not in entry.spreads:
+            entry.spreads[key] = checkpoint_spread(stage_dir(self.out / "runs" / name, stage),
+                                                   schemes)
+            if self.ledger:
+                self.ledger.put(entry)
+        return entry.spreads[key]
 
     def baseline(self, recipe: dict, lr: float, budget: float, seed: int,
                  warmup: Optional[int] = None) -> Curve:
@@ -403,8 +435,7 @@ class Protocol:
         name = f"{recipe['name']}-{trial}-s{seed}"
         plan, curve = self.run(name, variant(recipe, name, training__seed=seed, **changes), False)
         final = plan.stages[-1]
-        return plan, curve, checkpoint_spread(stage_dir(self.out / "runs" / name, final.name),
-                                              final.init.schemes)
+        return plan, curve, self.spread(name, final.name, final.init.schemes)
 
     def sweep_baseline(self, recipe: dict) -> list[dict]:
         """Peak LRs a factor 2 apart around the recipe's, until the best is not at an end; the
@@ -460,7 +491,9 @@ class Protocol:
         return points
 
     def compare(self, recipe: dict) -> dict:
-        """The whole protocol for one base recipe; returns its report section."""
+        """The whole protocol for one base recipe; returns its report section (with the
+        machines its runs were timed on: seconds compare only on one)."""
+        self.used = []
         sweep = self.sweep_baseline(recipe)
         best_lr, warmup = next((r["lr"], r["warmup"]) for r in sweep if r["best"])
         scale = best_lr / recipe["schedule"]["lr"][0]  # the V-cycle starts from the tuned LR
@@ -485,16 +518,15 @@ class Protocol:
                               vcycle=curve.to_dict())
                 # the same measure of this seed's 100% baseline (trained from scratch), with the
                 # V-cycle's scheme
-                scratch = checkpoint_spread(
-                    stage_dir(self.out / "runs" / baseline_name(recipe, best_lr, 1.0, seed,
-                                                                warmup), "baseline"),
-                    plan.stages[-1].init.schemes)
+                scratch = self.spread(baseline_name(recipe, best_lr, 1.0, seed, warmup),
+                                      "baseline", plan.stages[-1].init.schemes)
         return dict(name=recipe["name"], arch=recipe["model"]["arch"],
                     levels=len(recipe["levels"]) + 1, baseline_sweep=sweep, best_lr=best_lr,
                     best_warmup=warmup,
                     baseline_copies_spread=scratch,
                     vcycle_trials=trials, best_trial=best["trial"], seeds=per_seed,
-                    headline=headline(per_seed), curves=curves)
+                    headline=headline(per_seed), curves=curves,
+                    machines=sorted({self.entries[name].machine for name in self.used}))
 
 
 def baseline_name(recipe: dict, lr: float, budget: float, seed: int, warmup: int) -> str:
@@ -598,6 +630,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--all", action="store_true", help="every comparison (as --only with all)")
     parser.add_argument("--seeds", type=int, default=len(SEEDS),
                         help=f"seeds of the headline pair (default {len(SEEDS)})")
+    parser.add_argument("--ledger", type=Path,
+                        help="keep each finished run's curve and spreads here, one small JSON "
+                             "per run (the committed one: benchmarks/ledger/SCALE), and reuse "
+                             "them: a protocol that lost its --out continues from them")
 
 
 def run(args) -> int:
@@ -614,7 +650,8 @@ def run(args) -> int:
         recipes = comparisons(SCALES[args.scale], list(COMPARISONS) if args.all else args.only)
     out = args.out.resolve()
     protocol = Protocol(out, prepare_data(recipes, out),
-                        tuple(SEEDS[0] + i for i in range(args.seeds)))
+                        tuple(SEEDS[0] + i for i in range(args.seeds)),
+                        ledger=RunLedger(args.ledger) if args.ledger else None)
     report = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), scale=args.scale,
                   command=" ".join(["python", "benchmarks/savings.py", *sys.argv[1:]]),
                   budgets=list(BUDGETS), seeds=list(protocol.seeds),

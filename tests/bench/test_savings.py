@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.frontier import cost_to_reach, saving
+from benchmarks.ledger import this_machine
 from benchmarks.savings import (BUDGETS, COMPARISONS, MAX_SWEEP, SCALES, Curve, Protocol,
                                 compare, comparisons, curve_of, greedy_trials, reach, variant,
                                 vcycle_knobs)
@@ -196,20 +197,34 @@ def test_the_vcycle_search_turns_knobs_of_its_best_trial():
 @pytest.mark.slow
 def test_quick_protocol_writes_a_consistent_report_and_reuses_its_runs(tmp_path):
     """The whole protocol at toy scale: sweeps, frontier, seeds; the report's savings follow from
-    its own frontier numbers; a second invocation trains nothing (every run is reused)."""
-    command = [sys.executable, str(ROOT / "benchmarks" / "savings.py"), "--scale", "quick", "--out",
-               str(tmp_path)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    gpt = check_report(tmp_path)
+    its own frontier numbers; a second invocation trains nothing (every run is reused), nor does
+    a third on a fresh --out with the first's --ledger (every run is in it)."""
+    ledger = tmp_path / "ledger"
 
-    metrics = sorted((tmp_path / "runs").glob("*/stages/*/metrics.jsonl"))
+    def protocol(out: Path, timeout: int) -> dict:
+        command = [sys.executable, str(ROOT / "benchmarks" / "savings.py"), "--scale", "quick",
+                   "--out", str(out), "--ledger", str(ledger)]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return json.loads((out / "report.json").read_text())["comparisons"][0]
+
+    out = tmp_path / "out"
+    protocol(out, 1800)
+    gpt = check_report(out)
+    assert gpt["machines"] == [this_machine()]
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert sorted(p.stem for p in ledger.iterdir()) == runs
+
+    metrics = sorted((out / "runs").glob("*/stages/*/metrics.jsonl"))
     before = {m: m.stat().st_mtime_ns for m in metrics}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert protocol(out, 600)["seeds"] == gpt["seeds"]
     assert {m: m.stat().st_mtime_ns for m in metrics} == before
-    assert json.loads((tmp_path / "report.json").read_text())["comparisons"][0]["seeds"] == \
-        gpt["seeds"]
+
+    fresh = tmp_path / "fresh"
+    again = protocol(fresh, 600)
+    assert not (fresh / "runs").exists()
+    assert again["seeds"] == gpt["seeds"] and again["baseline_copies_spread"] == \
+        gpt["baseline_copies_spread"] and again["vcycle_trials"] == gpt["vcycle_trials"]
 
 
 def check_report(out: Path) -> dict:
