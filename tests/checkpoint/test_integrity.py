@@ -151,8 +151,11 @@ def test_a_flipped_byte_in_a_dist_index_or_common_file_is_detected(small_checkpo
     """mlmega writes a manifest for torch's index (a plain pickle); common.pt has its CRC32s."""
     ckpt = copy_of(small_checkpoints["torch_dist"], tmp_path / "ckpt")
     path = ckpt / "iter_0000003" / name
-    offset, length = (0, path.stat().st_size) if name == ".metadata" else \
-        (file_records(path)["data.pkl"].offset, file_records(path)["data.pkl"].length)
+    if name == ".metadata":
+        offset, length = 0, path.stat().st_size
+    else:
+        record = file_records(path)["data.pkl"]
+        offset, length = record.offset, record.length
     flip_byte(path, offset + length // 2)
     code, err = _convert(ckpt, tmp_path / "out", capsys)
     assert code == 2 and "\n" not in err
