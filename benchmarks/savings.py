@@ -55,9 +55,11 @@ import argparse
 import copy
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import yaml
 
@@ -71,6 +73,7 @@ from mlmega.config.errors import ConfigError  # noqa: E402
 from mlmega.config.schemes import LevelSchemes  # noqa: E402
 from mlmega.data.prepare import PrepareOptions, prepare  # noqa: E402
 from mlmega.launch.executor import LocalExecutor  # noqa: E402
+from mlmega.launch.local import forwarding_signals  # noqa: E402
 from mlmega.vcycle.plan import Plan, plan_vcycle  # noqa: E402
 from mlmega.vcycle.recipe import Recipe, recipe_from_dict  # noqa: E402
 from mlmega.vcycle.report import read_metrics  # noqa: E402
@@ -82,6 +85,7 @@ from mlmega.vcycle.run import RunState, as_run, create_run, recipe_dict, stage_d
 BUDGETS = (0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)
 MAX_SWEEP = 6  # ladder LRs at most (4 to start, extended while the best is at an end), + 2 refined
 SEEDS = (1234, 1235, 1236)
+T = TypeVar("T")
 RUN_WAIT_S = 4 * 3600  # the longest a run is waited for while another process trains it
 # name -> (architecture, what each level below the full model halves: "width+depth" as in the
 # paper, or "depth" only)
@@ -369,7 +373,7 @@ def greedy_trials(tuned: dict, count: int,
 @dataclass
 class Protocol:
     """Runs (cached under ``out/runs``, and in ``ledger`` once finished) and the decisions of the
-    protocol for one comparison."""
+    protocol for one comparison. Runs that do not depend on each other train ``jobs`` at once."""
 
     out: Path
     data_dirs: dict[str, Path]
@@ -378,6 +382,16 @@ class Protocol:
     ledger: Optional[RunLedger] = None
     entries: dict[str, LedgerEntry] = field(default_factory=dict)  # this process's finished runs
     used: list[str] = field(default_factory=list)  # the runs the current comparison used
+    jobs: int = 1
+
+    def concurrently(self, calls: list[Callable[[], T]], jobs: Optional[int] = None) -> list[T]:
+        """The results of ``calls``, in their order, up to ``jobs`` (default ``self.jobs``) of
+        them running at once (threads: each run trains in its own processes)."""
+        jobs = min(jobs or self.jobs, len(calls))
+        if jobs <= 1:
+            return [call() for call in calls]
+        with forwarding_signals(), ThreadPoolExecutor(jobs) as pool:
+            return list(pool.map(lambda call: call(), calls))
 
     def run(self, name: str, recipe: dict, baseline: bool) -> tuple[Plan, Curve]:
         """Run ``recipe`` as ``name``: from the ledger if it has the run, else trained (or
@@ -447,10 +461,11 @@ class Protocol:
         finals = {}  # (lr, warm-up) -> (final loss, FLOPs, seconds)
 
         def train(settings) -> tuple[float, int]:
-            for lr, warmup in settings:
-                if (lr, warmup) not in finals:
-                    curve = self.baseline(recipe, lr, 1.0, seed, warmup)
-                    finals[lr, warmup] = (curve.loss[-1], curve.flops[-1], curve.seconds[-1])
+            todo = [setting for setting in dict.fromkeys(settings) if setting not in finals]
+            curves = self.concurrently([partial(self.baseline, recipe, lr, 1.0, seed, warmup)
+                                        for lr, warmup in todo])
+            for setting, curve in zip(todo, curves):
+                finals[setting] = (curve.loss[-1], curve.flops[-1], curve.seconds[-1])
             return min(finals, key=lambda setting: finals[setting][0])
 
         def half_steps(lr: float, warmup: int) -> set[tuple[float, int]]:
@@ -482,13 +497,13 @@ class Protocol:
                      best=(lr, warmup) == top, refined=(lr, warmup) in refined)
                 for (lr, warmup), (loss, flops, secs) in sorted(finals.items())]
 
-    def frontier(self, recipe: dict, lr: float, warmup: int, seed: int) -> list[dict]:
-        points = []
-        for budget in BUDGETS:
-            curve = self.baseline(recipe, lr, budget, seed, warmup)
-            points.append(dict(budget=budget, flops=curve.flops[-1], seconds=curve.seconds[-1],
-                               final_loss=curve.loss[-1], curve=curve))
-        return points
+    def frontier(self, recipe: dict, lr: float, warmup: int, seed: int,
+                 jobs: Optional[int] = None) -> list[dict]:
+        curves = self.concurrently([partial(self.baseline, recipe, lr, budget, seed, warmup)
+                                    for budget in BUDGETS], jobs)
+        return [dict(budget=budget, flops=curve.flops[-1], seconds=curve.seconds[-1],
+                     final_loss=curve.loss[-1], curve=curve)
+                for budget, curve in zip(BUDGETS, curves)]
 
     def compare(self, recipe: dict) -> dict:
         """The whole protocol for one base recipe; returns its report section (with the
@@ -505,12 +520,22 @@ class Protocol:
             plan, curve, spread = self.vcycle(tuned, name, changes, self.seeds[0])
             return seed_result(self.seeds[0], frontiers[self.seeds[0]], plan, curve, spread)
 
-        trials, best_changes = greedy_trials(tuned, len(sweep), trial)
+        # the trials run one after another; the other seeds' frontiers do not depend on them
+        # and train beside them (on the other jobs - 1)
+        with forwarding_signals(), ThreadPoolExecutor(max(1, self.jobs - 1)) as aside:
+            later = {seed: aside.submit(self.frontier, recipe, best_lr, warmup, seed,
+                                        self.jobs - 1)
+                     for seed in self.seeds[1:] if self.jobs > 1}
+            trials, best_changes = greedy_trials(tuned, len(sweep), trial)
+            frontiers.update((seed, frontier.result()) for seed, frontier in later.items())
         best = next(r for r in trials if r["best"])
+        frontiers.update({seed: self.frontier(recipe, best_lr, warmup, seed)
+                          for seed in self.seeds if seed not in frontiers})  # jobs 1
+        vcycles = self.concurrently([partial(self.vcycle, tuned, best["trial"], best_changes,
+                                             seed) for seed in self.seeds])
         per_seed, curves = [], {}
-        for seed in self.seeds:
-            frontier = frontiers.get(seed) or self.frontier(recipe, best_lr, warmup, seed)
-            plan, curve, spread = self.vcycle(tuned, best["trial"], best_changes, seed)
+        for seed, (plan, curve, spread) in zip(self.seeds, vcycles):
+            frontier = frontiers[seed]
             per_seed.append(seed_result(seed, frontier, plan, curve, spread))
             if seed == self.seeds[0]:
                 curves = dict(frontier=[(p["flops"], p["final_loss"]) for p in frontier],
@@ -617,6 +642,12 @@ def main(argv=None) -> int:
     return run(parser.parse_args(argv))
 
 
+def at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("config", nargs="?", help="a recipe to compare (default: the built-in "
                                                   "GPT 2-level recipe)")
@@ -634,6 +665,11 @@ def add_arguments(parser) -> None:
                         help="keep each finished run's curve and spreads here, one small JSON "
                              "per run (the committed one: benchmarks/ledger/SCALE), and reuse "
                              "them: a protocol that lost its --out continues from them")
+    parser.add_argument("--jobs", type=at_least_one, default=1,
+                        help="runs trained at once where they do not depend on each other (the "
+                             "sweep's LRs, the frontiers' budgets, the seeds; the V-cycle trials "
+                             "run one after another). Each run is timed as it ran: keep it at "
+                             "most the cores (CPU; the runs share this machine's GPUs)")
 
 
 def run(args) -> int:
@@ -651,7 +687,8 @@ def run(args) -> int:
     out = args.out.resolve()
     protocol = Protocol(out, prepare_data(recipes, out),
                         tuple(SEEDS[0] + i for i in range(args.seeds)),
-                        ledger=RunLedger(args.ledger) if args.ledger else None)
+                        ledger=RunLedger(args.ledger) if args.ledger else None,
+                        jobs=args.jobs)
     report = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), scale=args.scale,
                   command=" ".join(["python", "benchmarks/savings.py", *sys.argv[1:]]),
                   budgets=list(BUDGETS), seeds=list(protocol.seeds),

@@ -19,6 +19,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -192,7 +193,7 @@ def writing(path: Path) -> Iterator[None]:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a small file via a temp file and ``os.replace`` (readers see old or new, never half)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with writing(path):
         tmp.write_text(text)
         os.replace(tmp, path)

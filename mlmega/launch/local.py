@@ -7,13 +7,43 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
 from mlmega.parallel.parent_death import die_with_parent
 from mlmega.parallel.setup import free_port
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+_live: set[subprocess.Popen] = set()  # every rank of this process's running run_ranks_locally
+_live_lock = threading.RLock()  # RLock: the handler may interrupt the main thread holding it
+
+
+def _forward(signum, frame) -> None:  # cancel/preempt: every rank saves and exits (code 3)
+    with _live_lock:
+        ranks = list(_live)
+    for proc in ranks:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+
+@contextmanager
+def forwarding_signals():
+    """While inside, SIGTERM/SIGUSR1/SIGUSR2 sent to this process go on to the ranks of every
+    :func:`run_ranks_locally` running here, in any thread. Python handles signals in the main
+    thread only: entered in another thread, it relies on the main thread having entered it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _forward) for sig in FORWARDED}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = None,
@@ -22,8 +52,9 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
     ``log_dir/JOB_RANK_log.out`` and ``.err`` (srun's ``%j_%t_log.out`` names) and rank 0's are
     echoed here too; without, rank 0 prints here and the others nowhere. If a rank fails, the rest
     are stopped; returns the exit code of the rank that failed first (or 0). SIGTERM/SIGUSR1/
-    SIGUSR2 sent to this process are passed on to every rank (which save a checkpoint and exit);
-    if this process dies (even by SIGKILL), the kernel kills the ranks (Linux), so no trainer
+    SIGUSR2 sent to this process are passed on to every rank (which save a checkpoint and exit;
+    from another thread than the main one: within the main thread's :func:`forwarding_signals`).
+    If this process dies (even by SIGKILL), the kernel kills the ranks (Linux), so no trainer
     outlives its coordinator."""
     port = free_port()
     procs, echoes = [], []
@@ -47,30 +78,25 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
         for handle in opened:
             handle.close()  # the rank holds its own copy
     codes: dict[int, int] = {}  # in the order the ranks ended
-
-    def forward(signum, frame):  # cancel/preempt: every rank saves and exits (code 3)
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1,
-                                                             signal.SIGUSR2)}
+    with _live_lock:
+        _live.update(procs)
     try:
-        while len(codes) < nprocs:
-            for rank, proc in enumerate(procs):
-                if rank not in codes and proc.poll() is not None:
-                    codes[rank] = proc.returncode
-                    if proc.returncode != 0:
-                        _stop(procs)
-            for echo in echoes:
-                echo.pump()
-            time.sleep(0.1)
+        with forwarding_signals():
+            while len(codes) < nprocs:
+                for rank, proc in enumerate(procs):
+                    if rank not in codes and proc.poll() is not None:
+                        codes[rank] = proc.returncode
+                        if proc.returncode != 0:
+                            _stop(procs)
+                for echo in echoes:
+                    echo.pump()
+                time.sleep(0.1)
     except BaseException:
         _stop(procs)
         raise
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        with _live_lock:
+            _live.difference_update(procs)
         for echo in echoes:
             echo.close()
     return next((code for code in codes.values() if code != 0), 0)  # the first failure's code

@@ -197,20 +197,24 @@ def test_the_vcycle_search_turns_knobs_of_its_best_trial():
 @pytest.mark.slow
 def test_quick_protocol_writes_a_consistent_report_and_reuses_its_runs(tmp_path):
     """The whole protocol at toy scale: sweeps, frontier, seeds; the report's savings follow from
-    its own frontier numbers; a second invocation trains nothing (every run is reused), nor does
-    a third on a fresh --out with the first's --ledger (every run is in it)."""
+    its own frontier numbers; with --jobs 2, runs train side by side; a second invocation trains
+    nothing (every run is reused), nor does a third on a fresh --out with the first's --ledger
+    (every run is in it)."""
     ledger = tmp_path / "ledger"
 
-    def protocol(out: Path, timeout: int) -> dict:
+    def protocol(out: Path, timeout: int, *options: str) -> dict:
         command = [sys.executable, str(ROOT / "benchmarks" / "savings.py"), "--scale", "quick",
-                   "--out", str(out), "--ledger", str(ledger)]
+                   "--out", str(out), "--ledger", str(ledger), *options]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         return json.loads((out / "report.json").read_text())["comparisons"][0]
 
     out = tmp_path / "out"
-    protocol(out, 1800)
+    protocol(out, 1800, "--jobs", "2")
     gpt = check_report(out)
+    spans = sorted(run_span(run) for run in (out / "runs").iterdir())
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), \
+        "with --jobs 2, some run starts before the run started just before it ends"
     assert gpt["machines"] == [this_machine()]
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert sorted(p.stem for p in ledger.iterdir()) == runs
@@ -225,6 +229,13 @@ def test_quick_protocol_writes_a_consistent_report_and_reuses_its_runs(tmp_path)
     assert not (fresh / "runs").exists()
     assert again["seeds"] == gpt["seeds"] and again["baseline_copies_spread"] == \
         gpt["baseline_copies_spread"] and again["vcycle_trials"] == gpt["vcycle_trials"]
+
+
+def run_span(run_dir: Path) -> tuple[float, float]:
+    """When the run's first stage started and its last one ended (its state.json)."""
+    state = json.loads((run_dir / "state.json").read_text())
+    return (min(stage["started"] for stage in state["stages"]),
+            max(stage["ended"] for stage in state["stages"]))
 
 
 def check_report(out: Path) -> dict:

@@ -3,9 +3,12 @@ the previous level's checkpoint transformed at load time."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from mlmega.checkpoint.formats import load_full_state, save_full_state
 from mlmega.checkpoint.layout import ShardLayout
 from mlmega.checkpoint.torch_format import TorchCheckpoint
 from mlmega.config.model import ModelConfig
+from mlmega.launch.local import forwarding_signals, run_ranks_locally
 from mlmega.models.build import build_model
 from mlmega.models.state import load_full_state_dict
 from mlmega.operators import LevelSchemes, coalesce, decoalesce, interpolate
@@ -59,6 +63,31 @@ def test_sigterm_saves_then_resume_completes(tmp_path, prepared):
     run_stage(short, expect=3)
     steps = sorted(losses(tmp_path / "run"))
     assert steps == list(range(1, saved + 3)), "no step repeated or skipped"
+
+
+
+def test_sigterm_reaches_the_ranks_of_runs_started_in_threads(tmp_path, prepared):
+    """Two runs' ranks started from two threads (the savings protocol's --jobs): a SIGTERM to
+    this process, handled in the main thread, reaches both; each saves and exits for requeue."""
+    configs = [stage_config(tmp_path, f"run{i}", prepared["gpt"], steps=400, log_interval=1)
+               for i in range(2)]
+    logs = [tmp_path / f"logs{i}" for i in range(2)]
+    with forwarding_signals(), ThreadPoolExecutor(2) as pool:
+        codes = [pool.submit(run_ranks_locally, ["train", str(config)], 1, log_dir=log, job="j")
+                 for config, log in zip(configs, logs)]
+        deadline = time.monotonic() + 300
+        while not all("step      2/" in read_or_empty(log / "j_0_log.out") for log in logs):
+            assert time.monotonic() < deadline and not any(c.done() for c in codes)
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert [c.result(timeout=120) for c in codes] == [3, 3]
+    for i, log in enumerate(logs):
+        assert "exiting for requeue" in (log / "j_0_log.out").read_text()
+        assert 2 <= TorchCheckpoint.open(tmp_path / f"run{i}").iteration < 400
+
+
+def read_or_empty(path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def _first_batch_loss(cfg: TrainConfig, state) -> float:
