@@ -521,8 +521,8 @@ class Protocol:
             return seed_result(self.seeds[0], frontiers[self.seeds[0]], plan, curve, spread)
 
         # the trials run one after another; the other seeds' frontiers do not depend on them
-        # and train beside them (on the other jobs - 1)
-        with forwarding_signals(), ThreadPoolExecutor(max(1, self.jobs - 1)) as aside:
+        # and train beside them, one seed after another, on the other jobs - 1
+        with forwarding_signals(), ThreadPoolExecutor(1) as aside:
             later = {seed: aside.submit(self.frontier, recipe, best_lr, warmup, seed,
                                         self.jobs - 1)
                      for seed in self.seeds[1:] if self.jobs > 1}

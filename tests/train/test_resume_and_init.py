@@ -65,7 +65,6 @@ def test_sigterm_saves_then_resume_completes(tmp_path, prepared):
     assert steps == list(range(1, saved + 3)), "no step repeated or skipped"
 
 
-
 def test_sigterm_reaches_the_ranks_of_runs_started_in_threads(tmp_path, prepared):
     """Two runs' ranks started from two threads (the savings protocol's --jobs): a SIGTERM to
     this process, handled in the main thread, reaches both; each saves and exits for requeue."""
