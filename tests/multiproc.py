@@ -13,10 +13,12 @@ import torch.multiprocessing as mp
 from mlmega.parallel.setup import free_port
 
 
-def _entry(rank: int, world: int, port: int, tp: int, pp: int, fn: Callable, args: tuple,
-           out_dir: str) -> None:
+def _entry(rank: int, world: int, port: int, tp: int, pp: int, job: bytes, out_dir: str) -> None:
+    from mlmega.models import lazy_compile
     from mlmega.parallel.setup import init_model_parallel, init_process_group, teardown
 
+    lazy_compile.install()  # before unpickling the job (its module) imports megatron-core
+    fn, args = pickle.loads(job)
     torch.set_num_threads(1)
     init_process_group(rank, world, "127.0.0.1", port)
     if tp:
@@ -35,7 +37,8 @@ def run_ranks(fn: Callable, tp: int, pp: int, *args: Any, dp: int = 1) -> list[A
     With tp=0 the parallel state is left to ``fn`` (world size ``pp * dp``)."""
     world = max(tp, 1) * pp * dp
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world, free_port(), tp, pp, fn, args, out_dir), nprocs=world)
+        job = pickle.dumps((fn, args))
+        mp.spawn(_entry, args=(world, free_port(), tp, pp, job, out_dir), nprocs=world)
         results = []
         for rank in range(world):
             with open(Path(out_dir) / f"{rank}.pkl", "rb") as fh:

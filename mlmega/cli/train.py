@@ -21,6 +21,9 @@ def _train(args: argparse.Namespace) -> int:
         from mlmega.launch.local import run_ranks_locally
 
         return run_ranks_locally(["train", args.config], args.nproc)
+    from mlmega.models import lazy_compile
+
+    lazy_compile.install()  # before megatron-core is imported
     from mlmega.train.loop import main
 
     return main(args.config)

@@ -13,6 +13,9 @@ from mlmega.train import signals
 def main() -> None:
     signals.catch_early()
     from mlmega import compat
+    from mlmega.models import lazy_compile
+
+    lazy_compile.install()  # before the job's unpickling imports megatron-core
 
     compat.submitit_main()
 
