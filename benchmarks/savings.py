@@ -55,9 +55,10 @@ import argparse
 import copy
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
@@ -386,12 +387,21 @@ class Protocol:
 
     def concurrently(self, calls: list[Callable[[], T]], jobs: Optional[int] = None) -> list[T]:
         """The results of ``calls``, in their order, up to ``jobs`` (default ``self.jobs``) of
-        them running at once (threads: each run trains in its own processes)."""
+        them running at once (threads: each run trains in its own processes). Once one fails
+        (a run stopped by a signal, or broken), no further call starts: its error is raised
+        when those running have ended."""
         jobs = min(jobs or self.jobs, len(calls))
         if jobs <= 1:
             return [call() for call in calls]
+        results, waiting = {}, iter(enumerate(calls))
         with forwarding_signals(), ThreadPoolExecutor(jobs) as pool:
-            return list(pool.map(lambda call: call(), calls))
+            running = {pool.submit(call): i for i, call in islice(waiting, jobs)}
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: f.exception() is None):  # failed first
+                    results[running.pop(future)] = future.result()
+                    running.update((pool.submit(call), i) for i, call in islice(waiting, 1))
+        return [results[i] for i in range(len(calls))]
 
     def run(self, name: str, recipe: dict, baseline: bool) -> tuple[Plan, Curve]:
         """Run ``recipe`` as ``name``: from the ledger if it has the run, else trained (or
@@ -526,7 +536,12 @@ class Protocol:
             later = {seed: aside.submit(self.frontier, recipe, best_lr, warmup, seed,
                                         self.jobs - 1)
                      for seed in self.seeds[1:] if self.jobs > 1}
-            trials, best_changes = greedy_trials(tuned, len(sweep), trial)
+            try:
+                trials, best_changes = greedy_trials(tuned, len(sweep), trial)
+            except BaseException:  # a stopped or broken protocol starts no further frontier
+                for frontier in later.values():
+                    frontier.cancel()
+                raise
             frontiers.update((seed, frontier.result()) for seed, frontier in later.items())
         best = next(r for r in trials if r["best"])
         frontiers.update({seed: self.frontier(recipe, best_lr, warmup, seed)

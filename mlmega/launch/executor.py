@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from mlmega.launch.local import run_ranks_locally
+from mlmega.train.signals import EXIT_INTERRUPTED
 from mlmega.vcycle.lock import holder
 from mlmega.vcycle.plan import Plan
 from mlmega.vcycle.run import (CANCELLED, COMPLETED, FAILED, FINAL_STATES, RUNNING, RunState,
@@ -80,7 +81,7 @@ class LocalExecutor(Executor):
             entry.wall[entry.job_id] = entry.ended - entry.started
             entry.spans[entry.job_id] = [[entry.started, entry.ended]]
             entry.status = COMPLETED if code == 0 and stage_finished(run_dir, stage) else \
-                CANCELLED if code in (3, -signal.SIGTERM) else FAILED
+                CANCELLED if code in (EXIT_INTERRUPTED, -signal.SIGTERM) else FAILED
             if entry.status == CANCELLED:  # `mlmega cancel` stops the whole run
                 for later in state.stages:
                     if later.status not in FINAL_STATES:

@@ -16,13 +16,17 @@ from typing import Optional, Sequence, TextIO
 
 from mlmega.parallel.parent_death import die_with_parent
 from mlmega.parallel.setup import free_port
+from mlmega.train.signals import EXIT_INTERRUPTED
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 _live: set[subprocess.Popen] = set()  # every rank of this process's running run_ranks_locally
 _live_lock = threading.RLock()  # RLock: the handler may interrupt the main thread holding it
+_stopping = threading.Event()  # a signal came inside forwarding_signals: start no more ranks
+_depth = 0  # how many forwarding_signals the main thread is inside
 
 
 def _forward(signum, frame) -> None:  # cancel/preempt: every rank saves and exits (code 3)
+    _stopping.set()
     with _live_lock:
         ranks = list(_live)
     for proc in ranks:
@@ -33,15 +37,22 @@ def _forward(signum, frame) -> None:  # cancel/preempt: every rank saves and exi
 @contextmanager
 def forwarding_signals():
     """While inside, SIGTERM/SIGUSR1/SIGUSR2 sent to this process go on to the ranks of every
-    :func:`run_ranks_locally` running here, in any thread. Python handles signals in the main
-    thread only: entered in another thread, it relies on the main thread having entered it."""
+    :func:`run_ranks_locally` running here, in any thread, and from then on until the outermost
+    one exits, :func:`run_ranks_locally` starts no ranks (a stop holds for the runs about to
+    start too, as for those in flight). Python handles signals in the main thread only: entered
+    in another thread, it relies on the main thread having entered it."""
+    global _depth
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {sig: signal.signal(sig, _forward) for sig in FORWARDED}
+    _depth += 1
     try:
         yield
     finally:
+        _depth -= 1
+        if _depth == 0:
+            _stopping.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -55,7 +66,10 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
     SIGUSR2 sent to this process are passed on to every rank (which save a checkpoint and exit;
     from another thread than the main one: within the main thread's :func:`forwarding_signals`).
     If this process dies (even by SIGKILL), the kernel kills the ranks (Linux), so no trainer
-    outlives its coordinator."""
+    outlives its coordinator. After such a signal (within :func:`forwarding_signals`) it starts
+    nothing and returns the code of a rank that saved and stopped."""
+    if _stopping.is_set():
+        return EXIT_INTERRUPTED
     port = free_port()
     procs, echoes = [], []
     if log_dir is not None:

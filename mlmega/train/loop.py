@@ -33,9 +33,7 @@ from mlmega.train import checkpointing
 from mlmega.config.train import TrainConfig
 from mlmega.train.data import Batches, open_datasets
 from mlmega.train.metrics import MetricsLog, StepTimer
-from mlmega.train.signals import StopFlag
-
-EXIT_INTERRUPTED = 3  # exit code after a signal-triggered save (the job is meant to be requeued)
+from mlmega.train.signals import EXIT_INTERRUPTED, StopFlag
 
 
 def train(cfg: TrainConfig) -> dict:

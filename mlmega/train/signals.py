@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+EXIT_INTERRUPTED = 3  # a rank's exit code after a signal-triggered save (meant to be requeued)
 
 #: The last of SIGNALS this process received (through a StopFlag or ``catch_early``). A launcher
 #: reads it after training returns to tell a preemption warning (USR1/USR2: requeue) from a stop

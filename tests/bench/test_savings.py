@@ -6,6 +6,8 @@ import json
 import math
 import subprocess
 import sys
+import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -192,6 +194,28 @@ def test_the_vcycle_search_turns_knobs_of_its_best_trial():
         f"{first_pass}_final-x0.8", f"{first_pass}_final-x0.8_small-lr-x0.5"]
     assert best == dict(schedule__decoalesce_steps=[final * 4 // 5 * 4 // 5],
                         schedule__lr=[lr0, small / 4])
+
+
+def test_once_a_call_fails_no_further_call_starts(tmp_path):
+    """--jobs: a run that fails (or was stopped by a signal) ends the protocol; the runs waiting
+    for a slot never start, the ones running end first, and the error is the failed run's."""
+    started, ended = [], []
+
+    def call(i: int, seconds: float, fails: bool = False) -> int:
+        started.append(i)
+        time.sleep(seconds)
+        ended.append(i)
+        if fails:
+            raise RuntimeError(f"run {i} did not complete")
+        return i
+
+    protocol = Protocol(tmp_path, {}, jobs=2)
+    assert protocol.concurrently([partial(call, i, 0.01 * (3 - i)) for i in range(3)]) == [0, 1, 2]
+    started.clear(), ended.clear()
+    with pytest.raises(RuntimeError, match="run 0 did not complete"):
+        protocol.concurrently([partial(call, 0, 0.05, fails=True), partial(call, 1, 0.5),
+                               partial(call, 2, 0), partial(call, 3, 0)])
+    assert started == [0, 1] and sorted(ended) == [0, 1]
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ from mlmega.config.train import TrainConfig
 from mlmega.train.data import Batches, open_datasets
 from tests.helpers import make_model_state
 from tests.train.conftest import losses, model_section, run_stage, stage_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 pytestmark = [pytest.mark.slow]
 
@@ -67,7 +70,9 @@ def test_sigterm_saves_then_resume_completes(tmp_path, prepared):
 
 def test_sigterm_reaches_the_ranks_of_runs_started_in_threads(tmp_path, prepared):
     """Two runs' ranks started from two threads (the savings protocol's --jobs): a SIGTERM to
-    this process, handled in the main thread, reaches both; each saves and exits for requeue."""
+    this process, handled in the main thread, reaches both; each saves and exits for requeue.
+    A run about to start when the signal came does not start; once out of forwarding_signals,
+    runs start again."""
     configs = [stage_config(tmp_path, f"run{i}", prepared["gpt"], steps=400, log_interval=1)
                for i in range(2)]
     logs = [tmp_path / f"logs{i}" for i in range(2)]
@@ -80,9 +85,13 @@ def test_sigterm_reaches_the_ranks_of_runs_started_in_threads(tmp_path, prepared
             time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGTERM)
         assert [c.result(timeout=120) for c in codes] == [3, 3]
+        late = pool.submit(run_ranks_locally, ["train", str(configs[0])], 1,
+                           log_dir=tmp_path / "late", job="j")
+        assert late.result(timeout=60) == 3 and not (tmp_path / "late").exists()
     for i, log in enumerate(logs):
         assert "exiting for requeue" in (log / "j_0_log.out").read_text()
         assert 2 <= TorchCheckpoint.open(tmp_path / f"run{i}").iteration < 400
+    assert run_ranks_locally(["plan", str(CONFIGS / "tiny-gpt.yaml")], 1) == 0
 
 
 def read_or_empty(path) -> str:
