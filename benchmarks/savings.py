@@ -17,9 +17,10 @@ reading the same sample stream (one data order per seed):
 3. The V-cycle gets as many tuning trials as the baseline's sweep had runs, over its own knobs
    (LRs, the small level's LR, alpha, E_a, the final stage's and the small levels' length, the
    warm-ups), its level-0 LR starting at the baseline's best (its warm-up starts at the
-   recipe's: it must end within E_a): a greedy search, each trial turning one knob of the best
-   trial so far (as the sweep moves from its best LR), passing over the knobs again once all have
-   turned; the best has the largest compute-equivalent saving.
+   recipe's: it must end within E_a): a greedy search in rounds of two trials (side by side),
+   each trial turning one knob of the best trial before its round (as the sweep moves from its
+   best LR), passing over the knobs again once all have turned; the best has the largest
+   compute-equivalent saving.
 4. The headline pair (tuned baseline, best V-cycle) over every seed (model init and data order):
    compute-equivalent saving 1 - C_vcycle / C_base(L_vcycle) in FLOPs and wall-clock, and the
    FLOPs / seconds the V-cycle's final stage needs to reach the 100% baseline's final loss.
@@ -85,6 +86,9 @@ from mlmega.vcycle.run import RunState, as_run, create_run, recipe_dict, stage_d
 # 100% run's loss still gets an exact compute-equivalent figure, not only a bound
 BUDGETS = (0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)
 MAX_SWEEP = 6  # ladder LRs at most (4 to start, extended while the best is at an end), + 2 refined
+# V-cycle trials per round of the search (side by side with --jobs 2 or more); a constant, so
+# that the search's decisions do not depend on --jobs
+TRIALS_AT_ONCE = 2
 SEEDS = (1234, 1235, 1236)
 T = TypeVar("T")
 RUN_WAIT_S = 4 * 3600  # the longest a run is waited for while another process trains it
@@ -337,34 +341,39 @@ def vcycle_knobs(recipe: dict) -> list[tuple[str, dict]]:
 
 
 def greedy_trials(tuned: dict, count: int,
-                  evaluate: Callable[[str, dict], dict]) -> tuple[list[dict], dict]:
-    """``count`` V-cycle trials of a greedy search: each turns one knob (vcycle_knobs) of the best
-    trial so far and becomes the best if it saves more; a turn that repeats a tried recipe (one
-    undoing a kept knob) is passed over; passes over the knobs go on (a knob may turn again, from
-    the best so far) until ``count`` trials ran or a pass found no new recipe.
-    ``evaluate(name, changes)`` runs a trial and returns its result (``compute_saving_pct``,
-    ``vcycle_final_loss``). Returns the trials (the best marked) and the best one's changes."""
-    kept, kept_names, tried, trials, changes_of = {}, [], [], [], {}
-    while len(trials) < count:
-        before = len(trials)
-        for knob, _ in vcycle_knobs(tuned):
-            if len(trials) == count:
-                break
+                  evaluate: Callable[[list[tuple[str, dict]]], list[dict]]
+                  ) -> tuple[list[dict], dict]:
+    """``count`` V-cycle trials of a greedy search, in rounds of TRIALS_AT_ONCE: each trial of a
+    round turns the next knob (vcycle_knobs, cyclically) of the best trial before the round, and
+    becomes the best if it saves more; a turn that repeats a tried recipe (one undoing a kept
+    knob) is passed over; the search ends after ``count`` trials or once a whole pass over the
+    knobs found no new recipe. ``evaluate([(name, changes), ...])`` runs a round's trials and
+    returns their results (``compute_saving_pct``, ``vcycle_final_loss``). Returns the trials
+    (the best marked) and the best one's changes."""
+    knobs = [knob for knob, _ in vcycle_knobs(tuned)]
+    kept, kept_names, tried, trials, changes_of = {}, [], set(), [], {}
+    turn, passed_over = 0, 0  # the next knob (counting on past the last); repeats in a row
+    while len(trials) < count and passed_over < len(knobs):
+        batch = []
+        while len(batch) < min(TRIALS_AT_ONCE, count - len(trials)) and \
+                passed_over < len(knobs):
+            knob, turn = knobs[turn % len(knobs)], turn + 1
             changes = {**kept, **dict(vcycle_knobs(variant(tuned, "", **kept)))[knob]}
             key = recipe_key(variant(tuned, "", **changes))
             if key in tried:
+                passed_over += 1
                 continue
-            tried.append(key)
+            tried.add(key)
+            passed_over = 0
             names = kept_names + [knob] if knob != "default" else kept_names
-            name = "_".join(names) or "default"
+            batch.append(("_".join(names) or "default", changes, names))
+        results = evaluate([(name, changes) for name, changes, _ in batch]) if batch else []
+        for (name, changes, names), result in zip(batch, results):
             trials.append(dict(trial=name, changes={k.replace("__", "."): v
-                                                    for k, v in changes.items()},
-                               **evaluate(name, changes)))
+                                                    for k, v in changes.items()}, **result))
             changes_of[name] = changes
             if max(trials, key=rank) is trials[-1]:
                 kept, kept_names = changes, names
-        if len(trials) == before:
-            break
     best = max(trials, key=rank)
     for trial in trials:
         trial["best"] = trial is best
@@ -385,12 +394,12 @@ class Protocol:
     used: list[str] = field(default_factory=list)  # the runs the current comparison used
     jobs: int = 1
 
-    def concurrently(self, calls: list[Callable[[], T]], jobs: Optional[int] = None) -> list[T]:
-        """The results of ``calls``, in their order, up to ``jobs`` (default ``self.jobs``) of
-        them running at once (threads: each run trains in its own processes). Once one fails
-        (a run stopped by a signal, or broken), no further call starts: its error is raised
-        when those running have ended."""
-        jobs = min(jobs or self.jobs, len(calls))
+    def concurrently(self, calls: list[Callable[[], T]]) -> list[T]:
+        """The results of ``calls``, in their order, up to ``self.jobs`` of them running at
+        once (threads: each run trains in its own processes). Once one fails (a run stopped by
+        a signal, or broken), no further call starts: its error is raised when those running
+        have ended."""
+        jobs = min(self.jobs, len(calls))
         if jobs <= 1:
             return [call() for call in calls]
         results, waiting = {}, iter(enumerate(calls))
@@ -507,13 +516,17 @@ class Protocol:
                      best=(lr, warmup) == top, refined=(lr, warmup) in refined)
                 for (lr, warmup), (loss, flops, secs) in sorted(finals.items())]
 
-    def frontier(self, recipe: dict, lr: float, warmup: int, seed: int,
-                 jobs: Optional[int] = None) -> list[dict]:
+    def frontiers(self, recipe: dict, lr: float, warmup: int) -> dict[int, list[dict]]:
+        """Each seed's frontier: the baseline at ``lr`` and ``warmup`` for each of BUDGETS."""
+        grid = [(seed, budget) for seed in self.seeds for budget in BUDGETS]
         curves = self.concurrently([partial(self.baseline, recipe, lr, budget, seed, warmup)
-                                    for budget in BUDGETS], jobs)
-        return [dict(budget=budget, flops=curve.flops[-1], seconds=curve.seconds[-1],
-                     final_loss=curve.loss[-1], curve=curve)
-                for budget, curve in zip(BUDGETS, curves)]
+                                    for seed, budget in grid])
+        frontiers: dict[int, list[dict]] = {seed: [] for seed in self.seeds}
+        for (seed, budget), curve in zip(grid, curves):
+            frontiers[seed].append(dict(budget=budget, flops=curve.flops[-1],
+                                        seconds=curve.seconds[-1], final_loss=curve.loss[-1],
+                                        curve=curve))
+        return frontiers
 
     def compare(self, recipe: dict) -> dict:
         """The whole protocol for one base recipe; returns its report section (with the
@@ -524,28 +537,15 @@ class Protocol:
         scale = best_lr / recipe["schedule"]["lr"][0]  # the V-cycle starts from the tuned LR
         tuned = variant(recipe, recipe["name"],
                         schedule__lr=[x * scale for x in recipe["schedule"]["lr"]])
-        frontiers = {self.seeds[0]: self.frontier(recipe, best_lr, warmup, self.seeds[0])}
+        frontiers = self.frontiers(recipe, best_lr, warmup)
 
-        def trial(name: str, changes: dict) -> dict:
-            plan, curve, spread = self.vcycle(tuned, name, changes, self.seeds[0])
-            return seed_result(self.seeds[0], frontiers[self.seeds[0]], plan, curve, spread)
+        def trial_round(batch: list[tuple[str, dict]]) -> list[dict]:
+            runs = self.concurrently([partial(self.vcycle, tuned, name, changes, self.seeds[0])
+                                      for name, changes in batch])
+            return [seed_result(self.seeds[0], frontiers[self.seeds[0]], *run) for run in runs]
 
-        # the trials run one after another; the other seeds' frontiers do not depend on them
-        # and train beside them, one seed after another, on the other jobs - 1
-        with forwarding_signals(), ThreadPoolExecutor(1) as aside:
-            later = {seed: aside.submit(self.frontier, recipe, best_lr, warmup, seed,
-                                        self.jobs - 1)
-                     for seed in self.seeds[1:] if self.jobs > 1}
-            try:
-                trials, best_changes = greedy_trials(tuned, len(sweep), trial)
-            except BaseException:  # a stopped or broken protocol starts no further frontier
-                for frontier in later.values():
-                    frontier.cancel()
-                raise
-            frontiers.update((seed, frontier.result()) for seed, frontier in later.items())
+        trials, best_changes = greedy_trials(tuned, len(sweep), trial_round)
         best = next(r for r in trials if r["best"])
-        frontiers.update({seed: self.frontier(recipe, best_lr, warmup, seed)
-                          for seed in self.seeds if seed not in frontiers})  # jobs 1
         vcycles = self.concurrently([partial(self.vcycle, tuned, best["trial"], best_changes,
                                              seed) for seed in self.seeds])
         per_seed, curves = [], {}
@@ -682,9 +682,9 @@ def add_arguments(parser) -> None:
                              "them: a protocol that lost its --out continues from them")
     parser.add_argument("--jobs", type=at_least_one, default=1,
                         help="runs trained at once where they do not depend on each other (the "
-                             "sweep's LRs, the frontiers' budgets, the seeds; the V-cycle trials "
-                             "run one after another). Each run is timed as it ran: keep it at "
-                             "most the cores (CPU; the runs share this machine's GPUs)")
+                             "sweep's LRs, the frontiers' budgets and seeds, a round's two V-cycle "
+                             "trials, the seeds' V-cycles). Each run is timed as it ran: keep it "
+                             "at most the cores (CPU; the runs share this machine's GPUs)")
 
 
 def run(args) -> int:
