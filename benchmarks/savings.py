@@ -80,7 +80,9 @@ from mlmega.vcycle.plan import Plan, plan_vcycle  # noqa: E402
 from mlmega.vcycle.recipe import Recipe, recipe_from_dict  # noqa: E402
 from mlmega.vcycle.report import read_metrics  # noqa: E402
 from mlmega.vcycle.lock import RunLock  # noqa: E402
-from mlmega.vcycle.run import RunState, as_run, create_run, recipe_dict, stage_dir  # noqa: E402
+from mlmega.train.signals import EXIT_INTERRUPTED  # noqa: E402
+from mlmega.vcycle.run import (CANCELLED, COMPLETED, RunState, as_run, create_run,  # noqa: E402
+                               recipe_dict, stage_dir)
 
 # of the baseline's steps, each its own LR schedule; beyond 100% so that a V-cycle ending below the
 # 100% run's loss still gets an exact compute-equivalent figure, not only a bound
@@ -148,6 +150,10 @@ class Curve:
                     stage=self.stage)
 
 
+class RunStopped(RuntimeError):
+    """A run of the protocol was stopped by a signal (SIGTERM, ``mlmega cancel``) and saved."""
+
+
 def run_recipe(recipe: Recipe, run_dir: Path, data_dir: Path, baseline: bool,
                log=print) -> tuple[Plan, Curve]:
     """Run the V-cycle (or its baseline) of ``recipe`` in ``run_dir``; reuse a finished run."""
@@ -167,7 +173,9 @@ def run_recipe(recipe: Recipe, run_dir: Path, data_dir: Path, baseline: bool,
         else:
             state = create_run(plan, run_dir, data_dir, "local", stages)
         LocalExecutor().launch(state, plan, log=log)
-    if any(s.status != "completed" for s in state.stages):
+    if any(s.status == CANCELLED for s in state.stages):
+        raise RunStopped(f"{run_dir}: stopped by a signal; it saved")
+    if any(s.status != COMPLETED for s in state.stages):
         raise RuntimeError(f"{run_dir}: the run did not complete; see {run_dir}/logs")
     return plan, curve_of(run_dir, state, "baseline" if baseline else recipe.name)
 
@@ -704,10 +712,15 @@ def run(args) -> int:
                         tuple(SEEDS[0] + i for i in range(args.seeds)),
                         ledger=RunLedger(args.ledger) if args.ledger else None,
                         jobs=args.jobs)
+    try:
+        sections = [protocol.compare(r) for r in recipes]
+    except RunStopped as stop:
+        print(f"savings: {stop}; finished runs are kept and interrupted ones saved: the same "
+              f"command continues", file=sys.stderr)
+        return EXIT_INTERRUPTED
     report = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), scale=args.scale,
                   command=" ".join(["python", "benchmarks/savings.py", *sys.argv[1:]]),
-                  budgets=list(BUDGETS), seeds=list(protocol.seeds),
-                  comparisons=[protocol.compare(r) for r in recipes])
+                  budgets=list(BUDGETS), seeds=list(protocol.seeds), comparisons=sections)
     for path in write_report(report, out):
         print(f"wrote {path}")
     return 0

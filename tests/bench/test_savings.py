@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -223,6 +224,28 @@ def test_once_a_call_fails_no_further_call_starts(tmp_path):
         protocol.concurrently([partial(call, 0, 0.05, fails=True), partial(call, 1, 0.5),
                                partial(call, 2, 0), partial(call, 3, 0)])
     assert started == [0, 1] and sorted(ended) == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_sigterm_stops_the_protocol_which_says_how_to_continue(tmp_path):
+    """SIGTERM (``mlmega cancel``) while runs train: the protocol stops (no further run: see
+    test_once_a_call_fails_no_further_call_starts), says how to continue, and exits with the code
+    of a stopped run (3)."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "savings.py"), "--scale",
+                             "quick", "--jobs", "2", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(out.glob("runs/*/stages/*/metrics.jsonl"))) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err[-2000:]
+    assert "stopped by a signal; it saved; finished runs are kept" in err
 
 
 @pytest.mark.slow
