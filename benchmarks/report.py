@@ -67,10 +67,11 @@ def markdown(report: dict) -> str:
                   f"{' (refined)' if r['refined'] else ''} | {r['warmup']} | "
                   f"{r['final_loss']:.4f} | {r['flops']:.3g} | {r['seconds']:.0f} |"
                   for r in c["baseline_sweep"]]
-        lines += ["", "V-cycle trials (as many as the baseline's sweep had runs, each turning one "
-                  "knob of the best before it; first seed). Copies' spread: how far the final "
-                  "model's width copies moved apart (benchmarks/spread.py; 0: the small level's "
-                  "function; the 100% baseline, trained from scratch: "
+        lines += ["", "V-cycle trials (as many as the baseline's sweep had runs, in rounds of "
+                  "two, each turning one knob of the best before its round; first seed). Copies' "
+                  "spread: how far the final model's width copies moved apart "
+                  "(benchmarks/spread.py; 0: the small level's function; the 100% baseline, "
+                  "trained from scratch: "
                   f"{_num(c.get('baseline_copies_spread'))}).", "",
                   "| trial | changes | final val loss | FLOPs | compute-equivalent saving | "
                   "copies' spread |", "|---|---|---|---|---|---|"]
