@@ -219,7 +219,8 @@ def test_once_a_call_fails_no_further_call_starts(tmp_path):
 
     protocol = Protocol(tmp_path, {}, jobs=2)
     assert protocol.concurrently([partial(call, i, 0.01 * (3 - i)) for i in range(3)]) == [0, 1, 2]
-    started.clear(), ended.clear()
+    started.clear()
+    ended.clear()
     with pytest.raises(RuntimeError, match="run 0 did not complete"):
         protocol.concurrently([partial(call, 0, 0.05, fails=True), partial(call, 1, 0.5),
                                partial(call, 2, 0), partial(call, 3, 0)])
