@@ -94,6 +94,9 @@ TRIALS_AT_ONCE = 2
 SEEDS = (1234, 1235, 1236)
 T = TypeVar("T")
 RUN_WAIT_S = 4 * 3600  # the longest a run is waited for while another process trains it
+# steps between a run's checkpoints: a process killed without a signal loses at most these (how
+# often a run saves changes none of its numbers, so it is not part of the run's key)
+SAVE_INTERVAL = 500
 # name -> (architecture, what each level below the full model halves: "width+depth" as in the
 # paper, or "depth" only)
 COMPARISONS = {
@@ -166,8 +169,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, data_dir: Path, baseline: bool,
         if (run_dir / "state.json").exists():
             state = RunState.load(run_dir)
             stored = run_dir / "recipe.yaml"  # read as today's Recipe: new options take defaults
-            if recipe_dict(recipe_from_dict(yaml.safe_load(stored.read_text()), str(stored))) != \
-                    recipe_dict(as_run(recipe, data_dir)):
+            if same_run(recipe_from_dict(yaml.safe_load(stored.read_text()), str(stored))) != \
+                    same_run(as_run(recipe, data_dir)):
                 raise ConfigError(f"{stored}: another recipe than {recipe.name} is now (the "
                                   f"benchmark changed?); delete {run_dir} or use another --out")
         else:
@@ -178,6 +181,13 @@ def run_recipe(recipe: Recipe, run_dir: Path, data_dir: Path, baseline: bool,
     if any(s.status != COMPLETED for s in state.stages):
         raise RuntimeError(f"{run_dir}: the run did not complete; see {run_dir}/logs")
     return plan, curve_of(run_dir, state, "baseline" if baseline else recipe.name)
+
+
+def same_run(recipe: Recipe) -> dict:
+    """What two recipes share when they make the same run: all but how often they save."""
+    data = recipe_dict(recipe)
+    data["training"].pop("save_interval")
+    return data
 
 
 def curve_of(run_dir: Path, state: RunState, name: str) -> Curve:
@@ -424,7 +434,9 @@ class Protocol:
         """Run ``recipe`` as ``name``: from the ledger if it has the run, else trained (or
         reused) in ``out/runs/name`` and then entered in the ledger."""
         named = variant(recipe, name)
-        parsed, key = recipe_from_dict(named, f"<{name}>"), recipe_key(named)
+        key = recipe_key(named)
+        parsed = recipe_from_dict(variant(named, name, training__save_interval=SAVE_INTERVAL),
+                                  f"<{name}>")
         self.log(f"== {name}")
         self.used.append(name)
         entry = self.ledger.get(name, key) if self.ledger else None

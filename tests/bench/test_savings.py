@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import savings
 from benchmarks.frontier import cost_to_reach, saving
-from benchmarks.ledger import this_machine
+from benchmarks.ledger import RunLedger, this_machine
 from benchmarks.savings import (BUDGETS, COMPARISONS, MAX_SWEEP, SCALES, Curve, Protocol,
-                                compare, comparisons, curve_of, greedy_trials, reach, variant,
-                                vcycle_knobs)
+                                baseline_name, compare, comparisons, curve_of, greedy_trials,
+                                prepare_data, reach, variant, vcycle_knobs)
 from mlmega.config.errors import ConfigError
 from mlmega.vcycle.recipe import recipe_from_dict
 from mlmega.vcycle.run import RunState, StageState, as_run, recipe_dict, stage_dir
@@ -225,6 +226,30 @@ def test_once_a_call_fails_no_further_call_starts(tmp_path):
         protocol.concurrently([partial(call, 0, 0.05, fails=True), partial(call, 1, 0.5),
                                partial(call, 2, 0), partial(call, 3, 0)])
     assert started == [0, 1] and sorted(ended) == [0, 1]
+
+
+@pytest.mark.slow
+def test_runs_save_periodically_and_how_often_is_not_part_of_a_run(tmp_path, monkeypatch):
+    """A protocol run saves every SAVE_INTERVAL steps (a kill without a signal loses at most
+    those), which changes none of its numbers: the interval stays out of the run's ledger key, and
+    a run directory written under another interval is reused, not refused or trained again."""
+    (recipe,) = comparisons(SCALES["quick"], ["gpt-2level"])
+    out, steps = tmp_path / "out", SCALES["quick"].baseline_steps("gpt")
+    data = prepare_data([recipe], out)
+    monkeypatch.setattr(savings, "SAVE_INTERVAL", 10)
+    protocol = Protocol(out, data, ledger=RunLedger(tmp_path / "ledger"))
+    curve = protocol.baseline(recipe, 4e-3, 1.0, 1234)
+    name = baseline_name(recipe, 4e-3, 1.0, 1234, recipe["training"]["warmup_steps"])
+    checkpoints = stage_dir(out / "runs" / name, "baseline")
+    assert sorted(p.name for p in checkpoints.glob("iter_*")) == \
+        [f"iter_{step:07d}" for step in (10, 20, 30, steps)]
+    assert "save_interval" not in protocol.entries[name].recipe
+
+    monkeypatch.setattr(savings, "SAVE_INTERVAL", 0)
+    metrics = checkpoints / "metrics.jsonl"
+    written = metrics.stat().st_mtime_ns
+    assert Protocol(out, data).baseline(recipe, 4e-3, 1.0, 1234) == curve
+    assert metrics.stat().st_mtime_ns == written
 
 
 @pytest.mark.slow
