@@ -32,3 +32,11 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
                                val_fraction=0.1))
         out[arch] = root
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (``mlmega test``), the SLURM tests run on one worker, one after another:
+    they share the local cluster's nodes, where jobs of two tests at once would queue."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))

@@ -14,16 +14,25 @@ from typing import Optional, Sequence
 
 from mlmega.config.errors import InputError
 
+# pytest workers at most: each holds torch and megatron-core (~1 GiB) beside its tests' ranks
+TEST_WORKERS = 4
+
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES: list[str] = ["mlmega.cli.vcycle", "mlmega.cli.data", "mlmega.cli.train",
                                "mlmega.cli.checkpoint", "mlmega.cli.bench"]
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
-    """Run the test suite (what CI runs); extra arguments go to pytest."""
+    """Run the test suite (what CI runs) on one pytest-xdist worker per core, at most
+    ``TEST_WORKERS``, unless the extra arguments (which go to pytest) choose the workers."""
+    import os
     import subprocess
 
-    code = subprocess.call([sys.executable, "-m", "pytest", *args.extra])
+    chosen = any(a.startswith(("-n", "--numprocesses", "--dist")) or a == "no:xdist"
+                 for a in args.extra)
+    workers = [] if chosen else ["-n", str(min(TEST_WORKERS, len(os.sched_getaffinity(0)))),
+                                 "--dist", "loadgroup"]
+    code = subprocess.call([sys.executable, "-m", "pytest", *workers, *args.extra])
     if code == 5:
         print("mlmega test: pytest collected no tests", file=sys.stderr)
     return code
