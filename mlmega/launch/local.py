@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -62,16 +63,18 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
     """Start ``python -m mlmega ARGV`` on ``nprocs`` ranks. With ``log_dir``, every rank writes
     ``log_dir/JOB_RANK_log.out`` and ``.err`` (srun's ``%j_%t_log.out`` names) and rank 0's are
     echoed here too; without, rank 0 prints here and the others nowhere. If a rank fails, the rest
-    are stopped; returns the exit code of the rank that failed first (or 0). SIGTERM/SIGUSR1/
-    SIGUSR2 sent to this process are passed on to every rank (which save a checkpoint and exit;
-    from another thread than the main one: within the main thread's :func:`forwarding_signals`).
-    If this process dies (even by SIGKILL), the kernel kills the ranks (Linux), so no trainer
-    outlives its coordinator. After such a signal (within :func:`forwarding_signals`) it starts
-    nothing and returns the code of a rank that saved and stopped."""
+    are stopped; returns the exit code of the rank that failed first (or 0). A rank other than 0
+    that failed first has its stderr shown here (or its log's path): stopping rank 0 may have cut
+    its message off. SIGTERM/SIGUSR1/SIGUSR2 sent to this process are passed on to every rank
+    (which save a checkpoint and exit; from another thread than the main one: within the main
+    thread's :func:`forwarding_signals`). If this process dies (even by SIGKILL), the kernel kills
+    the ranks (Linux), so no trainer outlives its coordinator. After such a signal (within
+    :func:`forwarding_signals`) it starts nothing and returns the code of a rank that saved and
+    stopped."""
     if _stopping.is_set():
         return EXIT_INTERRUPTED
     port = free_port()
-    procs, echoes = [], []
+    procs, echoes, captured = [], [], {}  # captured: rank -> its stderr (ranks > 0, no log_dir)
     if log_dir is not None:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
     for rank in range(nprocs):
@@ -80,6 +83,8 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                     "PYTHONUNBUFFERED": "1"}  # the logs keep up with the ranks (as srun -u)
         out = err = None if rank == 0 else subprocess.DEVNULL
+        if rank and log_dir is None:
+            err = captured[rank] = tempfile.TemporaryFile()
         opened = []
         if log_dir is not None:
             paths = [Path(log_dir) / f"{job}_{rank}_log.{ext}" for ext in ("out", "err")]
@@ -105,6 +110,10 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
                 for echo in echoes:
                     echo.pump()
                 time.sleep(0.1)
+        first = next((rank for rank, code in codes.items() if code != 0), None)  # failed first
+        if first and codes[first] != EXIT_INTERRUPTED:
+            _show_failure(first, codes[first], captured.get(first),
+                          log_dir and Path(log_dir) / f"{job}_{first}_log.err")
     except BaseException:
         _stop(procs)
         raise
@@ -113,7 +122,20 @@ def run_ranks_locally(argv: Sequence[str], nprocs: int, env: Optional[dict] = No
             _live.difference_update(procs)
         for echo in echoes:
             echo.close()
-    return next((code for code in codes.values() if code != 0), 0)  # the first failure's code
+        for handle in captured.values():
+            handle.close()
+    return 0 if first is None else codes[first]
+
+
+def _show_failure(rank: int, code: int, captured, log: Optional[Path]) -> None:
+    """Say which rank other than 0 failed first, with its stderr (or where its log is)."""
+    if captured is None:
+        print(f"rank {rank} failed first (exit code {code}); its stderr: {log}", file=sys.stderr)
+        return
+    captured.seek(0)
+    text = captured.read().decode("utf-8", "replace")
+    print(f"rank {rank} failed first (exit code {code}); its stderr:\n{text}", end="",
+          file=sys.stderr)
 
 
 class _Echo:

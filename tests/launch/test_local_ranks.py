@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,28 @@ def test_every_rank_keeps_an_out_and_err_log_and_rank_0_is_echoed(tmp_path, caps
     assert code == 2
     assert "missing.yaml: cannot read recipe" in (logs / "local-8_0_log.err").read_text()
     assert "missing.yaml: cannot read recipe" in capsys.readouterr().err
+
+
+def test_a_rank_other_than_0_that_fails_first_shows_its_message(tmp_path, capfd):
+    """Rank 1 fails while rank 0 is still starting (held back here by a ``sitecustomize``):
+    stopping rank 0 cuts its message off, so rank 1's is shown (without a log directory: its
+    stderr; with one: the path of its log)."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('RANK') == '0':\n    time.sleep(60)\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    argv = ["plan", str(tmp_path / "missing.yaml")]
+    started = time.monotonic()
+    assert run_ranks_locally(argv, 2, env=env) == 2
+    assert time.monotonic() - started < 50, "rank 0 was stopped, not waited for"
+    err = capfd.readouterr().err
+    assert "rank 1 failed first (exit code 2)" in err
+    assert "missing.yaml: cannot read recipe" in err
+
+    logs = tmp_path / "logs"
+    assert run_ranks_locally(argv, 2, env=env, log_dir=logs, job="local-9") == 2
+    assert f"rank 1 failed first (exit code 2); its stderr: {logs / 'local-9_1_log.err'}" in \
+        capfd.readouterr().err
+    assert "missing.yaml: cannot read recipe" in (logs / "local-9_1_log.err").read_text()
 
 
 def test_megatron_fallback_warnings_are_silenced_in_a_slurm_task(tmp_path):
