@@ -34,9 +34,17 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (``mlmega test``), the SLURM tests run on one worker, one after another:
-    they share the local cluster's nodes, where jobs of two tests at once would queue."""
-    for item in items:
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist's default distribution (``mlmega test``), the SLURM tests (tests/slurm)
+    make one unit of work, run on one worker one after another: they share the local cluster's
+    nodes, where two tests' jobs at once would queue. Every other test is a unit of its own."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlurmTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "slurm" if nodeid.startswith("tests/slurm/") else nodeid
+
+    return SlurmTestsTogether(config, log)

@@ -30,8 +30,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
     chosen = any(a.startswith(("-n", "--numprocesses", "--dist")) or a == "no:xdist"
                  for a in args.extra)
-    workers = [] if chosen else ["-n", str(min(TEST_WORKERS, len(os.sched_getaffinity(0)))),
-                                 "--dist", "loadgroup"]
+    workers = [] if chosen else ["-n", str(min(TEST_WORKERS, len(os.sched_getaffinity(0))))]
     code = subprocess.call([sys.executable, "-m", "pytest", *workers, *args.extra])
     if code == 5:
         print("mlmega test: pytest collected no tests", file=sys.stderr)
