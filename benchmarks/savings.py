@@ -725,7 +725,10 @@ def run(args) -> int:
                         ledger=RunLedger(args.ledger) if args.ledger else None,
                         jobs=args.jobs)
     try:
-        sections = [protocol.compare(r) for r in recipes]
+        # a signal at any point (between runs, or waiting for a run another process trains)
+        # stops the protocol at its next run, not at once: no run is left without its save
+        with forwarding_signals():
+            sections = [protocol.compare(r) for r in recipes]
     except RunStopped as stop:
         print(f"savings: {stop}; finished runs are kept and interrupted ones saved: the same "
               f"command continues", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -16,9 +17,9 @@ import pytest
 from benchmarks import savings
 from benchmarks.frontier import cost_to_reach, saving
 from benchmarks.ledger import RunLedger, this_machine
-from benchmarks.savings import (BUDGETS, COMPARISONS, MAX_SWEEP, SCALES, Curve, Protocol,
-                                baseline_name, compare, comparisons, curve_of, greedy_trials,
-                                prepare_data, reach, variant, vcycle_knobs)
+from benchmarks.savings import (BUDGETS, COMPARISONS, MAX_SWEEP, SCALES, SEEDS, Curve,
+                                Protocol, baseline_name, compare, comparisons, curve_of,
+                                greedy_trials, prepare_data, reach, variant, vcycle_knobs)
 from mlmega.config.errors import ConfigError
 from mlmega.vcycle.recipe import recipe_from_dict
 from mlmega.vcycle.run import RunState, StageState, as_run, recipe_dict, stage_dir
@@ -272,6 +273,47 @@ def test_a_sigterm_stops_the_protocol_which_says_how_to_continue(tmp_path):
         proc.kill()
     assert proc.returncode == 3, err[-2000:]
     assert "stopped by a signal; it saved; finished runs are kept" in err
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_no_run_trains_stops_the_protocol_at_its_next_run(tmp_path):
+    """SIGTERM while no run of the protocol trains (here at --jobs 1, waiting for a run another
+    process holds) is not the signal's default, a silent death: the protocol stops at its next
+    run, which trains nothing, with the same message and code (3)."""
+    (recipe,) = comparisons(SCALES["quick"], ["gpt-2level"])
+    first = baseline_name(recipe, recipe["schedule"]["lr"][0] * 0.5, 1.0, SEEDS[0],
+                          recipe["training"]["warmup_steps"])  # the sweep's first run
+    out = tmp_path / "out"
+    run_dir = out / "runs" / first
+    run_dir.mkdir(parents=True)
+    hold = ("import sys, time\nfrom mlmega.vcycle.lock import RunLock\n"
+            "with RunLock(sys.argv[1], 'test'):\n"
+            "    print('held', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE,
+                              text=True)
+    proc = None
+    try:
+        assert holder.stdout.readline() == "held\n"
+        proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "savings.py"),
+                                 "--scale", "quick", "--jobs", "1", "--out", str(out)], cwd=ROOT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:  # until the protocol waits for the held run
+            if line.strip() == f"== {first}":
+                break
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert proc.poll() is None, "the protocol waits for the run, not killed by the signal"
+        holder.kill()
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        holder.kill()
+        if proc is not None:
+            proc.kill()
+    assert proc.returncode == 3, output[-2000:]
+    assert f"{first}: stopped by a signal; it saved; finished runs are kept" in output
+    assert not list(run_dir.glob("stages/*/metrics.jsonl")), "the held run trained nothing"
 
 
 @pytest.mark.slow
