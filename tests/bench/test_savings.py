@@ -199,11 +199,20 @@ def test_the_vcycle_search_turns_knobs_of_its_best_trial():
     # past the last knob, the round goes on into a second pass (its "default" is the kept trial,
     # passed over), turning the knobs again from the best so far
     rounds.clear()
-    trials, best = greedy_trials(tuned, 12, evaluate)
-    assert len({t["trial"] for t in trials}) == 12 and all(len(r) == 2 for r in rounds)
-    assert rounds[-1] == [f"{kept}_final-warmup", f"{kept}_final-x0.8"]
+    trials, best = greedy_trials(tuned, 14, evaluate)
+    assert len({t["trial"] for t in trials}) == 14 and all(len(r) == 2 for r in rounds)
+    assert rounds[4] == [f"{kept}_bottom-x0.5", f"{kept}_bottom-x2"]
+    assert rounds[-1] == [f"{kept}_final-x0.8", f"{kept}_small-lr-x0.5"]
     assert best == dict(schedule__decoalesce_steps=[final * 4 // 5 * 4 // 5],
                         schedule__lr=[lr0, small / 2])
+    # a turn the recipe cannot take (a V-cycle longer than its sample stream) is passed over
+    steps = sum(tuned["schedule"][k][0] for k in ("coalesce_steps", "decoalesce_steps")) + \
+        tuned["schedule"]["bottom_steps"]
+    short = variant(tuned, tuned["name"], training__data_samples=steps * 16)
+    rounds.clear()
+    trials, _ = greedy_trials(short, 14, evaluate)
+    assert len(trials) == 14 and not any("bottom-x2" in t["trial"] for t in trials)
+    assert rounds[4] == [f"{kept}_bottom-x0.5", f"{kept}_warmup-x2"]
 
 
 def test_once_a_call_fails_no_further_call_starts(tmp_path):

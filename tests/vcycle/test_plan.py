@@ -158,6 +158,10 @@ def _write(tmp_path, changes: dict, base: str = "tiny-gpt") -> Path:
      r"schedule.decoalesce_warmup_steps=\[-1\]: expected"),
     ({"schedule.bottom_decay": "exp"}, r"schedule.bottom_decay='exp': expected one of"),
     ({"training.seq_length": 256}, r"seq_length=256 exceeds model.max_sequence_length=128"),
+    ({"training.data_samples": 3199}, r"training.data_samples=3199 is shorter than the V-cycle "
+     r"or its baseline reads: expected at least 3200 \(200 steps x global_batch_size=16\)"),
+    ({"training.data_samples": 4799, "schedule.baseline_steps": 300},
+     r"expected at least 4800 \(300 steps x global_batch_size=16\)"),
     ({"sizing.tp": 3}, r"sizing.tp=3 does not divide the model \(4 heads"),
     ({"color": "red"}, r"unknown recipe section\(s\) \['color'\]"),
     ({"cluster.python": ["python"]}, r"cluster.python=\['python'\]: expected a string"),
