@@ -392,8 +392,9 @@ def greedy_trials(tuned: dict, count: int,
                 passed_over < len(knobs):
             knob, turn = knobs[turn % len(knobs)], turn + 1
             changes = {**kept, **dict(vcycle_knobs(variant(tuned, "", **kept)))[knob]}
-            key = recipe_key(variant(tuned, "", **changes))
-            if key in tried or not valid(variant(tuned, "turn", **changes)):
+            turn_recipe = variant(tuned, "turn", **changes)
+            key = recipe_key(turn_recipe)
+            if key in tried or not valid(turn_recipe):
                 passed_over += 1
                 continue
             tried.add(key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from mlmega.config.errors import ConfigError
 from mlmega.config.model import ModelConfig
 from mlmega.models.flops import training_flops_per_token
 from mlmega.models.params import num_parameters
@@ -73,11 +74,15 @@ class Plan:
         return 100.0 * (1.0 - self.flops / self.baseline.flops)
 
     @property
+    def samples_read(self) -> int:
+        """The samples the longer of the V-cycle and its baseline reads."""
+        longest = max(sum(s.steps for s in self.stages), self.baseline.steps)
+        return longest * self.recipe.training.global_batch_size
+
+    @property
     def data_samples(self) -> int:
         """The sample stream every run of the plan reads from (the same data order for all)."""
-        train = self.recipe.training
-        longest = max(sum(s.steps for s in self.stages), self.baseline.steps)
-        return train.data_samples or longest * train.global_batch_size
+        return self.recipe.training.data_samples or self.samples_read
 
     def stage(self, name: str) -> Stage:
         """A stage of the V-cycle, or the baseline, by name."""
@@ -115,7 +120,14 @@ def plan_vcycle(recipe: Recipe) -> Plan:
     baseline_steps = sched.baseline_steps or sum(s.steps for s in stages)
     baseline = _stage(recipe, "baseline", 0, "baseline", models[0], baseline_steps, sched.lr[0],
                       train.warmup_steps, "linear", None)
-    return Plan(recipe, tuple(stages), baseline)
+    plan = Plan(recipe, tuple(stages), baseline)
+    if train.data_samples is not None and train.data_samples < plan.samples_read:
+        batch = train.global_batch_size
+        raise ConfigError(f"{recipe.source}: training.data_samples={train.data_samples} is shorter "
+                          f"than the V-cycle or its baseline reads: expected at least "
+                          f"{plan.samples_read} ({plan.samples_read // batch} steps x "
+                          f"global_batch_size={batch})")
+    return plan
 
 
 def _stage(recipe: Recipe, name, level, kind, model, steps, lr, warmup, decay, init) -> Stage:

@@ -180,13 +180,6 @@ class Recipe:
                 raise ConfigError(f"{self.source}: schedule.decoalesce_warmup_steps[{j}]={warmup} "
                                   f"must end within its stage (schedule.decoalesce_steps[{j}]="
                                   f"{steps})")
-        vcycle_steps = sum(s.coalesce_steps) + s.bottom_steps + sum(s.decoalesce_steps)
-        needed = max(vcycle_steps, s.baseline_steps or 0) * t.global_batch_size
-        if t.data_samples is not None and t.data_samples < needed:
-            raise ConfigError(f"{self.source}: training.data_samples={t.data_samples} is shorter "
-                              f"than the V-cycle or its baseline reads: expected at least {needed} "
-                              f"({max(vcycle_steps, s.baseline_steps or 0)} steps x "
-                              f"global_batch_size={t.global_batch_size})")
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"{self.source}: training.global_batch_size={t.global_batch_size} "
                               f"is not a multiple of micro_batch_size={t.micro_batch_size}")
