@@ -71,6 +71,7 @@ sys.path.insert(0, str(REPO))  # loaded by path (mlmega bench) or run as a scrip
 from benchmarks.frontier import AT_MOST, EXACT, pareto, saving  # noqa: E402
 from benchmarks.ledger import LedgerEntry, RunLedger, schemes_key, this_machine  # noqa: E402
 from benchmarks.spread import checkpoint_spread  # noqa: E402
+from mlmega.checkpoint.directory import TRACKER  # noqa: E402
 from mlmega.config.errors import ConfigError  # noqa: E402
 from mlmega.config.schemes import LevelSchemes  # noqa: E402
 from mlmega.data.prepare import PrepareOptions, prepare  # noqa: E402
@@ -426,6 +427,7 @@ class Protocol:
     ledger: Optional[RunLedger] = None
     entries: dict[str, LedgerEntry] = field(default_factory=dict)  # this process's finished runs
     used: list[str] = field(default_factory=list)  # the runs the current comparison used
+    planned: dict[str, tuple[Recipe, bool]] = field(default_factory=dict)  # run: (recipe, baseline)
     jobs: int = 1
 
     def concurrently(self, calls: list[Callable[[], T]]) -> list[T]:
@@ -455,6 +457,7 @@ class Protocol:
                                   f"<{name}>")
         self.log(f"== {name}")
         self.used.append(name)
+        self.planned[name] = (parsed, baseline)
         entry = self.ledger.get(name, key) if self.ledger else None
         if entry is not None:
             self.entries[name] = entry
@@ -468,11 +471,18 @@ class Protocol:
 
     def spread(self, name: str, stage: str, schemes: LevelSchemes) -> Optional[float]:
         """The copies' spread of finished run ``name``'s ``stage`` under ``schemes``
-        (benchmarks/spread.py): from its ledger entry, else measured on its checkpoint."""
+        (benchmarks/spread.py): from its ledger entry, else measured on its checkpoint, which a
+        run taken from the ledger does not have here: it is trained again for it (its curve stays
+        the ledger's)."""
         entry, key = self.entries[name], f"{stage} {schemes_key(schemes)}"
         if key not in entry.spreads:
-            entry.spreads[key] = checkpoint_spread(stage_dir(self.out / "runs" / name, stage),
-                                                   schemes)
+            run_dir = self.out / "runs" / name
+            if not (stage_dir(run_dir, stage) / TRACKER).exists():
+                self.log(f"== {name} (trained again: the spread needs its checkpoint)")
+                recipe, baseline = self.planned[name]
+                run_recipe(recipe, run_dir, self.data_dirs[recipe.model.arch], baseline,
+                           log=self.log)
+            entry.spreads[key] = checkpoint_spread(stage_dir(run_dir, stage), schemes)
             if self.ledger:
                 self.ledger.put(entry)
         return entry.spreads[key]

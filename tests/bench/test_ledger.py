@@ -7,8 +7,13 @@ import json
 import pytest
 
 from benchmarks.ledger import LedgerEntry, RunLedger, schemes_key
-from benchmarks.savings import SCALES, Curve, Protocol, comparisons, recipe_key, variant
-from mlmega.config.errors import CheckpointError, ConfigError
+from benchmarks.savings import (SCALES, Curve, Protocol, baseline_name, comparisons, prepare_data,
+                                recipe_key, variant)
+from benchmarks.spread import checkpoint_spread
+from mlmega.config.errors import ConfigError
+from mlmega.vcycle.plan import plan_vcycle
+from mlmega.vcycle.recipe import recipe_from_dict
+from mlmega.vcycle.run import stage_dir
 
 
 def test_an_entry_round_trips_and_another_recipes_entry_is_refused(tmp_path):
@@ -30,8 +35,7 @@ def test_an_entry_round_trips_and_another_recipes_entry_is_refused(tmp_path):
 
 def test_the_protocol_takes_a_ledgered_run_without_training_it(tmp_path):
     """A run the ledger has (its recipe unchanged) is not trained: no run directory appears and
-    its curve is the ledger's. Its spread comes from the entry; one it lacks is measured on the
-    run's checkpoint, which is gone here, so asking for it fails rather than inventing one."""
+    its curve is the ledger's, and so is its spread."""
     (recipe,) = comparisons(SCALES["quick"], ["gpt-2level"])
     name = "gpt-baseline-lr0.004-b1-s1234"
     protocol = Protocol(tmp_path / "out", {}, ledger=RunLedger(tmp_path / "ledger"))
@@ -51,5 +55,27 @@ def test_the_protocol_takes_a_ledgered_run_without_training_it(tmp_path):
     protocol = Protocol(tmp_path / "out", {}, ledger=RunLedger(tmp_path / "ledger"))
     protocol.run(name, planned, baseline=True)
     assert protocol.spread(name, "baseline", schemes) == 0.25
-    with pytest.raises(CheckpointError, match="final: not a Megatron torch checkpoint"):
-        protocol.spread(name, "final", schemes)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_spread_the_ledger_lacks_trains_the_run_again_for_its_checkpoint(tmp_path):
+    """On a new --out a ledgered run has no checkpoint: a spread its entry lacks trains the run
+    again there and is measured on that checkpoint, as on the first --out's (training is
+    deterministic); the entry gains the spread and keeps its curve."""
+    (recipe,) = comparisons(SCALES["quick"], ["gpt-2level"])
+    first, ledger = tmp_path / "first", RunLedger(tmp_path / "ledger")
+    data = prepare_data([recipe], first)
+    curve = Protocol(first, data, ledger=ledger).baseline(recipe, 4e-3, 1.0, 1234)
+    name = baseline_name(recipe, 4e-3, 1.0, 1234, recipe["training"]["warmup_steps"])
+    schemes = plan_vcycle(recipe_from_dict(recipe, "<quick>")).stages[-1].init.schemes
+    measured = checkpoint_spread(stage_dir(first / "runs" / name, "baseline"), schemes)
+
+    fresh = Protocol(tmp_path / "fresh", data, ledger=ledger)
+    assert fresh.baseline(recipe, 4e-3, 1.0, 1234) == curve
+    assert not (tmp_path / "fresh" / "runs").exists()
+    assert fresh.spread(name, "baseline", schemes) == pytest.approx(measured, rel=1e-5)
+    assert (tmp_path / "fresh" / "runs" / name / "state.json").exists()
+    entry = json.loads(ledger.path(name).read_text())
+    assert Curve(**entry["curve"]) == curve
+    assert entry["spreads"] == {f"baseline {schemes_key(schemes)}": fresh.spread(name, "baseline",
+                                                                                schemes)}
