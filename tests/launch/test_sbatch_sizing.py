@@ -104,6 +104,6 @@ def test_readme_cluster_example_renders(tmp_path):
     text = SlurmExecutor().describe(plan, tmp_path / "run")
     assert_jobs_hold_the_plan(plan, text)
     jobs = rendered_jobs(text)
-    assert [jobs[s.name]["time"] for s in plan.stages] == ["30", "41", "600"]
+    assert [jobs[s.name]["time"] for s in plan.stages] == ["30", "81", "600"]
     assert all(job["wckey"] == "my-project" for job in jobs.values())
     assert text.count(" /shared/envs/mlmega/bin/python -u -m mlmega.launch.job_main ") == 3

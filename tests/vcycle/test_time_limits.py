@@ -30,17 +30,17 @@ def estimate_min(stage) -> float:
 def test_limits_from_the_plan_with_margin_floor_and_cap():
     plan = gpt_base()
     pre, bottom, post = plan.stages
-    assert [round(estimate_min(s), 1) for s in plan.stages] == [11.0, 26.7, 110.2]
+    assert [round(estimate_min(s), 1) for s in plan.stages] == [11.0, 53.5, 110.2]
     limits = [stage_time_limit(plan, s) for s in plan.stages]
-    # 11.0 x 1.5 = 16.5 -> the floor, 30; 26.7 x 1.5 -> 41; 110.2 x 1.5 -> 166 (cap 1440)
-    assert [t.minutes for t in limits] == [30, 41, 166]
+    # 11.0 x 1.5 = 16.5 -> the floor, 30; 53.5 x 1.5 -> 81; 110.2 x 1.5 -> 166 (cap 1440)
+    assert [t.minutes for t in limits] == [30, 81, 166]
     assert limits[2].minutes == math.ceil(estimate_min(post) * 1.5)
     assert limits[2].planned_min == pytest.approx(estimate_min(post))
     assert "planned 110.2 min (50000 steps at MFU 0.4 of 989 TFLOP/s per GPU)" in limits[2].source
     capped = gpt_base("cluster.time_limit_min=120")
-    assert [stage_time_limit(capped, s).minutes for s in capped.stages] == [30, 41, 120]
+    assert [stage_time_limit(capped, s).minutes for s in capped.stages] == [30, 81, 120]
     tuned = gpt_base("cluster.time_limit_margin=2", "cluster.time_limit_floor_min=10")
-    assert [stage_time_limit(tuned, s).minutes for s in tuned.stages] == [23, 54, 221]
+    assert [stage_time_limit(tuned, s).minutes for s in tuned.stages] == [23, 107, 221]
 
 
 def test_a_stage_override_wins():
@@ -71,7 +71,7 @@ def test_measured_step_time_replaces_the_estimate(tmp_path):
     assert pre.minutes == math.ceil(4000 * 0.5 / 60 * 1.5) == 50
     assert "4000 steps x 0.5 s measured" in pre.source
     assert post.planned_min == pytest.approx(50000 * 0.5 / 60) and post.minutes == 625
-    assert bottom.minutes == 41 and "MFU" in bottom.source
+    assert bottom.minutes == 81 and "MFU" in bottom.source
 
 
 def test_cpu_nodes_use_the_cap_until_a_step_is_timed(tmp_path):
