@@ -46,7 +46,8 @@ halves depth only, bert-2level, bert-3level). The comparisons of one
 architecture share its baseline runs (sweep and frontiers). --scale (SCALES): quick runs the whole
 protocol at toy scale (minutes; the savings mean nothing there), small (the default) runs GPT's two
 comparisons in about 6 hours of one core (BERT's train 4x the steps: its masked LM needs them to
-leave the unigram plateau), medium is the 4L-256 GPT of the first measurements (about 36 hours).
+leave the unigram plateau), medium is the 4L-256 GPT of the first measurements (about 36 hours),
+deep is small at twice the depth (8L-128), for cycles of three levels.
 Writes DIR/report.json, DIR/report.md and DIR/savings.png.
 """
 
@@ -136,6 +137,9 @@ SCALES = {
     # ~3.5 min per GPT baseline run on one core, ~14 min per BERT one
     "small": Scale(4, 128, 4, 128, 16, 1200, 2e-3, bert_steps_factor=4),
     "medium": Scale(4, 256, 8, 128, 16, 2400, 1e-3, bert_steps_factor=4),  # ~20 / 80 min per run
+    # small's width at twice the depth: two halvings of 4 layers leave a 1-layer bottom (GPT
+    # 3-level: 1L-32 reaches 4.30 where 2L-64 reaches 4.09 in 1200 steps); here they leave 2
+    "deep": Scale(8, 128, 4, 128, 16, 1200, 2e-3, bert_steps_factor=4),
 }
 
 
@@ -715,7 +719,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--scale", choices=sorted(SCALES), default="small",
                         help="the runs' size: quick (the whole protocol at toy scale in minutes; "
-                             "savings not meaningful), small (default), medium")
+                             "savings not meaningful), small (default), medium, deep")
     parser.add_argument("--only", type=lambda text: text.split(","), default=["gpt-2level"],
                         help=f"comparisons to run, comma-separated: {', '.join(COMPARISONS)} "
                              "(default gpt-2level)")
