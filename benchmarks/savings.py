@@ -8,7 +8,7 @@ reading the same sample stream (one data order per seed):
    the best sits at an end, so that the sweep brackets it; then the half-steps (factor sqrt 2)
    either side of that best; then, at the best LR, warm-ups a factor 2 either side of the
    recipe's, extended the same way up to a quarter of the steps; then the LR's half-steps again
-   at the best warm-up.
+   at the best warm-up, extended while the best of them sits at an end.
 2. The tuned baseline (best LR and warm-up) at 50, 62.5, 75, 87.5, 100, 125 and 150% of the
    budget, each its own complete LR schedule (the same warm-up, linear decay to zero at its last
    step). The frontier C_base(L) is the least cost at which any of these runs reached loss L, at
@@ -524,7 +524,8 @@ class Protocol:
         """Peak LRs a factor 2 apart around the recipe's, until the best is not at an end; the
         two LRs a factor sqrt(2) either side of that best; then, at the best LR, warm-ups a
         factor 2 either side of the recipe's, until the best is not at an end, is none or is a
-        quarter of the steps; then the LR's half-steps again at that warm-up."""
+        quarter of the steps; then the LR's half-steps again at that warm-up, extended the same
+        way while the best of them sits at an end."""
         seed, lr0, w0 = self.seeds[0], recipe["schedule"]["lr"][0], \
             recipe["training"]["warmup_steps"]
         finals = {}  # (lr, warm-up) -> (final loss, FLOPs, seconds)
@@ -558,9 +559,15 @@ class Protocol:
             if top not in (tried[0], tried[-1]) or top == 0 or 2 * top > longest:
                 break
             warmups = [top // 2] if top == tried[0] else [2 * top]
-        if top != w0:  # the LR's half-steps again, at the best warm-up
+        if top != w0:  # the LR's half-steps again at the best warm-up, until they bracket it
             refined |= half_steps(best, top)
-            train(refined)
+            while True:
+                train(refined)
+                tried = sorted(lr for lr, w in finals if w == top)
+                lr_top = min(tried, key=lambda lr: finals[lr, top][0])
+                if lr_top not in (tried[0], tried[-1]) or len(tried) >= MAX_SWEEP:
+                    break
+                refined |= {step for step in half_steps(lr_top, top) if step not in finals}
         top = min(finals, key=lambda setting: finals[setting][0])
         return [dict(lr=lr, warmup=warmup, final_loss=loss, flops=flops, seconds=secs,
                      best=(lr, warmup) == top, refined=(lr, warmup) in refined)

@@ -112,16 +112,19 @@ def test_comparisons_of_one_architecture_share_their_baseline_runs(tmp_path):
                       "gpt-3level-depth": [(4, 128), (2, 64), (1, 64)]}
 
 
-def synthetic_sweep(tmp_path: Path, best_lr: float, best_warmup: int) -> list[dict]:
-    """The GPT baseline sweep over a synthetic loss, least at ``best_lr`` and ``best_warmup``."""
+def synthetic_sweep(tmp_path: Path, best_lr, best_warmup: int,
+                    warmup_weight: float = 0.1) -> list[dict]:
+    """The GPT baseline sweep over a synthetic loss, least at ``best_lr`` (a number, or a function
+    of the warm-up) and ``best_warmup``, the warm-up's term weighted by ``warmup_weight``."""
     (recipe,) = comparisons(SCALES["small"], ["gpt-2level"])
     assert (recipe["schedule"]["lr"][0], recipe["training"]["warmup_steps"]) == (2e-3, 30)
 
     class Sweep(Protocol):
         def baseline(self, recipe, lr, budget, seed, warmup=None):
             warmup = recipe["training"]["warmup_steps"] if warmup is None else warmup
-            loss = 4 + abs(math.log2(lr / best_lr)) + \
-                abs(math.log2((warmup + 1) / (best_warmup + 1))) / 10
+            lr_star = best_lr(warmup) if callable(best_lr) else best_lr
+            loss = 4 + abs(math.log2(lr / lr_star)) + \
+                abs(math.log2((warmup + 1) / (best_warmup + 1))) * warmup_weight
             return Curve("b", flops=[1.0], seconds=[1.0], loss=[loss])
 
     return Sweep(tmp_path, {}).sweep_baseline(recipe)
@@ -152,6 +155,17 @@ def test_a_refined_best_lr_gets_the_warmups_and_its_own_half_steps(tmp_path):
         (0.00283, 30, True), (0.00283, 60, False), (0.00283, 120, False), (4e-3, 30, False),
         (4e-3, 60, True), (0.00566, 30, True), (8e-3, 30, False)]
     assert [(r["lr"], r["warmup"]) for r in sweep if r["best"]] == [(0.00283, 60)]
+
+
+def test_the_second_lr_pass_extends_while_its_best_is_at_an_end(tmp_path):
+    """A longer warm-up moves the best LR up (2.9e-3 below 240 warm-up steps, 5e-3 from 240): at
+    the best warm-up (240) the half-steps 2e-3, 2.83e-3, 4e-3 leave the best at their upper end,
+    so the pass goes on a half-step at a time (5.66e-3, 8e-3) until one brackets it."""
+    sweep = synthetic_sweep(tmp_path, lambda warmup: 2.9e-3 if warmup < 240 else 5e-3, 300,
+                            warmup_weight=1.0)
+    at_240 = sorted(r["lr"] for r in sweep if r["warmup"] == 240)
+    assert at_240 == [2e-3, 0.00283, 4e-3, 0.00566, 0.008]
+    assert [(r["lr"], r["warmup"]) for r in sweep if r["best"]] == [(0.00566, 240)]
 
 
 def test_unknown_comparison_is_named():
