@@ -542,30 +542,37 @@ class Protocol:
             """The LRs a factor sqrt(2) either side of ``lr`` (as the run's name shows them)."""
             return {(float(f"{lr * f:.3g}"), warmup) for f in (2 ** -0.5, 2 ** 0.5)}
 
-        lrs = [lr0 * f for f in (0.5, 1, 2, 4)]
-        while True:
-            best, _ = train((lr, w0) for lr in lrs)
-            ordered = sorted(lr for lr, _ in finals)
-            if len(finals) >= MAX_SWEEP or best not in (ordered[0], ordered[-1]):
+        def best_along(axis: int, at) -> tuple[float, int, int]:
+            """Among the runs whose other setting is ``at``: the best value along ``axis`` (0: LR,
+            1: warm-up), the end of the tried values it sits at (-1 low, 1 high, 0 inside), and
+            how many values were tried."""
+            tried = sorted(s[axis] for s in finals if s[1 - axis] == at)
+            top = min(tried, key=lambda v: finals[(v, at) if axis == 0 else (at, v)][0])
+            return top, -1 if top == tried[0] else int(top == tried[-1]), len(tried)
+
+        todo = {(lr0 * f, w0) for f in (0.5, 1, 2, 4)}
+        while True:  # the LR ladder, a factor 2 a step
+            train(todo)
+            best, end, _ = best_along(0, w0)
+            if not end or len(finals) >= MAX_SWEEP:
                 break
-            lrs = [best / 2] if best == ordered[0] else [best * 2]
+            todo = {(best * 2.0 ** end, w0)}
         refined = half_steps(best, w0)
         best, _ = train(refined)
         longest = recipe["schedule"]["baseline_steps"] // 4
-        warmups = [w0 // 2, max(1, 2 * w0)]
-        while True:
-            _, top = train((best, w) for w in warmups if w <= longest)
-            tried = sorted(w for lr, w in finals if lr == best)
-            if top not in (tried[0], tried[-1]) or top == 0 or 2 * top > longest:
+        todo = {(best, w) for w in (w0 // 2, max(1, 2 * w0)) if w <= longest}
+        while True:  # the warm-ups at that LR, a factor 2 a step, up to a quarter of the steps
+            train(todo)
+            top, end, _ = best_along(1, best)
+            if not end or top == 0 or 2 * top > longest:
                 break
-            warmups = [top // 2] if top == tried[0] else [2 * top]
+            todo = {(best, top // 2 if end < 0 else 2 * top)}
         if top != w0:  # the LR's half-steps again at the best warm-up, until they bracket it
             refined |= half_steps(best, top)
             while True:
                 train(refined)
-                tried = sorted(lr for lr, w in finals if w == top)
-                lr_top = min(tried, key=lambda lr: finals[lr, top][0])
-                if lr_top not in (tried[0], tried[-1]) or len(tried) >= MAX_SWEEP:
+                lr_top, end, tried = best_along(0, top)
+                if not end or tried >= MAX_SWEEP:
                     break
                 refined |= {step for step in half_steps(lr_top, top) if step not in finals}
         top = min(finals, key=lambda setting: finals[setting][0])
