@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +23,9 @@ from mlmega.config.model import ModelConfig
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 _REFUSED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
+# torch's allow-list is process-wide: a load leaving its ``safe_globals`` context removes them
+# for every thread, so loads in threads take turns
+_ALLOW_LIST_LOCK = threading.Lock()
 
 
 def safe_globals() -> list:
@@ -52,14 +56,15 @@ def load_file(path: Path, mmap: bool = True,
     if checks is not None:
         checks.check_record("data.pkl")
     try:
-        try:
-            with torch.serialization.safe_globals(_stdlib_safe_globals()):
+        with _ALLOW_LIST_LOCK:
+            try:
+                with torch.serialization.safe_globals(_stdlib_safe_globals()):
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except pickle.UnpicklingError as err:
+                if "Unsupported global" not in str(err):
+                    raise
+            with torch.serialization.safe_globals(safe_globals()):  # megatron enums, numpy, ...
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError as err:
-            if "Unsupported global" not in str(err):
-                raise
-        with torch.serialization.safe_globals(safe_globals()):  # megatron enums, numpy, ...
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file is missing") from None
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files

@@ -102,3 +102,31 @@ def test_dist_metadata_allow_list_names_real_data_classes():
     assert ("builtins", "getattr") not in DIST_METADATA_GLOBALS
     assert not any(module in ("os", "posix", "subprocess") or name in ("eval", "exec")
                    for module, name in DIST_METADATA_GLOBALS)
+
+
+def test_concurrent_loads_keep_their_allow_list(tmp_path):
+    """Threads loading shards at once (the savings protocol measures two runs' checkpoints side by
+    side) each keep the allow-list their file needs: torch's is process-wide, and one load leaving
+    its context must not take numpy's RNG state type away from another still reading."""
+    import threading
+
+    import numpy as np
+
+    path = tmp_path / "rng.pt"
+    torch.save({"rng_state": {"numpy": np.random.get_state()}, "w": torch.ones(2)}, path)
+    errors, start = [], threading.Barrier(4)
+
+    def load_many():
+        start.wait()
+        for _ in range(25):
+            try:
+                assert load_file(path)["rng_state"]["numpy"][1].shape == (624,)
+            except Exception as err:  # noqa: BLE001 - collected for the assertion below
+                errors.append(err)
+
+    threads = [threading.Thread(target=load_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
