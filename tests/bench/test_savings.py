@@ -19,7 +19,7 @@ from benchmarks.frontier import cost_to_reach, saving
 from benchmarks.ledger import RunLedger, this_machine
 from benchmarks.savings import (BUDGETS, COMPARISONS, MAX_SWEEP, SCALES, SEEDS, Curve,
                                 Protocol, baseline_name, compare, comparisons, curve_of,
-                                greedy_trials, prepare_data, reach, variant, vcycle_knobs)
+                                greedy_trials, prepare_data, reach, valid, variant, vcycle_knobs)
 from mlmega.config.errors import ConfigError
 from mlmega.vcycle.recipe import recipe_from_dict
 from mlmega.vcycle.run import RunState, StageState, as_run, recipe_dict, stage_dir
@@ -227,6 +227,28 @@ def test_the_vcycle_search_turns_knobs_of_its_best_trial():
     trials, _ = greedy_trials(short, 14, evaluate)
     assert len(trials) == 14 and not any("bottom-x2" in t["trial"] for t in trials)
     assert rounds[4] == [f"{kept}_bottom-x0.5", f"{kept}_warmup-x2"]
+
+
+def test_the_middle_knob_lengthens_the_middle_level_within_the_sample_stream():
+    """3 levels only: the middle level's stage at 4x its steps; the final stage gives up only the
+    steps the sample stream lacks, and a cycle the stream cannot hold at all is refused."""
+    (two,) = comparisons(SCALES["small"], ["gpt-2level"])
+    assert "middle-x4" not in dict(vcycle_knobs(two))
+    (three,) = comparisons(SCALES["small"], ["gpt-3level-depth"])
+    s, stream = three["schedule"], three["training"]["data_samples"] // 16
+    (final, middle), others = s["decoalesce_steps"], sum(s["coalesce_steps"]) + s["bottom_steps"]
+    assert others + final + 4 * middle <= stream  # room enough: the final stage keeps its steps
+    assert dict(vcycle_knobs(three))["middle-x4"] == dict(
+        schedule__decoalesce_steps=[final, 4 * middle])
+    longer = variant(three, "longer", schedule__bottom_steps=2 * s["bottom_steps"])
+    knob = dict(vcycle_knobs(longer))["middle-x4"]
+    short_final = stream - others - s["bottom_steps"] - 4 * middle
+    assert 0 < short_final < final and knob == dict(
+        schedule__decoalesce_steps=[short_final, 4 * middle])
+    assert valid(variant(longer, "fits", **knob))
+    full = variant(three, "full",  # the stream holds all but the final stage, which gets 0 steps
+                   schedule__bottom_steps=stream - sum(s["coalesce_steps"]) - 4 * middle)
+    assert not valid(variant(full, "over", **dict(vcycle_knobs(full))["middle-x4"]))
 
 
 def test_once_a_call_fails_no_further_call_starts(tmp_path):
