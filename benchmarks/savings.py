@@ -75,11 +75,12 @@ from benchmarks.spread import checkpoint_spread  # noqa: E402
 from mlmega.checkpoint.directory import TRACKER  # noqa: E402
 from mlmega.config.errors import ConfigError  # noqa: E402
 from mlmega.config.schemes import LevelSchemes  # noqa: E402
+from mlmega.config.sections import section_from_mapping  # noqa: E402
 from mlmega.data.prepare import PrepareOptions, prepare  # noqa: E402
 from mlmega.launch.executor import LocalExecutor  # noqa: E402
 from mlmega.launch.local import forwarding_signals  # noqa: E402
 from mlmega.vcycle.plan import Plan, plan_vcycle  # noqa: E402
-from mlmega.vcycle.recipe import Recipe, recipe_from_dict  # noqa: E402
+from mlmega.vcycle.recipe import Recipe, TrainingConfig, recipe_from_dict  # noqa: E402
 from mlmega.vcycle.report import read_metrics  # noqa: E402
 from mlmega.vcycle.lock import RunLock  # noqa: E402
 from mlmega.train.signals import EXIT_INTERRUPTED  # noqa: E402
@@ -374,7 +375,8 @@ def longer_middle(recipe: dict, factor: int) -> dict:
     """The middle levels' de-coalesced stages at ``factor`` times their steps, the final stage
     shortened only as far as the sample stream requires (to fewer than 1 step: ``valid`` refuses
     it)."""
-    s, train = recipe["schedule"], recipe_from_dict(recipe, f"<{recipe['name']}>").training
+    s = recipe["schedule"]
+    train = section_from_mapping(TrainingConfig, recipe.get("training", {}), "training")
     final, *middle = s["decoalesce_steps"]
     middle = [factor * steps for steps in middle]
     if train.data_samples is not None:
