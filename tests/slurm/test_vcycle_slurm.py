@@ -479,8 +479,10 @@ def test_one_writer_per_run_and_resume_overrides(tmp_path, gpt_data):
 
     name = f"lock-{uuid.uuid4().hex[:8]}"
     run_dir = tmp_path / "run"
-    mlmega("run", write_recipe(tmp_path, gpt_data, name=name), "--executor", "slurm",
-           "--run-dir", run_dir)
+    # a first stage too long to finish before the cancel (a finished stage keeps its job)
+    mlmega("run", write_recipe(tmp_path, gpt_data, name=name,
+                               schedule=dict(coalesce_steps=[600])),
+           "--executor", "slurm", "--run-dir", run_dir)
     first = [s.job_id for s in RunState.load(run_dir).stages]
     mlmega("cancel", run_dir)
     recorded = (run_dir / "recipe.yaml").read_text()
