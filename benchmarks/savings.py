@@ -47,7 +47,7 @@ architecture share its baseline runs (sweep and frontiers). --scale (SCALES): qu
 protocol at toy scale (minutes; the savings mean nothing there), small (the default) runs GPT's two
 comparisons in about 6 hours of one core (BERT's train 4x the steps: its masked LM needs them to
 leave the unigram plateau), medium is the 4L-256 GPT of the first measurements (about 36 hours),
-deep is small at twice the depth (8L-128), for cycles of three levels.
+deep is small at twice the depth (8L-128), made for cycles of three levels.
 Writes DIR/report.json, DIR/report.md and DIR/savings.png.
 """
 
