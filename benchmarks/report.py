@@ -64,7 +64,8 @@ def markdown(report: dict) -> str:
                   "| peak LR | warm-up steps | final val loss | FLOPs | seconds |",
                   "|---|---|---|---|---|"]
         lines += [f"| {r['lr']:.3g}{' (best)' if r['best'] else ''}"
-                  f"{' (refined)' if r['refined'] else ''} | {r['warmup']} | "
+                  f"{' (refined)' if r['refined'] else ''}"
+                  f"{' (second pass)' if r.get('second_pass') else ''} | {r['warmup']} | "
                   f"{r['final_loss']:.4f} | {r['flops']:.3g} | {r['seconds']:.0f} |"
                   for r in c["baseline_sweep"]]
         lines += ["", "V-cycle trials (as many as the baseline's sweep had runs, in rounds of "

@@ -451,6 +451,7 @@ class Protocol:
     used: list[str] = field(default_factory=list)  # the runs the current comparison used
     planned: dict[str, tuple[Recipe, bool]] = field(default_factory=dict)  # run: (recipe, baseline)
     jobs: int = 1
+    second_pass: bool = False  # see sweep_baseline
 
     def concurrently(self, calls: list[Callable[[], T]]) -> list[T]:
         """The results of ``calls``, in their order, up to ``self.jobs`` of them running at
@@ -543,7 +544,9 @@ class Protocol:
         two LRs a factor sqrt(2) either side of that best; then, at the best LR, warm-ups a
         factor 2 either side of the recipe's, until the best is not at an end, is none or is a
         quarter of the steps; then the LR's half-steps again at that warm-up, extended the same
-        way while the best of them sits at an end."""
+        way while the best of them sits at an end. With ``second_pass``, then the LR's
+        quarter-steps (factor 2^1/4) at the best warm-up and the warm-up's half-steps (factor
+        sqrt 2) at the best LR: 4 more runs, and so 4 more V-cycle trials."""
         seed, lr0, w0 = self.seeds[0], recipe["schedule"]["lr"][0], \
             recipe["training"]["warmup_steps"]
         finals = {}  # (lr, warm-up) -> (final loss, FLOPs, seconds)
@@ -594,8 +597,15 @@ class Protocol:
                     break
                 refined |= {step for step in half_steps(lr_top, top) if step not in finals}
         top = min(finals, key=lambda setting: finals[setting][0])
+        second = set()
+        if self.second_pass:  # finer steps on both axes around the best, once
+            lr, w = top
+            second = ({(float(f"{lr * f:.3g}"), w) for f in (2 ** -0.25, 2 ** 0.25)} |
+                      {(lr, round(w * f)) for f in (2 ** -0.5, 2 ** 0.5)}) - set(finals)
+            top = train(second)
         return [dict(lr=lr, warmup=warmup, final_loss=loss, flops=flops, seconds=secs,
-                     best=(lr, warmup) == top, refined=(lr, warmup) in refined)
+                     best=(lr, warmup) == top, refined=(lr, warmup) in refined,
+                     second_pass=(lr, warmup) in second)
                 for (lr, warmup), (loss, flops, secs) in sorted(finals.items())]
 
     def frontiers(self, recipe: dict, lr: float, warmup: int) -> dict[int, list[dict]]:
@@ -767,6 +777,10 @@ def add_arguments(parser) -> None:
                              "sweep's LRs, the frontiers' budgets and seeds, a round's two V-cycle "
                              "trials, the seeds' V-cycles). Each run is timed as it ran: keep it "
                              "at most the cores (CPU; the runs share this machine's GPUs)")
+    parser.add_argument("--second-pass", action="store_true",
+                        help="tune both sides further, equally: the baseline's sweep adds the "
+                             "LR's quarter-steps and the warm-up's half-steps around its best (4 "
+                             "runs), the V-cycle's search as many trials")
 
 
 def run(args) -> int:
@@ -785,7 +799,7 @@ def run(args) -> int:
     protocol = Protocol(out, prepare_data(recipes, out),
                         tuple(SEEDS[0] + i for i in range(args.seeds)),
                         ledger=RunLedger(args.ledger) if args.ledger else None,
-                        jobs=args.jobs)
+                        jobs=args.jobs, second_pass=args.second_pass)
     try:
         # a signal at any point (between runs, or waiting for a run another process trains)
         # stops the protocol at its next run, not at once: no run is left without its save

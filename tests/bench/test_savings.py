@@ -113,7 +113,7 @@ def test_comparisons_of_one_architecture_share_their_baseline_runs(tmp_path):
 
 
 def synthetic_sweep(tmp_path: Path, best_lr, best_warmup: int,
-                    warmup_weight: float = 0.1) -> list[dict]:
+                    warmup_weight: float = 0.1, second_pass: bool = False) -> list[dict]:
     """The GPT baseline sweep over a synthetic loss, least at ``best_lr`` (a number, or a function
     of the warm-up) and ``best_warmup``, the warm-up's term weighted by ``warmup_weight``."""
     (recipe,) = comparisons(SCALES["small"], ["gpt-2level"])
@@ -127,7 +127,7 @@ def synthetic_sweep(tmp_path: Path, best_lr, best_warmup: int,
                 abs(math.log2((warmup + 1) / (best_warmup + 1))) * warmup_weight
             return Curve("b", flops=[1.0], seconds=[1.0], loss=[loss])
 
-    return Sweep(tmp_path, {}).sweep_baseline(recipe)
+    return Sweep(tmp_path, {}, second_pass=second_pass).sweep_baseline(recipe)
 
 
 def test_the_baseline_sweep_brackets_its_best_lr_then_its_best_warmup(tmp_path):
@@ -166,6 +166,18 @@ def test_the_second_lr_pass_extends_while_its_best_is_at_an_end(tmp_path):
     at_240 = sorted(r["lr"] for r in sweep if r["warmup"] == 240)
     assert at_240 == [2e-3, 0.00283, 4e-3, 0.00566, 0.008]
     assert [(r["lr"], r["warmup"]) for r in sweep if r["best"]] == [(0.00566, 240)]
+
+
+def test_the_second_pass_adds_finer_steps_around_the_best(tmp_path):
+    """With the second pass, the first pass's best (4e-3, 240) gets its LR's quarter-steps
+    (3.36e-3, 4.76e-3) and its warm-up's half-steps (170, 339): 4 more runs; here the loss is
+    least at 4.4e-3 and 339 steps, so the best moves to (4e-3, 339)."""
+    first = synthetic_sweep(tmp_path, 4e-3, 480)
+    sweep = synthetic_sweep(tmp_path, 4.4e-3, 339, second_pass=True)
+    second = {(r["lr"], r["warmup"]) for r in sweep if r["second_pass"]}
+    assert second == {(0.00336, 240), (0.00476, 240), (4e-3, 170), (4e-3, 339)}
+    assert len(sweep) == len(first) + 4
+    assert [(r["lr"], r["warmup"]) for r in sweep if r["best"]] == [(4e-3, 339)]
 
 
 def test_unknown_comparison_is_named():
