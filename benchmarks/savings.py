@@ -37,7 +37,7 @@ training and the periodic evaluations (the same interval in every run); of an in
 the time its attempts ran, not the pause between them.
 
     python benchmarks/savings.py [--scale S] [--only NAME,...] [--all] [--seeds N]
-                                 [--ledger DIR] --out DIR
+                                 [--second-pass] [--ledger DIR] --out DIR
     (the same as: mlmega bench savings [CONFIG] [--scale S] [--only ...] [--all] ... --out DIR)
 
 Default: the GPT 2-level comparison; --all adds GPT's 3-level ones and BERT 2- and 3-level; --only
