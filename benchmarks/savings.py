@@ -559,9 +559,11 @@ class Protocol:
                 finals[setting] = (curve.loss[-1], curve.flops[-1], curve.seconds[-1])
             return min(finals, key=lambda setting: finals[setting][0])
 
-        def half_steps(lr: float, warmup: int) -> set[tuple[float, int]]:
-            """The LRs a factor sqrt(2) either side of ``lr`` (as the run's name shows them)."""
-            return {(float(f"{lr * f:.3g}"), warmup) for f in (2 ** -0.5, 2 ** 0.5)}
+        def half_steps(lr: float, warmup: int, factor: float = 2 ** 0.5
+                       ) -> set[tuple[float, int]]:
+            """The LRs a ``factor`` (by default sqrt(2)) either side of ``lr`` (as the run's
+            name shows them)."""
+            return {(float(f"{lr * f:.3g}"), warmup) for f in (1 / factor, factor)}
 
         def best_along(axis: int, at) -> tuple[float, int, int]:
             """Among the runs whose other setting is ``at``: the best value along ``axis`` (0: LR,
@@ -600,7 +602,7 @@ class Protocol:
         second = set()
         if self.second_pass:  # finer steps on both axes around the best, once
             lr, w = top
-            second = ({(float(f"{lr * f:.3g}"), w) for f in (2 ** -0.25, 2 ** 0.25)} |
+            second = (half_steps(lr, w, 2 ** 0.25) |
                       {(lr, round(w * f)) for f in (2 ** -0.5, 2 ** 0.5)}) - set(finals)
             top = train(second)
         return [dict(lr=lr, warmup=warmup, final_loss=loss, flops=flops, seconds=secs,

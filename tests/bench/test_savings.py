@@ -169,14 +169,17 @@ def test_the_second_lr_pass_extends_while_its_best_is_at_an_end(tmp_path):
 
 
 def test_the_second_pass_adds_finer_steps_around_the_best(tmp_path):
-    """With the second pass, the first pass's best (4e-3, 240) gets its LR's quarter-steps
-    (3.36e-3, 4.76e-3) and its warm-up's half-steps (170, 339): 4 more runs; here the loss is
-    least at 4.4e-3 and 339 steps, so the best moves to (4e-3, 339)."""
-    first = synthetic_sweep(tmp_path, 4e-3, 480)
+    """Least loss at LR 4.4e-3 and 339 warm-up steps: the first pass ends at (4e-3, 240); the
+    second pass keeps its runs and adds the LR's quarter-steps (3.36e-3, 4.76e-3) and the
+    warm-up's half-steps (170, 339) around that best: 4 more runs, and the best moves to
+    (4e-3, 339)."""
+    first = synthetic_sweep(tmp_path, 4.4e-3, 339)
+    assert [(r["lr"], r["warmup"]) for r in first if r["best"]] == [(4e-3, 240)]
     sweep = synthetic_sweep(tmp_path, 4.4e-3, 339, second_pass=True)
     second = {(r["lr"], r["warmup"]) for r in sweep if r["second_pass"]}
     assert second == {(0.00336, 240), (0.00476, 240), (4e-3, 170), (4e-3, 339)}
-    assert len(sweep) == len(first) + 4
+    assert {(r["lr"], r["warmup"]) for r in sweep} - second == \
+        {(r["lr"], r["warmup"]) for r in first}
     assert [(r["lr"], r["warmup"]) for r in sweep if r["best"]] == [(4e-3, 339)]
 
 
